@@ -1,0 +1,912 @@
+"""Tests for fastworker, in the order of the module: protocol, data
+structures, registry, the roles in-process, the roles as real processes, the
+command line.  Real sockets on loopback port 0 only; no fixed ports, no
+sleeping as synchronisation (``wait_until`` polls a condition with a
+deadline); every process and thread a test starts is gone when it ends.
+"""
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pynng
+import pytest
+
+import fastworker as fw
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FASTWORKER = os.path.join(HERE, "fastworker.py")
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_port():
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids():
+    pids = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def live_threads():
+    return {t for t in threading.enumerate() if not isinstance(t, threading._DummyThread)}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every test leaves no thread and no process behind."""
+    threads, children = live_threads(), child_pids()
+    yield
+    wait_until(lambda: live_threads() <= threads, 10, "the test's threads to end")
+    wait_until(lambda: child_pids() <= children, 10, "the test's processes to end")
+
+
+class Proc:
+    """``python fastworker.py ARGV`` with its stdout lines in a queue."""
+
+    def __init__(self, *argv, cwd=None, env=None):
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.argv = argv
+        self.p = subprocess.Popen(
+            [sys.executable, FASTWORKER, *argv],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        self.stderr = []
+        self._readers = [
+            threading.Thread(target=self._pump, args=(self.p.stdout, self.lines.put), daemon=True),
+            threading.Thread(target=self._pump, args=(self.p.stderr, self.stderr.append), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, put):
+        for line in stream:
+            put(line)
+
+    def line(self, timeout=20.0):
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output from {self.argv} in {timeout} s; stderr: {''.join(self.stderr)}") from None
+
+    def ready(self, timeout=20.0):
+        msg = json.loads(self.line(timeout))
+        assert msg["event"] == "ready", msg
+        return msg
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(10)
+        for t in self._readers:
+            t.join(10)
+
+
+@pytest.fixture
+def procs():
+    """Start processes with ``procs(*argv)``; all are killed at the end."""
+    started = []
+
+    def start(*argv, **kw):
+        p = Proc(*argv, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
+
+
+TASKS_MODULE = """
+import time
+
+import fastworker
+from fastworker import task
+
+
+@task
+def add(x, y):
+    return x + y
+
+
+@fastworker.task(name="fail", retries=0)
+def fail(message="boom"):
+    raise ValueError(message)
+
+
+@task
+def sleepy(seconds):
+    time.sleep(seconds)
+    return seconds
+"""
+
+
+@pytest.fixture(scope="session")
+def tasks_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "fwtasks.py").write_text(TASKS_MODULE)
+    return str(d)
+
+
+@pytest.fixture
+def plane_proc(procs, tasks_dir):
+    """A plane process serving the test task module; returns its ready line."""
+
+    def start(*extra):
+        p = procs(
+            "plane",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--dashboard",
+            "127.0.0.1:0",
+            "--tasks",
+            "fwtasks",
+            *extra,
+            cwd=tasks_dir,
+        )
+        ready = p.ready()
+        ready["proc"] = p
+        return ready
+
+    return start
+
+
+def raw_request(address, data, timeout=5.0):
+    """Send raw bytes to the plane, return the decoded reply."""
+    with pynng.Req0(dial=address, recv_timeout=int(timeout * 1000), send_timeout=int(timeout * 1000)) as s:
+        s.send(data)
+        return fw.decode(s.recv())
+
+
+# -- wire protocol -----------------------------------------------------------------
+
+
+def test_encode_decode_round_trip_for_every_request():
+    task = fw.encode_task("c-1", "add", (1, 2), {"z": 3}, priority="high", retries=2, timeout=1.5, delay=0.5)
+    submit = fw.decode(fw.encode_batch("submit", "tasks", [task], client="c"))
+    assert submit["op"] == "submit" and submit["client"] == "c"
+    assert submit["tasks"] == [
+        {
+            "id": "c-1",
+            "name": "add",
+            "args": [1, 2],
+            "kwargs": {"z": 3},
+            "priority": "high",
+            "retries": 2,
+            "timeout": 1.5,
+            "delay": 0.5,
+        }
+    ]
+    for op, fields in [
+        ("poll", {"client": "c", "wait": 1}),
+        ("fetch", {"ids": ["a"], "wait": 0}),
+        ("status", {"ids": ["a"]}),
+        ("cancel", {"ids": ["a", "b"]}),
+        ("stats", {}),
+        ("hello", {}),
+        ("bye", {"client": "c"}),
+    ]:
+        msg = fw.decode(fw.encode(op, **fields))
+        assert msg == {"v": fw.PROTOCOL_VERSION, "op": op, **fields}
+
+
+def test_results_travel_as_lists():
+    items = [fw.encode_result("a", "succeeded", [1, "x"]), fw.encode_result("b", "cancelled")]
+    msg = fw.decode(fw.encode_batch("results", "results", items, plane="p"))
+    assert msg["results"] == [{"id": "a", "state": "succeeded", "result": [1, "x"]}, {"id": "b", "state": "cancelled"}]
+    empty = fw.decode(fw.encode_batch("results", "results", [], plane="p", closing=True))
+    assert empty["results"] == [] and empty["closing"] is True
+
+
+@pytest.mark.parametrize(
+    "data, complaint",
+    [
+        (b"\xff\xfe\x00garbage", "not a JSON"),
+        (b"not json at all", "not a JSON"),
+        (b"[1, 2, 3]", "JSON object"),
+        (b'{"op": "stats"}', "version"),
+        (b'{"v": 99, "op": "stats"}', "version"),
+        (b'{"v": 1}', "unknown op"),
+        (b'{"v": 1, "op": "launch"}', "unknown op"),
+        (b'{"v": 1, "op": "submit", "client": "c"}', "'tasks'"),
+        (b'{"v": 1, "op": "submit", "client": 7, "tasks": []}', "'client'"),
+        (b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x"}]}', "'name'"),
+        (b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "args": {}}]}', "'args'"),
+        (
+            b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "priority": "urgent"}]}',
+            "'priority'",
+        ),
+        (b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "retries": true}]}', "'retries'"),
+        (b'{"v": 1, "op": "poll", "client": "c", "wait": "soon"}', "'wait'"),
+        (b'{"v": 1, "op": "cancel", "ids": [1]}', "ids"),
+        (b'{"v": 1, "op": "results", "plane": "p", "results": [{"id": "a", "state": "weird"}]}', "state"),
+    ],
+)
+def test_decode_rejects_malformed_messages(data, complaint):
+    with pytest.raises(fw.ProtocolError, match=complaint):
+        fw.decode(data)
+
+
+def test_secret_tags_every_message():
+    data = fw.encode("stats", b"s3cret")
+    assert fw.decode(data, b"s3cret")["op"] == "stats"
+    with pytest.raises(fw.AuthenticationError):
+        fw.decode(data, b"other")
+    with pytest.raises(fw.AuthenticationError):
+        fw.decode(fw.encode("stats"), b"s3cret")
+    with pytest.raises(fw.ProtocolError):  # a tagged message without the secret is not JSON
+        fw.decode(data)
+
+
+def test_encode_task_refuses_what_json_cannot_carry():
+    with pytest.raises(TypeError):
+        fw.encode_task("i", "add", (object(),))
+    with pytest.raises(ValueError, match="priority"):
+        fw.encode_task("i", "add", priority="urgent")
+    with pytest.raises(ValueError, match="retries"):
+        fw.encode_task("i", "add", retries=-1)
+
+
+# -- data structures -----------------------------------------------------------------
+
+
+def make_task(tid, priority):
+    return fw._Task({"id": tid, "name": "n", "args": [], "kwargs": {}}, fw._RANK[priority], 0, None, "c")
+
+
+def test_task_queue_runs_higher_priority_first_and_fifo_within_a_level():
+    q = fw.TaskQueue()
+    order = [("l1", "low"), ("n1", "normal"), ("c1", "critical"), ("h1", "high"), ("l2", "low"), ("c2", "critical")]
+    for tid, p in order:
+        q.push(make_task(tid, p))
+    assert len(q) == 6 and q.counts == [2, 1, 1, 2]
+    assert [q.pop().id for _ in range(6)] == ["c1", "c2", "h1", "n1", "l1", "l2"]
+    assert q.pop() is None and not q
+
+
+def test_task_queue_skips_cancelled_tasks():
+    q = fw.TaskQueue()
+    a, b = make_task("a", "high"), make_task("b", "low")
+    q.push(a)
+    q.push(b)
+    a.state = fw.CANCELLED
+    q.discard(a)
+    assert len(q) == 1
+    assert q.pop() is b and q.pop() is None
+
+
+def test_result_cache_evicts_least_recently_used():
+    c = fw.ResultCache(max_size=2, ttl=100)
+    c.put("a", 1, now=0)
+    c.put("b", 2, now=0)
+    assert c.get("a", now=1) == 1  # a is now the most recent
+    c.put("c", 3, now=1)
+    assert c.get("b", now=1) is None and c.get("a", now=1) == 1 and c.get("c", now=1) == 3
+    info = c.info()
+    assert (info.evictions, info.hits, info.misses, info.size) == (1, 3, 1, 2)
+
+
+def test_result_cache_honours_ttl_on_read_and_reap():
+    c = fw.ResultCache(max_size=10, ttl=5)
+    c.put("a", 1, now=0)
+    c.put("b", 2, now=3)
+    assert c.get("a", now=4.9) == 1
+    assert c.get("a", now=5.0) is None  # expired on read even before a sweep
+    assert c.reap(now=7) == 0 and len(c) == 1
+    assert c.reap(now=8) == 1 and len(c) == 0
+    assert c.info().expired == 2
+
+
+# -- registry ---------------------------------------------------------------------------
+
+RECORD: list = []
+GATES: dict = {}
+COUNTS: dict = {}
+
+
+@fw.task(name="t.add")
+def t_add(x, y):
+    return x + y
+
+
+@fw.task(name="t.fail")
+def t_fail(message):
+    raise ValueError(message)
+
+
+@fw.task(name="t.block")
+def t_block(key):
+    """Runs until the test opens GATES[key] (10 s at most)."""
+    GATES.setdefault(key, threading.Event()).wait(10)
+    return key
+
+
+@fw.task(name="t.record")
+def t_record(tag):
+    RECORD.append(tag)
+    return tag
+
+
+@fw.task(name="t.flaky", retries=2)
+def t_flaky(key, failures):
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    if COUNTS[key] <= failures:
+        raise RuntimeError(f"attempt {COUNTS[key]} fails")
+    return COUNTS[key]
+
+
+@fw.task(name="t.bad_result")
+def t_bad_result():
+    return object()
+
+
+@fw.task(name="t.async_add")
+async def t_async_add(x, y):
+    await asyncio.sleep(0.01)
+    return x + y
+
+
+def test_task_decorator_registers_and_keeps_a_plain_function():
+    @fw.task
+    def plain_task(x):
+        return x * 2
+
+    @fw.task(name="reports.build", priority="high", retries=3, timeout=30.0)
+    def build(report_id):
+        return report_id
+
+    assert plain_task(21) == 42 and build(7) == 7  # still local calls
+    spec = fw._registry["plain_task"]
+    assert spec.fn is plain_task and (spec.priority, spec.retries, spec.timeout) == ("normal", 0, None)
+    spec = fw._registry["reports.build"]
+    assert (spec.priority, spec.retries, spec.timeout) == ("high", 3, 30.0)
+    assert fw._registry["t.async_add"].is_async
+
+
+def test_task_names_are_unique_and_options_checked():
+    def other(x, y):
+        return x
+
+    other.__name__ = "t_add"
+    with pytest.raises(ValueError, match="already registered"):
+        fw.task(name="t.add")(other)
+    with pytest.raises(ValueError, match="priority"):
+        fw.task(priority="urgent")(other)
+    with pytest.raises(ValueError, match="retries"):
+        fw.task(retries=-2)(other)
+
+
+# -- in-process plane and client ---------------------------------------------------------
+
+
+@pytest.fixture
+def plane():
+    p = fw.Plane("tcp://127.0.0.1:0", concurrency=4, retry_backoff=0.05).start()
+    yield p
+    for gate in GATES.values():
+        gate.set()
+    p.stop()
+    GATES.clear()
+
+
+@pytest.fixture
+def client(plane):
+    with fw.Client(plane.address, timeout=5) as c:
+        yield c
+
+
+def gate(key):
+    return GATES.setdefault(key, threading.Event())
+
+
+def test_submit_returns_futures_with_unique_ids(client):
+    futs = [
+        client.submit("t.add", 1, 2),
+        client.submit(t_add, 3, 4),
+        client.submit_with("t.add", args=(5,), kwargs={"y": 6}),
+    ]
+    assert [f.result(timeout=5) for f in futs] == [3, 7, 11]
+    assert len({f.task_id for f in futs}) == 3 and all(isinstance(f.task_id, str) for f in futs)
+    assert isinstance(futs[0], concurrent.futures.Future)
+
+
+def test_map_yields_results_in_order(client):
+    assert list(client.map("t.add", range(50), range(50, 100))) == [i + 50 + i for i in range(50)]
+
+
+def test_unknown_task_fails_fast(client):
+    t0 = time.monotonic()
+    fut = client.submit("no.such.task", 1)
+    with pytest.raises(fw.UnknownTask, match="no.such.task"):
+        fut.result(timeout=5)
+    assert time.monotonic() - t0 < 2
+
+
+def test_non_json_arguments_raise_type_error_before_sending(client):
+    with pytest.raises(TypeError):
+        client.submit("t.add", object(), 1)
+    with pytest.raises(TypeError):
+        client.submit_with("t.add", (1,), {"y": {1, 2}})
+    assert client.stats()["tasks"]["submitted"] == 0
+
+
+def test_task_error_carries_remote_type_message_and_traceback(client):
+    fut = client.submit("t.fail", "it broke")
+    with pytest.raises(fw.TaskError) as info:
+        fut.result(timeout=5)
+    err = info.value
+    assert (err.type, err.message) == ("ValueError", "it broke")
+    assert "t_fail" in err.traceback and "ValueError: it broke" in err.traceback
+    assert isinstance(fut.exception(), fw.TaskError)
+
+
+def test_a_result_json_cannot_carry_fails_the_task(client):
+    with pytest.raises(fw.TaskError, match="not JSON-serializable"):
+        client.submit("t.bad_result").result(timeout=5)
+
+
+def test_async_tasks_run(client):
+    assert client.submit("t.async_add", 2, 3).result(timeout=5) == 5
+
+
+def test_retries_rerun_a_failing_task(client):
+    COUNTS.clear()
+    fut = client.submit("t.flaky", "twice", 2)  # default retries=2: the third run succeeds
+    assert fut.result(timeout=10) == 3
+    assert client.status(fut.task_id)["attempts"] == 3
+    fut = client.submit_with("t.flaky", ("always", 5), retries=1)
+    with pytest.raises(fw.TaskError, match="attempt 2 fails"):
+        fut.result(timeout=10)
+    assert COUNTS["always"] == 2
+    assert client.stats()["tasks"]["retried"] == 3
+
+
+def test_futures_work_with_wait_as_completed_callbacks_and_asyncio(client):
+    futs = [client.submit("t.add", i, i) for i in range(20)]
+    done, not_done = concurrent.futures.wait(futs, timeout=5)
+    assert len(done) == 20 and not not_done
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futs, timeout=5)) == [2 * i for i in range(20)]
+    seen = []
+    fut = client.submit("t.add", 1, 1)
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    fut.result(timeout=5)
+    wait_until(lambda: seen == [2], 5, "the callback")
+
+    async def main():
+        return await client.submit("t.add", 20, 22), await asyncio.gather(
+            *(client.submit("t.add", i, 1) for i in range(3))
+        )
+
+    assert asyncio.run(main()) == (42, [1, 2, 3])
+
+
+def test_result_status_and_cancel_by_id_from_another_client(plane, client):
+    blocker = client.submit("t.block", "b1")
+    wait_until(lambda: client.status(blocker.task_id)["state"] == "running", 5, "the blocker to run")
+    with fw.Client(plane.address, timeout=5) as other:
+        assert other.status(blocker.task_id)["state"] == "running"
+        gate("b1").set()
+        assert other.result(blocker.task_id, timeout=5) == "b1"
+        status = other.status(blocker.task_id)
+        assert status["state"] == "succeeded" and status["name"] == "t.block" and status["duration"] >= 0
+        assert other.status("nobody-knows")["state"] == "unknown"
+        with pytest.raises(fw.ResultExpired):
+            other.result("nobody-knows", timeout=1)
+
+
+def test_cancel_only_cancels_queued_tasks():
+    with fw.Plane("tcp://127.0.0.1:0", concurrency=1).start() as plane, fw.Client(plane.address, timeout=5) as c:
+        try:
+            running = c.submit("t.block", "c1")
+            wait_until(lambda: c.status(running.task_id)["state"] == "running", 5, "the blocker to run")
+            queued, queued2 = c.submit("t.add", 1, 1), c.submit("t.add", 2, 2)
+            wait_until(lambda: c.stats()["tasks"]["queued"] == 2, 5, "two queued tasks")
+            assert queued.cancel() is True and queued.cancelled()
+            assert c.cancel(queued2.task_id) is True
+            assert queued2.cancelled() and c.status(queued2.task_id)["state"] == "cancelled"
+            with pytest.raises(concurrent.futures.CancelledError):
+                queued.result(timeout=1)
+            assert running.cancel() is False and c.cancel(running.task_id) is False
+        finally:
+            gate("c1").set()
+        assert running.result(timeout=5) == "c1"
+        t = c.stats()["tasks"]
+        assert (t["cancelled"], t["succeeded"], t["queued"], t["running"]) == (2, 1, 0, 0)
+    GATES.clear()
+
+
+def test_priority_orders_the_queue_with_one_busy_slot():
+    RECORD.clear()
+    with fw.Plane("tcp://127.0.0.1:0", concurrency=1).start() as plane, fw.Client(plane.address, timeout=5) as c:
+        try:
+            blocker = c.submit("t.block", "p1")
+            wait_until(lambda: c.status(blocker.task_id)["state"] == "running", 5, "the blocker to run")
+            futs = [
+                c.submit_with("t.record", (f"{p}{i}",), priority=p)
+                for p in ("low", "normal", "high", "critical")
+                for i in range(5)
+            ]
+            wait_until(lambda: c.stats()["queues"] == {"critical": 5, "high": 5, "normal": 5, "low": 5}, 5, "queues")
+        finally:
+            gate("p1").set()
+        concurrent.futures.wait(futs, timeout=10)
+    GATES.clear()
+    assert RECORD == [f"{p}{i}" for p in ("critical", "high", "normal", "low") for i in range(5)]
+
+
+def test_stats_shape_and_accounting_invariant(client):
+    client.submit("t.add", 1, 2).result(timeout=5)
+    with pytest.raises(fw.TaskError):
+        client.submit("t.fail", "x").result(timeout=5)
+    s = client.stats()
+    assert set(s["tasks"]) >= {"submitted", "queued", "running", "succeeded", "failed", "cancelled"}
+    assert set(s["queues"]) == {"critical", "high", "normal", "low"}
+    assert s["workers"] == []
+    assert set(s["cache"]) >= {"size", "max_size", "ttl", "hits", "misses", "evictions"}
+    t = s["tasks"]
+    assert t["submitted"] == 2 and (t["succeeded"], t["failed"]) == (1, 1)
+    assert t["submitted"] == t["queued"] + t["running"] + t["succeeded"] + t["failed"] + t["cancelled"]
+    assert all(isinstance(v, int) for v in list(t.values()) + list(s["queues"].values()))
+    assert (s["cache"]["max_size"], s["cache"]["ttl"], s["cache"]["size"]) == (10_000, 3600.0, 2)
+
+
+def test_results_expire_by_lru_and_by_ttl():
+    with fw.Plane("tcp://127.0.0.1:0", result_cache_size=2, result_cache_ttl=0.3).start() as plane:
+        with fw.Client(plane.address, timeout=5) as c:
+            first = c.submit("t.add", 1, 1)
+            assert first.result(timeout=5) == 2
+            for i in range(2):
+                c.submit("t.add", i, 0).result(timeout=5)
+            with pytest.raises(fw.ResultExpired):  # evicted: the cache holds 2
+                c.result(first.task_id, timeout=1)
+            last = c.submit("t.add", 5, 5)
+            assert c.result(last.task_id, timeout=1) == 10
+            wait_until(lambda: c.status(last.task_id)["state"] == "unknown", 5, "the TTL to pass")
+            with pytest.raises(fw.ResultExpired):
+                c.result(last.task_id, timeout=1)
+            assert c.stats()["cache"]["evictions"] >= 1
+
+
+def test_2000_tasks_back_to_back_each_get_their_own_result(client):
+    futs = [client.submit("t.add", i, i) for i in range(2000)]
+    assert [f.result(timeout=30) for f in futs] == [2 * i for i in range(2000)]
+
+
+def test_8_threads_share_one_client(client):
+    def work(k):
+        return [(k, i, client.submit("t.add", k * 1000, i).result(timeout=30)) for i in range(200)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        rows = [r for rs in pool.map(work, range(8)) for r in rs]
+    assert len(rows) == 1600 and all(v == k * 1000 + i for k, i, v in rows)
+
+
+def test_unreachable_plane_raises_a_connection_error():
+    with fw.Client(f"tcp://127.0.0.1:{free_port()}", timeout=0.5) as c:
+        t0 = time.monotonic()
+        fut = c.submit("t.add", 1, 2)
+        with pytest.raises(ConnectionError):
+            fut.result(timeout=5)
+        assert isinstance(fut.exception(), fw.PlaneUnavailable)
+        with pytest.raises(fw.PlaneUnavailable):
+            c.stats()
+        assert time.monotonic() - t0 < 3
+
+
+def test_pending_futures_fail_when_the_plane_stops():
+    plane = fw.Plane("tcp://127.0.0.1:0").start()
+    try:
+        with fw.Client(plane.address, timeout=5) as c:
+            fut = c.submit("t.block", "s1")
+            wait_until(lambda: c.status(fut.task_id)["state"] == "running", 5, "the task to run")
+            stopper = threading.Thread(target=plane.stop, kwargs={"grace": 0.2})
+            t0 = time.monotonic()
+            stopper.start()
+            with pytest.raises(fw.PlaneUnavailable, match="shut down"):
+                fut.result(timeout=5)
+            assert time.monotonic() - t0 < 2
+            with pytest.raises(ConnectionError):
+                c.submit("t.add", 1, 1).result(timeout=10)
+    finally:
+        gate("s1").set()
+        stopper.join(10)
+        plane.stop()
+        GATES.clear()
+
+
+def test_a_secret_is_required_when_the_plane_has_one():
+    with fw.Plane("tcp://127.0.0.1:0", secret="s3cret").start() as plane:
+        with fw.Client(plane.address, secret="s3cret", timeout=5) as good:
+            assert good.submit("t.add", 1, 2).result(timeout=5) == 3
+        with fw.Client(plane.address, secret="wrong", timeout=2) as bad:
+            with pytest.raises(fw.AuthenticationError):
+                bad.stats()
+        assert plane.stats()["errors"]["auth"] == 1
+
+
+def test_non_loopback_address_refused_without_a_secret():
+    with pytest.raises(ValueError, match="secret"):
+        fw.Plane("tcp://0.0.0.0:0").start()
+    with pytest.raises(ValueError, match="secret"):
+        fw.Plane("tcp://127.0.0.1:0", dashboard="0.0.0.0:0").start()
+
+
+# -- the plane as a process ----------------------------------------------------------------
+
+
+def test_plane_process_reports_real_addresses_and_serves_a_task_module(plane_proc):
+    ready = plane_proc()
+    assert ready["role"] == "plane" and not ready["listen"].endswith(":0")
+    assert ready["dashboard"].startswith("http://127.0.0.1:") and not ready["dashboard"].endswith(":0/")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert c.submit("add", 1, 2).result(timeout=5) == 3  # from fwtasks, via "import fastworker"
+        with pytest.raises(fw.TaskError, match="boom"):
+            c.submit("fail").result(timeout=5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_plane_exits_zero_on_signal_within_seconds(plane_proc, sig):
+    ready = plane_proc()
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert c.submit("add", 2, 2).result(timeout=5) == 4
+    t0 = time.monotonic()
+    assert ready["proc"].stop(sig) == 0
+    assert time.monotonic() - t0 < 5
+
+
+def test_bad_messages_get_error_replies_and_are_counted(plane_proc):
+    ready = plane_proc()
+    address = ready["listen"]
+    bad = [
+        b"\x00\xffgarbage",
+        b"[]",
+        b'{"v": 1, "op": "launch"}',
+        b'{"v": 7, "op": "stats"}',
+        b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": 5, "name": "add"}]}',
+        b'{"v": 1, "op": "results", "plane": "x", "results": []}',
+    ]
+    for data in bad:
+        reply = raw_request(address, data)
+        assert reply["op"] == "error" and reply["error"]["kind"] == "protocol", reply
+    with fw.Client(address, timeout=5) as c:
+        assert c.submit("add", 20, 22).result(timeout=5) == 42
+        assert c.stats()["errors"]["protocol"] == len(bad)
+
+
+def test_oversize_message_gets_an_error_reply(plane_proc):
+    ready = plane_proc("--max-message-size", "65536")
+    big = fw.encode_batch("submit", "tasks", [fw.encode_task("x-1", "add", ("a" * 100_000, "b"))], client="x")
+    reply = raw_request(ready["listen"], big)
+    assert reply["op"] == "error" and "exceeds" in reply["error"]["message"]
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert c.submit("add", 1, 1).result(timeout=5) == 2
+        assert c.stats()["errors"]["protocol"] == 1
+
+
+def test_result_cache_flags(plane_proc):
+    ready = plane_proc("--result-cache-size", "3", "--result-cache-ttl", "120")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        for i in range(5):
+            c.submit("add", i, i).result(timeout=5)
+        cache = c.stats()["cache"]
+    assert (cache["max_size"], cache["ttl"], cache["size"], cache["evictions"]) == (3, 120.0, 3, 2)
+
+
+def test_process_plane_keeps_results_apart_under_load(plane_proc):
+    ready = plane_proc()
+    with fw.Client(ready["listen"], timeout=10) as c:
+        futs = [c.submit("add", i, i) for i in range(2000)]
+        assert [f.result(timeout=30) for f in futs] == [2 * i for i in range(2000)]
+
+        def work(k):
+            return all(c.submit("add", k, i).result(timeout=30) == k + i for i in range(200))
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(work, range(8)))
+        t = c.stats()["tasks"]
+        assert t["submitted"] == t["succeeded"] == 3600
+
+
+def test_pending_futures_fail_when_the_plane_is_killed(plane_proc):
+    ready = plane_proc()
+    with fw.Client(ready["listen"], timeout=1) as c:
+        fut = c.submit("sleepy", 30)
+        wait_until(lambda: c.status(fut.task_id)["state"] == "running", 5, "the task to run")
+        ready["proc"].stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(fw.PlaneUnavailable):
+            fut.result(timeout=10)
+        assert time.monotonic() - t0 < 5
+
+
+# -- dashboard ---------------------------------------------------------------------------------
+
+
+def http_get(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_dashboard_serves_page_api_and_metrics(plane_proc):
+    ready = plane_proc()
+    base = ready["dashboard"]
+    with fw.Client(ready["listen"], timeout=5) as c:
+        fut = c.submit("add", "<script>alert(1)</script>", "")
+        assert fut.result(timeout=5) == "<script>alert(1)</script>"
+        with pytest.raises(fw.TaskError):
+            c.submit("fail", "<img src=x onerror=alert(1)>").result(timeout=5)
+    status, headers, body = http_get(base)
+    assert status == 200 and b"<title>fastworker</title>" in body
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert "innerHTML" not in fw._JS and "textContent" in fw._JS  # values never become markup
+    status, headers, body = http_get(base + "api/stats")
+    stats = json.loads(body)
+    assert headers["Content-Type"] == "application/json" and stats["tasks"]["submitted"] == 2
+    tasks = json.loads(http_get(base + "api/tasks?limit=5")[2])
+    assert [t["state"] for t in tasks] == ["failed", "succeeded"]
+    assert "onerror" in tasks[0]["error"]  # raw in JSON, rendered as text by the page
+    assert json.loads(http_get(base + f"api/tasks/{fut.task_id}")[2])["state"] == "succeeded"
+    assert http_get(base + "api/tasks/nope")[0] == 404
+    assert http_get(base + "api/tasks?limit=abc")[0] == 400
+    assert json.loads(http_get(base + "api/workers")[2]) == []
+    status, _, body = http_get(base + "metrics")
+    assert status == 200 and b"fastworker_tasks_submitted_total 2" in body
+    assert b'fastworker_tasks_finished_total{state="failed"} 1' in body
+    assert json.loads(http_get(base + "healthz")[2]) == {"status": "ok"}
+
+
+def test_dashboard_needs_the_secret_when_one_is_set(plane_proc):
+    ready = plane_proc("--secret", "s3cret")
+    base = ready["dashboard"]
+    assert http_get(base + "api/stats")[0] == 401
+    assert http_get(base + "api/stats", {"Authorization": "Bearer wrong"})[0] == 401
+    assert http_get(base + "api/stats", {"Authorization": "Bearer s3cret"})[0] == 200
+    assert http_get(base + "api/stats", {"Authorization": "Basic dXNlcjpzM2NyZXQ="})[0] == 200  # user:s3cret
+    assert http_get(base + "healthz")[0] == 200
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def run_cli(*argv, cwd=None, timeout=30):
+    return subprocess.run([sys.executable, FASTWORKER, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_submit_prints_the_result_as_json(plane_proc):
+    ready = plane_proc()
+    r = run_cli("submit", "add", "2", "3", "--plane", ready["listen"])
+    assert (r.returncode, r.stdout) == (0, "5\n"), r.stderr
+    r = run_cli("submit", "add", "x", '"y"', "--plane", ready["listen"])
+    assert (r.returncode, r.stdout) == (0, '"xy"\n'), r.stderr
+    r = run_cli(
+        "submit", "add", "--kwargs", '{"x": [1], "y": [2]}', "--priority", "critical", "--plane", ready["listen"]
+    )
+    assert (r.returncode, json.loads(r.stdout)) == (0, [1, 2]), r.stderr
+
+
+def test_cli_submit_no_wait_prints_the_id_and_status_follows_it(plane_proc):
+    ready = plane_proc()
+    r = run_cli("submit", "add", "1", "1", "--no-wait", "--plane", ready["listen"])
+    assert r.returncode == 0, r.stderr
+    task_id = r.stdout.strip()
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert c.result(task_id, timeout=5) == 2
+    r = run_cli("status", task_id, "--plane", ready["listen"])
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
+    r = run_cli("status", "--plane", ready["listen"])
+    assert r.returncode == 0 and json.loads(r.stdout)["tasks"]["succeeded"] == 1
+
+
+def test_cli_reports_task_failures_and_unknown_tasks(plane_proc):
+    ready = plane_proc()
+    r = run_cli("submit", "fail", "broken", "--plane", ready["listen"])
+    assert r.returncode == 1 and "ValueError: broken" in r.stderr and r.stdout == ""
+    r = run_cli("submit", "nope", "--plane", ready["listen"])
+    assert r.returncode == 1 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_errors_are_one_line_and_non_zero():
+    for argv in (["plane", "--bogus"], ["submit"], ["submit", "add", "--priority", "urgent"], ["nope"], []):
+        r = run_cli(*argv)
+        assert r.returncode == 2, argv
+        assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr, (argv, r.stderr)
+    r = run_cli("submit", "add", "1", "--plane", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no answer" in r.stderr
+    r = run_cli("plane", "--tasks", "no_such_module_here", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off")
+    assert r.returncode == 1 and "no_such_module_here" in r.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["plane"], ["submit"], ["status"], ["events"], ["demo"], ["bench"]])
+def test_cli_help_everywhere(command):
+    r = run_cli(*command, "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout and r.stderr == ""
+
+
+def test_cli_events_prints_completions(plane_proc, procs):
+    ready = plane_proc()
+    events = procs("events", "--plane", ready["listen"])
+    with fw.Client(ready["listen"], timeout=5) as c:
+
+        def an_event():  # PUB/SUB drops what is sent before it connects: keep sending
+            c.submit("add", 1, 1).result(timeout=5)
+            try:
+                return json.loads(events.lines.get(timeout=0.2))
+            except queue.Empty:
+                return None
+
+        event = wait_until(an_event, 10, "a completion event")
+    assert event["name"] == "add" and event["state"] == "succeeded"
+    assert events.stop(signal.SIGINT) == 0
+
+
+def test_demo_serves_tasks_and_the_dashboard(procs):
+    p = procs("demo", "--listen", "tcp://127.0.0.1:0", "--dashboard", "127.0.0.1:0")
+    ready = p.ready()
+    lines = [p.line() for _ in range(10)]
+    text = "".join(lines)
+    for priority in fw.PRIORITIES:
+        assert f"priority {priority}" in text
+    assert "TaskError ValueError" in text and f"dashboard: {ready['dashboard']}" in text
+    assert http_get(ready["dashboard"] + "api/stats")[0] == 200
+    assert p.stop(signal.SIGINT) == 0
+
+
+def test_bench_reports_well_formed_figures():
+    r = run_cli("bench", "--tasks", "200", "--latency", "20", "--map", "500", timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])["bench"][0]
+    assert row["topology"] == "plane only" and row["tasks"] == 200 and row["map_items"] == 500
+    assert row["tasks_per_s"] > 0 and row["map_per_s"] > 0 and row["plane_rss_mb"] > 0
+    assert 0 < row["p50_ms"] <= row["p99_ms"]
