@@ -1014,7 +1014,9 @@ class Client(concurrent.futures.Executor):
         self._lock = threading.Lock()  # guards _outbox, _pending, _threads and the flags
         self._has_work = threading.Condition(self._lock)  # lanes wait for submissions
         self._has_pending = threading.Condition(self._lock)  # the poller waits for futures
+        self._flushed = threading.Condition(self._lock)  # queries wait for submissions to land
         self._outbox: list[tuple[bytes, Future]] = []
+        self._sending = 0  # batches sent and not yet answered
         self._pending: dict[str, Future] = {}
         self._threads: list[threading.Thread] = []
         self._plane_id: str | None = None
@@ -1094,7 +1096,14 @@ class Client(concurrent.futures.Executor):
                         batch.append(item)
                         size += len(item[0])
                     del self._outbox[: len(batch)]
-                self._send_batch(chan, batch)
+                    self._sending += 1
+                try:
+                    self._send_batch(chan, batch)
+                finally:
+                    with self._lock:
+                        self._sending -= 1
+                        if not self._sending and not self._outbox:
+                            self._flushed.notify_all()
         finally:
             chan.close()
 
@@ -1104,6 +1113,11 @@ class Client(concurrent.futures.Executor):
             chan.send(data, self.timeout)
             reply = decode(chan.recv(self.timeout)[0], self._secret)
         except pynng.Timeout:
+            # Nothing queued behind this batch can get through either: fail
+            # it all now rather than one timeout per batch.
+            with self._lock:
+                batch += self._outbox
+                self._outbox = []
             return self._fail([f for _, f in batch], self._unreachable())
         except pynng.NNGException as e:
             return self._fail([f for _, f in batch], PlaneUnavailable(f"lost the plane at {self.address}: {e}"))
@@ -1204,6 +1218,14 @@ class Client(concurrent.futures.Executor):
 
     # -- requests ---------------------------------------------------------
 
+    def _flush(self) -> None:
+        """Wait (up to the timeout) until this client's submissions have
+        reached the plane, so a query sees every task submitted before it."""
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            while (self._outbox or self._sending) and time.monotonic() < deadline:
+                self._flushed.wait(deadline - time.monotonic())
+
     def _call(self, op: str, hold: float = 0.0, **fields: Any) -> dict:
         """One request/reply on a context of its own; the plane may hold the
         request ``hold`` seconds before it answers."""
@@ -1237,6 +1259,7 @@ class Client(concurrent.futures.Executor):
             fut = self._pending.get(task_id)
         if fut is not None:
             return fut.result(timeout)
+        self._flush()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = POLL_WAIT if deadline is None else max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
@@ -1256,10 +1279,12 @@ class Client(concurrent.futures.Executor):
     def status(self, task_id: str) -> dict:
         """The task's state and timings: ``{"id", "state", ...}``; state is
         "unknown" when the plane no longer remembers it."""
+        self._flush()
         return self._call("status", ids=[task_id])["statuses"][0]
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task that is still queued; True if it was."""
+        self._flush()
         cancelled = task_id in self._call("cancel", ids=[task_id])["ids"]
         if cancelled:
             with self._lock:
@@ -1283,6 +1308,7 @@ class Client(concurrent.futures.Executor):
 
     def stats(self) -> dict:
         """The plane's statistics, the same JSON as the dashboard's /api/stats."""
+        self._flush()
         return self._call("stats")["stats"]
 
     def events(self, timeout: float | None = None) -> Iterator[dict]:

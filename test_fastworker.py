@@ -582,6 +582,14 @@ def test_priority_orders_the_queue_with_one_busy_slot():
     assert RECORD == [f"{p}{i}" for p in ("critical", "high", "normal", "low") for i in range(5)]
 
 
+def test_delay_holds_a_task_back(client):
+    t0 = time.monotonic()
+    fut = client.submit_with("t.add", (1, 2), delay=0.3)
+    assert client.status(fut.task_id)["state"] == "queued" and client.stats()["scheduled"] == 1
+    assert fut.result(timeout=5) == 3
+    assert time.monotonic() - t0 >= 0.3
+
+
 def test_stats_shape_and_accounting_invariant(client):
     client.submit("t.add", 1, 2).result(timeout=5)
     with pytest.raises(fw.TaskError):
