@@ -72,7 +72,9 @@ import itertools
 import json
 import logging
 import os
+import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -123,6 +125,7 @@ DEFAULT_RETRY_BACKOFF = 1.0  # first retry delay; doubles on every attempt
 HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 POLL_WAIT = 5.0  # seconds the plane holds a client's empty result poll
+PULL_WAIT = 10.0  # seconds the plane holds a worker's request for work
 CLIENT_IDLE_TTL = 300.0  # forget a client's undelivered results after this
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
 SHUTDOWN_GRACE = 5.0  # seconds running tasks get to finish on stop
@@ -260,8 +263,8 @@ class _Chan:
             _nng.nng_msg_free(msg)  # NNG gives the message back on failure
             _check_err(rv)
 
-    def recv(self, timeout: float | None) -> tuple[bytes, int]:
-        """The next message and the id of the pipe it came on."""
+    def recv(self, timeout: float | None) -> tuple[bytes, Any]:
+        """The next message and the pipe (an ``nng_pipe``) it came on."""
         aio = self._aio
         _nng.nng_aio_set_timeout(aio, _nng_ms(timeout))
         _nng.nng_ctx_recv(self._ctx.context, aio)
@@ -269,7 +272,7 @@ class _Chan:
         _check_err(_nng.nng_aio_result(aio))
         msg = _nng.nng_aio_get_msg(aio)
         data = bytes(_ffi.buffer(_nng.nng_msg_body(msg), _nng.nng_msg_len(msg)))
-        pipe = _nng.nng_pipe_id(_nng.nng_msg_get_pipe(msg))
+        pipe = _nng.nng_msg_get_pipe(msg)
         _nng.nng_msg_free(msg)
         return data, pipe
 
@@ -582,6 +585,8 @@ class _Task:
         "error",
         "watchers",
         "item",
+        "seq",
+        "assigned",
     )
 
     def __init__(self, t: dict, rank: int, retries: int, timeout: float | None, client: str) -> None:
@@ -602,6 +607,8 @@ class _Task:
         self.error = None
         self.watchers = None  # parked "fetch" requests waiting for this task
         self.item = None  # the encoded RESULT, once final
+        self.seq = None  # its place in the queue, kept when it is put back
+        self.assigned = None  # id of the worker running it now (None: the plane)
 
     def wire(self) -> bytes:
         """The TASK item a worker receives."""
@@ -642,8 +649,12 @@ class TaskQueue:
         self._seq = itertools.count()
         self.counts = [0] * len(PRIORITIES)  # live (not cancelled) tasks per rank
 
-    def push(self, task: _Task) -> None:
-        heapq.heappush(self._heap, (task.rank, next(self._seq), task))
+    def push(self, task: _Task, keep_seq: bool = False) -> None:
+        """Queue a task; ``keep_seq`` puts it back where it was (a task handed
+        back or whose worker died keeps its turn)."""
+        if not keep_seq or task.seq is None:
+            task.seq = next(self._seq)
+        heapq.heappush(self._heap, (task.rank, task.seq, task))
         self.counts[task.rank] += 1
 
     def pop(self) -> _Task | None:
@@ -861,16 +872,17 @@ class _AsyncRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
+    def submit(self, coro: Any, done: Callable[[concurrent.futures.Future], None]) -> None:
+        """Run ``coro`` on the loop; ``done(future)`` is called on the loop's thread."""
         with self._lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 self._thread = threading.Thread(target=self._loop.run_forever, name="fastworker-async", daemon=True)
                 self._thread.start()
             loop = self._loop
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+        asyncio.run_coroutine_threadsafe(coro, loop).add_done_callback(done)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = SHUTDOWN_GRACE) -> None:
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None:
@@ -882,7 +894,7 @@ class _AsyncRunner:
             loop.call_soon(loop.stop)
 
         loop.call_soon_threadsafe(halt)
-        thread.join(SHUTDOWN_GRACE)
+        thread.join(timeout)
         if not thread.is_alive():
             loop.close()
 
@@ -895,31 +907,175 @@ def _failure(kind: str, exc: BaseException, skip_frames: int = 1) -> dict:
     return _error(kind, type(exc).__name__, str(exc), text)
 
 
-def _run_task(
-    tid: str, spec: TaskSpec | None, name: str, args: list, kwargs: dict, runner: _AsyncRunner, max_size: int
-) -> tuple[str, bytes, dict | None]:
-    """Run one task here and now; returns (state, RESULT item, error or None).
-    Whatever the task does, this returns: a task never kills its runner."""
-    if spec is None:
-        err = _error("unknown_task", "UnknownTask", f"no task named {name!r} is registered here")
-        return FAILED, encode_result(tid, FAILED, error=err), err
-    try:
-        if spec.is_async:
-            value = runner.run(spec.fn(*args, **kwargs))
+def _failed(job: Any, err: dict) -> tuple[str, bytes, dict]:
+    return FAILED, encode_result(job.id, FAILED, error=err), err
+
+
+class _Job:
+    """A task as a worker runs it."""
+
+    __slots__ = ("id", "name", "args", "kwargs", "timeout", "plane")
+
+    def __init__(self, t: dict, plane: str) -> None:
+        self.id = t["id"]
+        self.name = t["name"]
+        self.args = t["args"]
+        self.kwargs = t["kwargs"]
+        self.timeout = t.get("timeout")
+        self.plane = plane
+
+
+class _Executor:
+    """Runs jobs for the plane (when it has no subworker) and for workers.
+
+    ``concurrency`` threads take jobs with ``take()`` (None means stop) and
+    run them; ``async def`` tasks run on one event loop instead, so they hold
+    a slot but no thread.  At most ``concurrency`` jobs run at once.  Every
+    outcome goes to ``report(job, state, item, error)``, whatever the task
+    does.  A job with a time limit runs on a thread of its own: past the
+    limit it is reported as TaskTimeout and its thread is abandoned, and if it
+    is still running ``margin`` seconds later ``on_overrun(job)`` is called.
+    """
+
+    def __init__(
+        self,
+        concurrency: int,
+        take: Callable[[], Any],
+        report: Callable[[Any, str, bytes, dict | None], None],
+        max_size: int,
+        on_overrun: Callable[[Any], None] | None = None,
+        margin: float = 1.0,
+    ) -> None:
+        self.concurrency = concurrency
+        self.margin = margin
+        self._take = take
+        self._report = report
+        self._max_size = max_size
+        self._on_overrun = on_overrun
+        self._slots = threading.BoundedSemaphore(concurrency)  # one per job in flight
+        self._loop = _AsyncRunner()
+        self._threads: list[threading.Thread] = []
+        self._stop = False  # runners exit once their current job is done
+        self._lock = threading.Lock()  # guards abandoned
+        self.abandoned = 0  # task threads still running past their time limit
+
+    def start(self, prefix: str) -> None:
+        for _ in range(self.concurrency):
+            t = threading.Thread(target=self._serve, name=f"{prefix}-runner", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def join(self, deadline: float) -> None:
+        """Stop the runners (``take()`` must return None by now) and wait for
+        them until ``deadline``."""
+        self._stop = True
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._loop.stop(max(0.1, deadline - time.monotonic()))
+
+    def _serve(self) -> None:
+        while not self._stop:
+            if not self._slots.acquire(timeout=1.0):
+                continue
+            job = self._take()
+            if job is None:
+                self._slots.release()
+                return
+            self._run(job)
+
+    def _done(self, job: Any, state: str, item: bytes, error: dict | None) -> None:
+        try:
+            self._report(job, state, item, error)
+        except Exception:
+            logger.exception("could not report the outcome of task %s", job.id)
+        finally:
+            self._slots.release()
+
+    def _encode(self, job: Any, value: Any) -> tuple[str, bytes, dict | None]:
+        try:
+            item = encode_result(job.id, SUCCEEDED, value)
+        except (TypeError, ValueError) as e:
+            err = _error("raised", "TypeError", f"the result of task {job.name!r} is not JSON-serializable: {e}")
+            return _failed(job, err)
+        if len(item) > self._max_size - 4096:
+            err = _error(
+                "raised", "ValueError", f"the result of task {job.name!r} is {len(item)} bytes, over the limit"
+            )
+            return _failed(job, err)
+        return SUCCEEDED, item, None
+
+    def _call(self, job: Any, spec: TaskSpec) -> tuple[str, bytes, dict | None]:
+        try:
+            value = spec.fn(*job.args, **job.kwargs)
+        except (Exception, SystemExit) as e:
+            return _failed(job, _failure("raised", e))
+        return self._encode(job, value)
+
+    def _run(self, job: Any) -> None:
+        spec = _registry.get(job.name)
+        if spec is None:
+            err = _error("unknown_task", "UnknownTask", f"no task named {job.name!r} is registered here")
+            self._done(job, *_failed(job, err))
+        elif spec.is_async:
+            try:
+                coro = spec.fn(*job.args, **job.kwargs)
+            except Exception as e:  # wrong arguments fail before there is a coroutine
+                return self._done(job, *_failed(job, _failure("raised", e)))
+            if job.timeout:
+                coro = asyncio.wait_for(coro, job.timeout)
+            started = time.monotonic()
+            self._loop.submit(coro, lambda fut: self._async_done(job, fut, started))
+        elif job.timeout:
+            self._run_limited(job, spec)
         else:
-            value = spec.fn(*args, **kwargs)
-    except (Exception, SystemExit, asyncio.CancelledError) as e:
-        err = _failure("raised", e, skip_frames=2 if spec.is_async else 1)
-        return FAILED, encode_result(tid, FAILED, error=err), err
-    try:
-        item = encode_result(tid, SUCCEEDED, value)
-    except (TypeError, ValueError) as e:
-        err = _error("raised", "TypeError", f"the result of task {name!r} is not JSON-serializable: {e}")
-        return FAILED, encode_result(tid, FAILED, error=err), err
-    if len(item) > max_size - 4096:
-        err = _error("raised", "ValueError", f"the result of task {name!r} is {len(item)} bytes, over the limit")
-        return FAILED, encode_result(tid, FAILED, error=err), err
-    return SUCCEEDED, item, None
+            self._done(job, *self._call(job, spec))
+
+    def _async_done(self, job: Any, fut: concurrent.futures.Future, started: float) -> None:
+        try:
+            outcome = self._encode(job, fut.result())
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            if job.timeout and time.monotonic() - started >= job.timeout * 0.999:
+                outcome = _failed(job, self._overran(job))
+            else:
+                outcome = _failed(job, _failure("raised", e, 0))
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            outcome = _failed(job, _error("raised", "CancelledError", "the task was cancelled at shutdown"))
+        except (Exception, SystemExit) as e:
+            outcome = _failed(job, _failure("raised", e, 0))
+        self._done(job, *outcome)
+
+    @staticmethod
+    def _overran(job: Any) -> dict:
+        return _error("timeout", "TaskTimeout", f"task {job.name!r} ran past its time limit of {job.timeout:g} s")
+
+    def _run_limited(self, job: Any, spec: TaskSpec) -> None:
+        box: list = []
+        state = ["running"]  # -> "done", or -> "abandoned" -> "done"; guarded by self._lock
+
+        def target() -> None:
+            try:
+                box.append(self._call(job, spec))
+            finally:
+                with self._lock:
+                    if state[0] == "abandoned":
+                        self.abandoned -= 1
+                    state[0] = "done"
+
+        t = threading.Thread(target=target, name="fastworker-task", daemon=True)
+        t.start()
+        t.join(job.timeout)
+        with self._lock:
+            finished = state[0] == "done"
+            if not finished:
+                state[0] = "abandoned"
+                self.abandoned += 1
+        if finished and box:
+            return self._done(job, *box[0])
+        self._done(job, *_failed(job, self._overran(job)))
+        if self._on_overrun is not None:
+            t.join(self.margin)
+            if t.is_alive():
+                self._on_overrun(job)
 
 
 ###############################################################################
@@ -1430,13 +1586,94 @@ class _Fetch:
         self.deadline = deadline
 
 
+class _WorkerState:
+    """A connected subworker as the plane sees it."""
+
+    __slots__ = (
+        "id",
+        "name",
+        "host",
+        "pid",
+        "concurrency",
+        "tasks",
+        "in_flight",
+        "credit",
+        "pull",
+        "pull_deadline",
+        "pipe",
+        "pipe_id",
+        "last_seen",
+        "last_heartbeat",
+        "registered_at",
+        "turn",
+        "completed",
+    )
+
+    def __init__(self, wid: str, info: dict, pipe: Any, now: float) -> None:
+        self.id = wid
+        self.name = str(info.get("name") or wid)[:200]
+        self.host = str(info.get("host") or "?")[:200]
+        pid = info.get("pid")
+        self.pid = pid if _typed(pid, int) else 0
+        conc = info.get("concurrency")
+        self.concurrency = conc if _typed(conc, int) and conc > 0 else 1
+        self.tasks = _catalog_of(info.get("tasks"))
+        self.in_flight: dict[str, _Task] = {}
+        self.credit = self.concurrency
+        self.pull: _Chan | None = None  # its parked "pull" request
+        self.pull_deadline = 0.0
+        self.pipe = pipe
+        self.pipe_id = _nng.nng_pipe_id(pipe)
+        self.last_seen = now  # monotonic: any sign of life (pull or heartbeat)
+        self.last_heartbeat = time.time()
+        self.registered_at = time.time()
+        self.turn = 0  # breaks ties between equally loaded workers: least recently served first
+        self.completed = 0
+
+    def free(self) -> int:
+        return min(self.credit, self.concurrency) - len(self.in_flight)
+
+    def summary(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "concurrency": self.concurrency,
+            "in_flight": len(self.in_flight),
+            "load": round(len(self.in_flight) / self.concurrency, 3),
+            "completed": self.completed,
+            "last_heartbeat": self.last_heartbeat,
+            "registered_at": self.registered_at,
+            "tasks": sorted(self.tasks),
+            "state": "draining" if self.credit == 0 else "connected",
+        }
+
+
+def _catalog_of(tasks: Any) -> dict:
+    """Task defaults as a worker announced them, cleaned up."""
+    out = {}
+    if not isinstance(tasks, dict):
+        return out
+    for name, d in tasks.items():
+        d = d if isinstance(d, dict) else {}
+        p, r, t = d.get("priority"), d.get("retries"), d.get("timeout")
+        out[str(name)] = {
+            "priority": p if p in _RANK else "normal",
+            "retries": r if _typed(r, int) and r >= 0 else 0,
+            "timeout": t if _typed(t, _NUM) and t > 0 else None,
+        }
+    return out
+
+
 class Plane:
     """The control plane: queue, dispatch, result cache, dashboard.
 
     ``Plane(...).start()`` serves in background threads of this process
     (``stop()`` ends it; it is also a context manager);
     ``python fastworker.py plane`` runs one as a process.  With no subworker
-    connected it runs tasks itself on ``concurrency`` threads.
+    connected it runs tasks itself on ``concurrency`` threads; with one or
+    more, it dispatches every task to the least-loaded one.
 
     Args:
         listen: address clients and workers connect to (port 0 picks one;
@@ -1487,9 +1724,10 @@ class Plane:
         self.address: str | None = None  # the real addresses, set by start()
         self.dashboard_url: str | None = None
         self.events_address: str | None = None
+        self.heartbeat_address: str | None = None
         self._secret = _secret_bytes(secret)
         self._receivers = receivers
-        self._lock = threading.Lock()  # guards every task, queue, client and counter below
+        self._lock = threading.Lock()  # guards every task, queue, client, worker and counter below
         self._work = threading.Condition(self._lock)  # local runners wait for queued tasks
         self._tick = threading.Condition(self._lock)  # the housekeeper waits for its next deadline
         self._drained = threading.Condition(self._lock)  # stop() waits for local runs to end
@@ -1499,8 +1737,13 @@ class Plane:
         self._timer_seq = itertools.count()
         self._clients: dict[str, _ClientState] = {}
         self._fetches: set[_Fetch] = set()
+        self._workers: dict[str, _WorkerState] = {}
+        self._pipe_workers: dict[int, _WorkerState] = {}
+        self._catalog: dict[str, dict] = {}  # task name -> defaults, over all connected workers
+        self._turns = itertools.count(1)
         self._counts = dict.fromkeys(STATES, 0)
-        self._submitted = self._retried = self._scheduled = 0
+        self._submitted = self._retried = self._scheduled = self._late = 0
+        self._workers_lost = self._requeued = self._handed_back = 0
         self._errors = {"protocol": 0, "auth": 0, "internal": 0, "send": 0}
         self._recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)
         self._local_running = 0
@@ -1509,9 +1752,11 @@ class Plane:
         self._closed = False  # threads exit
         self._threads: list[threading.Thread] = []
         self._free: collections.deque = collections.deque()  # idle _Chans (deque ops are atomic)
-        self._runner = _AsyncRunner()
+        self._gone: queue.SimpleQueue = queue.SimpleQueue()  # ids of pipes that closed
+        self._executor = _Executor(concurrency, self._take_local, self._report_local, max_message_size)
         self._sock: Any = None
         self._pub: Any = None
+        self._hb: Any = None
         self._subs = 0  # event subscribers connected (guarded by _subs_lock)
         self._subs_lock = threading.Lock()
         self._http: ThreadingHTTPServer | None = None
@@ -1525,34 +1770,42 @@ class Plane:
         _require_pynng()
         _check_exposure(self.listen, self._secret, self.insecure, "plane")
         sock = pynng.Rep0(recv_max_size=2 * self.max_message_size)
+        # NNG calls this on its own thread with a socket lock held: hand the
+        # pipe id over and return at once.
+        sock.add_post_pipe_remove_cb(lambda pipe: self._gone.put(pipe.id))
+        opened = [sock]
         try:
             sock.listen(self.listen)
             self.address = _real_address(sock, self.listen)
             self._pub = pub = pynng.Pub0()
+            opened.append(pub)
             pub.add_post_pipe_connect_cb(lambda pipe: self._count_subs(1))
             pub.add_post_pipe_remove_cb(lambda pipe: self._count_subs(-1))
-            events = _sibling_address(self.address, "events")
-            pub.listen(events)
-            self.events_address = _real_address(pub, events)
+            pub.listen(_sibling_address(self.address, "events"))
+            self.events_address = _real_address(pub, _sibling_address(self.address, "events"))
+            self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=1024 * 1024)
+            opened.append(hb)
+            hb.subscribe(b"")
+            hb.listen(_sibling_address(self.address, "heartbeat"))
+            self.heartbeat_address = _real_address(hb, _sibling_address(self.address, "heartbeat"))
             if self.dashboard:
                 self._http = _start_dashboard(self, self.dashboard, self._secret, self.insecure)
                 host, port = self._http.server_address[:2]
                 self.dashboard_url = f"http://{host}:{port}/"
         except BaseException:
-            sock.close()
-            if self._pub is not None:
-                self._pub.close()
+            for s in opened:
+                s.close()
             raise
         self._sock = sock
         spawn = [(self._serve, "receiver")] * self._receivers
-        spawn += [(self._run_local, "runner")] * self.concurrency
-        spawn += [(self._housekeep, "housekeeper")]
+        spawn += [(self._housekeep, "housekeeper"), (self._heartbeats, "heartbeats"), (self._watch_pipes, "pipes")]
         if self._http is not None:
             spawn.append((self._http.serve_forever, "dashboard"))
         for target, name in spawn:
             t = threading.Thread(target=target, name=f"fastworker-plane-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._executor.start("fastworker-plane")
         logger.info("plane %s listening on %s", self.id, self.address)
         return self
 
@@ -1560,12 +1813,14 @@ class Plane:
         """Stop taking work, give running tasks ``grace`` seconds to finish
         and deliver their results, then close everything."""
         with self._lock:
-            if self._stopping:
+            if self._stopping or self._sock is None:
                 return
             self._stopping = True
             self._work.notify_all()
             deadline = time.monotonic() + grace
-            while self._local_running and time.monotonic() < deadline:
+            while (self._local_running or any(w.in_flight for w in self._workers.values())) and (
+                time.monotonic() < deadline
+            ):
                 self._drained.wait(deadline - time.monotonic())
             sends = []
             bye = encode_batch("results", "results", [], self._secret, plane=self.id, closing=True)
@@ -1576,23 +1831,26 @@ class Plane:
             gone = self._encode_error(_error("unavailable", "PlaneUnavailable", "the plane is shutting down"))
             sends += [(f.chan, gone) for f in self._fetches]
             self._fetches.clear()
-        for chan, data in sends:
-            self._answer(chan, data)
+            for w in self._workers.values():
+                if w.pull is not None:
+                    sends.append((w.pull, self._tasks_reply([])))
+                    w.pull = None
+        self._send_all(sends)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
         with self._lock:
             self._closed = True
             self._tick.notify_all()
-        if self._sock is not None:
-            self._sock.close()  # wakes every receiver
-            self._pub.close()
+        self._gone.put(None)
+        for s in (self._sock, self._pub, self._hb):
+            s.close()  # wakes every receiver
+        self._executor.join(time.monotonic() + 1.0)
         deadline = time.monotonic() + grace
-        for t in self._threads:  # a task that ignores the grace is left behind
+        for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         while self._free:
             self._free.pop().close()
-        self._runner.stop()
         logger.info("plane %s stopped", self.id)
 
     def __enter__(self) -> Plane:
@@ -1657,7 +1915,7 @@ class Plane:
     def _encode_error(self, err: dict) -> bytes:
         return encode("error", self._secret, error=err)
 
-    def _handle(self, data: bytes, chan: _Chan, pipe: int) -> bytes | None:
+    def _handle(self, data: bytes, chan: _Chan, pipe: Any) -> bytes | None:
         """One request -> its reply, or None when the request is parked."""
         try:
             if len(data) > self.max_message_size:
@@ -1678,15 +1936,19 @@ class Plane:
             self._errors[kind] += 1
         return self._encode_error(err)
 
-    # -- ops ----------------------------------------------------------------
+    # -- client ops ------------------------------------------------------------
 
     def _known(self, name: str) -> dict | None:
-        """The defaults of a task someone here can run, or None."""
+        """The defaults of a task that will run, or None (lock held).  With
+        subworkers connected, they run everything, so only their tasks count."""
+        if self._workers:
+            return self._catalog.get(name)
         spec = _registry.get(name)
         return None if spec is None else spec.defaults()
 
-    def _op_submit(self, msg: dict, chan: _Chan, pipe: int) -> bytes:
+    def _op_submit(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
         rejected = []
+        sends: list = []
         now = time.monotonic()
         with self._lock:
             if self._stopping:
@@ -1701,14 +1963,10 @@ class Plane:
                     continue
                 spec = self._known(t["name"])
                 if spec is None:
-                    rejected.append(
-                        {
-                            "id": tid,
-                            "error": _error(
-                                "unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}"
-                            ),
-                        }
+                    err = _error(
+                        "unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}"
                     )
+                    rejected.append({"id": tid, "error": err})
                     continue
                 retries = t.get("retries")
                 task = _Task(
@@ -1728,8 +1986,16 @@ class Plane:
                     self._queue.push(task)
                     ready += 1
             if ready:
-                self._work.notify(ready)
+                self._ready(ready, sends)
+        self._send_all(sends)
         return encode("accepted", self._secret, plane=self.id, rejected=rejected)
+
+    def _ready(self, n: int, sends: list) -> None:
+        """``n`` tasks were queued: wake local runners or dispatch (lock held)."""
+        if self._workers:
+            self._dispatch(sends)
+        else:
+            self._work.notify(n)
 
     def _client(self, cid: str, now: float) -> _ClientState:
         cs = self._clients.get(cid)
@@ -1760,7 +2026,7 @@ class Plane:
         extra = {"closing": True} if closing else {}
         return encode_batch("results", "results", items, self._secret, plane=self.id, **extra)
 
-    def _op_poll(self, msg: dict, chan: _Chan, pipe: int) -> bytes | None:
+    def _op_poll(self, msg: dict, chan: _Chan, pipe: Any) -> bytes | None:
         wait = min(max(float(msg["wait"]), 0.0), 60.0)
         now = time.monotonic()
         with self._lock:
@@ -1787,7 +2053,7 @@ class Plane:
                 items.append(_json_bytes({"id": tid, "state": task.state}))
         return encode_batch("results", "results", items, self._secret, plane=self.id)
 
-    def _op_fetch(self, msg: dict, chan: _Chan, pipe: int) -> bytes | None:
+    def _op_fetch(self, msg: dict, chan: _Chan, pipe: Any) -> bytes | None:
         ids = msg["ids"]
         wait = min(max(float(msg["wait"]), 0.0), 60.0)
         with self._lock:
@@ -1802,7 +2068,7 @@ class Plane:
             self._fetches.add(fetch)
         return None
 
-    def _op_status(self, msg: dict, chan: _Chan, pipe: int) -> bytes:
+    def _op_status(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
         with self._lock:
             statuses = [self._status(tid) for tid in msg["ids"]]
         return encode("statuses", self._secret, statuses=statuses)
@@ -1811,7 +2077,7 @@ class Plane:
         task = self._tasks.get(tid) or self.cache.peek(tid)
         return {"id": tid, "state": "unknown"} if task is None else task.summary()
 
-    def _op_cancel(self, msg: dict, chan: _Chan, pipe: int) -> bytes:
+    def _op_cancel(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
         cancelled, sends = [], []
         with self._lock:
             for tid in msg["ids"]:
@@ -1834,50 +2100,241 @@ class Plane:
                 return True
         return False
 
-    def _op_stats(self, msg: dict, chan: _Chan, pipe: int) -> bytes:
+    def _op_stats(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
         return encode("report", self._secret, stats=self.stats())
 
-    def _op_hello(self, msg: dict, chan: _Chan, pipe: int) -> bytes:
+    def _op_hello(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
+        with self._lock:
+            names = sorted(self._catalog if self._workers else _registry)
         return encode(
             "welcome",
             self._secret,
             plane=self.id,
             version=__version__,
             events=self.events_address,
-            tasks=sorted(self._task_names()),
+            heartbeat=self.heartbeat_address,
+            tasks=names,
         )
 
-    def _op_bye(self, msg: dict, chan: _Chan, pipe: int) -> bytes:
+    def _op_bye(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
         with self._lock:
             cs = self._clients.pop(msg["client"], None)
         if cs is not None and cs.poll is not None:
             self._answer(cs.poll, encode_batch("results", "results", [], self._secret, plane=self.id))
         return encode("ok", self._secret)
 
-    def _task_names(self) -> set:
-        return set(_registry)
+    # -- subworkers --------------------------------------------------------------
+
+    def _tasks_reply(self, items: list, **extra: Any) -> bytes:
+        return encode_batch("tasks", "tasks", items, self._secret, plane=self.id, **extra)
+
+    def _op_pull(self, msg: dict, chan: _Chan, pipe: Any) -> bytes | None:
+        """A worker's request for work.  It carries the results of earlier
+        tasks; the reply carries new tasks, as soon as there are any."""
+        wid = msg["worker"]
+        now = time.monotonic()
+        sends: list = []
+        with self._lock:
+            w = self._workers.get(wid)
+            if w is None:  # a new worker, or one this plane declared dead: register it
+                self._late += len(msg["results"])
+                info = msg.get("info")
+                if not isinstance(info, dict) or self._stopping:
+                    return self._tasks_reply([], register=not self._stopping)
+                self._register(wid, info, pipe, now)
+                return self._tasks_reply(
+                    [], heartbeat=self.heartbeat_address, heartbeat_interval=self.heartbeat_timeout / 5
+                )
+            pipe_id = _nng.nng_pipe_id(pipe)
+            if pipe_id != w.pipe_id:  # it reconnected: its old pipe's removal must not drop it
+                self._pipe_workers.pop(w.pipe_id, None)
+                w.pipe, w.pipe_id = pipe, pipe_id
+                self._pipe_workers[pipe_id] = w
+            w.last_seen = now
+            for r in msg["results"]:
+                task = w.in_flight.pop(r["id"], None)
+                if task is None or task.state != RUNNING:
+                    self._late += 1  # its worker was declared dead, or it was handed back
+                    continue
+                w.completed += 1
+                self._settle(task, r["state"], _json_bytes(r), r.get("error"), sends)
+            returned = msg.get("returned")
+            if isinstance(returned, list):
+                for tid in returned:
+                    task = w.in_flight.pop(tid, None) if isinstance(tid, str) else None
+                    if task is not None:
+                        task.attempts -= 1  # it never ran to the end: not an attempt
+                        self._requeue(task)
+                        self._handed_back += 1
+            credit = msg["credit"]
+            w.credit = credit if credit >= 0 else 0
+            if w.pull is not None:  # superseded by this newer request
+                sends.append((w.pull, self._tasks_reply([])))
+            w.pull, w.pull_deadline = chan, now + PULL_WAIT
+            self._dispatch(sends)
+            if w.pull is chan and (w.free() <= 0 or self._stopping):
+                w.pull = None  # nothing to wait for: answer now
+                sends.append((chan, self._tasks_reply([])))
+            if not any(wk.in_flight for wk in self._workers.values()):
+                self._drained.notify_all()
+        self._send_all(sends)
+        return None
+
+    def _register(self, wid: str, info: dict, pipe: Any, now: float) -> _WorkerState:
+        """A new worker connected (lock held)."""
+        w = _WorkerState(wid, info, pipe, now)
+        w.turn = next(self._turns)
+        self._workers[wid] = w
+        self._pipe_workers[w.pipe_id] = w
+        self._catalog = {}
+        for other in self._workers.values():
+            for name, spec in other.tasks.items():
+                self._catalog.setdefault(name, spec)
+        logger.info("worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid, w.concurrency)
+        return w
+
+    def _dispatch(self, sends: list) -> None:
+        """Hand queued tasks to workers with parked requests and free slots,
+        each to the least-loaded worker that knows the task, and each worker
+        its share in one message (lock held)."""
+        if not self._queue or self._stopping:
+            return
+        ready = [
+            (len(w.in_flight) / w.concurrency, w.turn, w) for w in self._workers.values() if w.pull and w.free() > 0
+        ]
+        if not ready:
+            return
+        heapq.heapify(ready)
+        batches: dict[_WorkerState, list] = {}
+        skipped = []
+        while ready and self._queue:
+            task = self._queue.pop()
+            passed = []
+            while ready:
+                entry = heapq.heappop(ready)
+                if task.name in entry[2].tasks:
+                    break
+                passed.append(entry)
+            else:
+                entry = None
+            for e in passed:
+                heapq.heappush(ready, e)
+            if entry is None:  # no free worker knows it: it waits for one
+                skipped.append(task)
+                if len(skipped) >= 64:
+                    break
+                continue
+            w = entry[2]
+            self._start(task, w.name, w.id)
+            w.in_flight[task.id] = task
+            w.turn = next(self._turns)
+            batches.setdefault(w, []).append(task.wire())
+            if w.free() > 0:
+                heapq.heappush(ready, (len(w.in_flight) / w.concurrency, w.turn, w))
+        for task in skipped:
+            self._queue.push(task, keep_seq=True)
+        for w, items in batches.items():
+            sends.append((w.pull, self._tasks_reply(items)))
+            w.pull = None
+
+    def _requeue(self, task: _Task) -> None:
+        """Put a running task back at its place in the queue (lock held)."""
+        self._counts[RUNNING] -= 1
+        self._counts[QUEUED] += 1
+        task.state = QUEUED
+        task.assigned = None
+        self._queue.push(task, keep_seq=True)
+        self._requeued += 1
+
+    def _drop_worker(self, w: _WorkerState, why: str, sends: list) -> None:
+        """A worker is gone: requeue or fail what it was running (lock held)."""
+        if self._workers.get(w.id) is not w:
+            return
+        del self._workers[w.id]
+        self._pipe_workers.pop(w.pipe_id, None)
+        self._catalog = {}
+        for other in self._workers.values():
+            for name, spec in other.tasks.items():
+                self._catalog.setdefault(name, spec)
+        self._workers_lost += 1
+        if w.pull is not None:
+            sends.append((w.pull, self._tasks_reply([], register=True)))
+            w.pull = None
+        lost = list(w.in_flight.values())
+        w.in_flight.clear()
+        err = _error("lost", "WorkerLost", f"worker {w.name} was lost ({why}) while running the task")
+        for task in lost:
+            self._settle(task, FAILED, encode_result(task.id, FAILED, error=err), err, sends)
+        logger.warning("worker %s lost (%s): %d task(s) in flight", w.name, why, len(lost))
+        if not self._workers:
+            self._work.notify_all()  # the plane runs tasks itself again
+            self._drained.notify_all()
+        self._dispatch(sends)
+
+    def _watch_pipes(self) -> None:
+        """Drop a worker the moment its connection closes."""
+        while True:
+            pipe_id = self._gone.get()
+            if pipe_id is None:
+                return
+            sends: list = []
+            with self._lock:
+                w = self._pipe_workers.get(pipe_id)
+                if w is not None:
+                    self._drop_worker(w, "connection closed", sends)
+            self._send_all(sends)
+
+    def _heartbeats(self) -> None:
+        """Receive workers' heartbeats (PUB/SUB): proof of life for workers
+        whose connection stays up while they hang."""
+        while not self._closed:
+            try:
+                data = self._hb.recv()
+            except pynng.Timeout:
+                continue
+            except pynng.NNGException:
+                return
+            try:
+                msg = decode(data, self._secret)
+                if msg["op"] != "heartbeat":
+                    raise ProtocolError("not a heartbeat")
+            except FastworkerError as e:
+                with self._lock:
+                    self._errors["auth" if isinstance(e, AuthenticationError) else "protocol"] += 1
+                continue
+            wid = msg["worker"].get("id")
+            with self._lock:
+                w = self._workers.get(wid)
+                if w is not None:
+                    w.last_seen = time.monotonic()
+                    w.last_heartbeat = time.time()
 
     # -- running and finishing tasks ------------------------------------------
 
-    def _run_local(self) -> None:
-        """A runner thread: take the next queued task while no subworker is
-        connected, run it here, report the outcome."""
-        runner, max_size = self._runner, self.max_message_size
-        while True:
-            with self._lock:
-                while not self._stopping and not self._queue:
-                    self._work.wait(1.0)
-                if self._stopping:
-                    return
-                task = self._queue.pop()
-                self._start(task, "plane")
-                self._local_running += 1
-            state, item, error = _run_task(
-                task.id, _registry.get(task.name), task.name, task.args, task.kwargs, runner, max_size
-            )
-            self._finish(task, state, item, error, local=True)
+    def _take_local(self) -> _Task | None:
+        """The next task for a local runner, while no subworker is connected;
+        None when the plane stops."""
+        with self._lock:
+            while not self._stopping and (self._workers or not self._queue):
+                self._work.wait(1.0)
+            if self._stopping:
+                return None
+            task = self._queue.pop()
+            self._start(task, "plane", None)
+            self._local_running += 1
+            return task
 
-    def _start(self, task: _Task, worker: str) -> None:
+    def _report_local(self, task: _Task, state: str, item: bytes, error: dict | None) -> None:
+        sends: list = []
+        with self._lock:
+            self._local_running -= 1
+            if not self._local_running:
+                self._drained.notify_all()
+            if task.state == RUNNING:
+                self._settle(task, state, item, error, sends)
+        self._send_all(sends)
+
+    def _start(self, task: _Task, worker: str, assigned: str | None) -> None:
         """Mark a task as running (lock held)."""
         self._counts[QUEUED] -= 1
         self._counts[RUNNING] += 1
@@ -1885,28 +2342,25 @@ class Plane:
         task.attempts += 1
         task.started = time.time()
         task.worker = worker
+        task.assigned = assigned
 
-    def _finish(self, task: _Task, state: str, item: bytes, error: dict | None, local: bool = False) -> None:
-        """Record the outcome of one run: retry it, or make it final."""
-        sends: list = []
-        with self._lock:
-            if local:
-                self._local_running -= 1
-                if not self._local_running:
-                    self._drained.notify_all()
-            if task.state != RUNNING or self._tasks.get(task.id) is not task:
-                return  # a late or duplicate outcome: the task already moved on
-            self._counts[RUNNING] -= 1
-            if state == FAILED and error["kind"] in ("raised", "lost") and task.attempts <= task.retries:
-                task.state = QUEUED
-                task.error = f"{error['type']}: {error['message']}"
-                self._counts[QUEUED] += 1
-                self._retried += 1
-                self._schedule(task, self.retry_backoff * 2 ** (task.attempts - 1), time.monotonic())
+    def _settle(self, task: _Task, state: str, item: bytes, error: dict | None, sends: list) -> None:
+        """Record the outcome of one run: retry it, or make it final (lock
+        held; the task is running).  A task that raised waits 1 s, 2 s, 4 s ...
+        before its next run; one whose worker was lost is requeued at once."""
+        if state == FAILED and error and error.get("kind") in ("raised", "lost") and task.attempts <= task.retries:
+            task.error = f"{error.get('type')}: {error.get('message')}"
+            self._retried += 1
+            if error["kind"] == "lost":
+                self._requeue(task)
+                self._ready(1, sends)
                 return
-            self._counts[RUNNING] += 1  # _terminal moves it out of RUNNING
-            self._terminal(task, state, item, error, sends)
-        self._send_all(sends)
+            self._counts[RUNNING] -= 1
+            self._counts[QUEUED] += 1
+            task.state = QUEUED
+            self._schedule(task, self.retry_backoff * 2 ** (task.attempts - 1), time.monotonic())
+            return
+        self._terminal(task, state, item, error, sends)
 
     def _terminal(self, task: _Task, state: str, item: bytes, error: dict | None, sends: list) -> None:
         """Give a task its final state and tell whoever waits (lock held);
@@ -1917,7 +2371,7 @@ class Plane:
         task.finished = time.time()
         task.item = item
         if error is not None:
-            task.error = f"{error['type']}: {error['message']}"
+            task.error = f"{error.get('type')}: {error.get('message')}"
         del self._tasks[task.id]
         self.cache.put(task.id, task)
         self._recent.append(task)
@@ -1957,12 +2411,14 @@ class Plane:
     # -- housekeeping -------------------------------------------------------
 
     def _housekeep(self) -> None:
-        """Move due timers to the queue, answer expired parked requests,
-        reap the result cache, forget idle clients."""
+        """Move due timers to the queue, answer expired parked requests, drop
+        silent workers, reap the result cache, forget idle clients."""
         next_reap = time.monotonic() + self.reap_interval
-        empty = None
+        tick = min(1.0, self.heartbeat_timeout / 4)
+        empty = encode_batch("results", "results", [], self._secret, plane=self.id)
         while True:
             sends: list = []
+            silent: list = []
             with self._lock:
                 if self._closed:
                     return
@@ -1975,8 +2431,7 @@ class Plane:
                         self._queue.push(task)
                         ready += 1
                 if ready:
-                    self._work.notify(ready)
-                empty = empty or encode_batch("results", "results", [], self._secret, plane=self.id)
+                    self._ready(ready, sends)
                 for cid, cs in list(self._clients.items()):
                     if cs.poll is not None:
                         if cs.deadline <= now:
@@ -1987,17 +2442,27 @@ class Plane:
                 for fetch in [f for f in self._fetches if f.deadline <= now]:
                     self._fetches.discard(fetch)
                     sends.append((fetch.chan, self._fetch_reply(fetch.ids)))
+                for w in list(self._workers.values()):
+                    if now - w.last_seen > self.heartbeat_timeout:
+                        self._drop_worker(w, f"no heartbeat for {now - w.last_seen:.1f} s", sends)
+                        silent.append(w.pipe)
+                    elif w.pull is not None and w.pull_deadline <= now:
+                        sends.append((w.pull, self._tasks_reply([])))
+                        w.pull = None
                 if now >= next_reap:
                     self.cache.reap()
                     next_reap = now + self.reap_interval
-                if not sends:
-                    wake = min(next_reap, now + 1.0)
+                if not sends and not silent:
+                    wake = min(next_reap, now + tick)
                     if self._timers:
                         wake = min(wake, self._timers[0][0])
+                    for w in self._workers.values():  # the moment the quietest worker times out
+                        wake = min(wake, w.last_seen + self.heartbeat_timeout + 0.001)
                     self._tick.wait(max(0.0, wake - now))
                     continue
-            for chan, data in sends:
-                self._answer(chan, data)
+            self._send_all(sends)
+            for pipe in silent:  # cut it off: if it wakes up, it registers afresh
+                _nng.nng_pipe_close(pipe)
 
     # -- observing ------------------------------------------------------------
 
@@ -2010,8 +2475,18 @@ class Plane:
             errors = dict(self._errors)
             scheduled = self._scheduled
             clients = len(self._clients)
-            local = {"concurrency": self.concurrency, "running": self._local_running}
-            workers = self._worker_stats()
+            local = {
+                "concurrency": self.concurrency,
+                "running": self._local_running,
+                "abandoned": self._executor.abandoned,
+            }
+            workers = [w.summary() for w in self._workers.values()]
+            dispatch = {
+                "workers_lost": self._workers_lost,
+                "requeued": self._requeued,
+                "handed_back": self._handed_back,
+                "late_results": self._late,
+            }
         info = self.cache.info()
         return {
             "plane": {
@@ -2026,6 +2501,7 @@ class Plane:
             "queues": queues,
             "scheduled": scheduled,
             "workers": workers,
+            "dispatch": dispatch,
             "local": local,
             "cache": {
                 "size": info.size,
@@ -2039,9 +2515,6 @@ class Plane:
             "clients": clients,
             "errors": errors,
         }
-
-    def _worker_stats(self) -> list:
-        return []
 
     def tasks(self, limit: int = 50, state: str | None = None) -> list[dict]:
         """Recent tasks, newest first: running and queued ones, then finished."""
@@ -2068,6 +2541,321 @@ def _sibling_address(address: str, suffix: str) -> str:
         host = rest.rsplit(":", 1)[0]
         return f"{scheme}://{host}:0"
     return f"{address}.{suffix}"
+
+
+###############################################################################
+# Subworker ####################################################################
+###############################################################################
+
+
+class Worker:
+    """A subworker: runs tasks the plane sends it, to add capacity.
+
+    ``Worker(...).start()`` runs in threads of this process (``stop()`` ends
+    it; it is also a context manager); ``python fastworker.py worker`` runs
+    one as a process.  It pulls work: the plane answers its requests with at
+    most ``concurrency`` tasks in flight, results travel back on the next
+    request, and heartbeats go out on PUB/SUB.  A worker whose plane goes
+    away keeps trying and resumes when a plane answers at the same address.
+
+    Args:
+        plane: the plane's address.
+        concurrency: tasks run at once: threads for plain functions, an event
+            loop for ``async def`` tasks.
+        name: shown in stats and the dashboard (default host-pid).
+        secret: shared secret for message tags (default FASTWORKER_SECRET).
+        overrun_margin: a task still running this many seconds after its time
+            limit (already reported as TaskTimeout) sets ``replace``: its
+            thread cannot be killed, so the process should be replaced
+            (``python fastworker.py worker`` re-executes itself).
+    """
+
+    def __init__(
+        self,
+        plane: str = DEFAULT_ADDRESS,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        name: str | None = None,
+        secret: str | bytes | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        overrun_margin: float = 1.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.plane = plane
+        self.concurrency = concurrency
+        self.host = socket.gethostname()
+        self.name = name or f"{self.host}-{os.getpid()}"
+        self.id = os.urandom(8).hex()
+        self.timeout = timeout
+        self.max_message_size = max_message_size
+        self.registered = threading.Event()  # set once a plane has accepted this worker
+        self.replace = threading.Event()  # set when a task overran its limit by the margin
+        self._secret = _secret_bytes(secret)
+        self._lock = threading.Lock()  # guards the job lists, counters and flags below
+        self._wake = threading.Condition(self._lock)  # lanes wait for something to send
+        self._has_job = threading.Condition(self._lock)  # runners wait for jobs
+        self._idle = threading.Condition(self._lock)  # stop() waits for running jobs
+        self._beat = threading.Condition(self._lock)  # the heartbeat thread waits for its next beat
+        self._inbox: collections.deque[_Job] = collections.deque()  # received, not started
+        self._running: dict[str, _Job] = {}
+        self._done: list[bytes] = []  # RESULT items not yet sent
+        self._returned: list[str] = []  # ids of tasks handed back, not yet sent
+        self._pulls = 0  # requests for work in flight (at most two)
+        self._announce = False  # the credit changed: tell the plane
+        self._plane_id: str | None = None
+        self._registered = False
+        self._draining = False  # take no more work
+        self._stopped = False
+        self._hb_address: str | None = None
+        self._hb_interval = HEARTBEAT_INTERVAL
+        self._sock: Any = None
+        self._dialer: Any = None
+        self._threads: list[threading.Thread] = []
+        self._executor = _Executor(
+            concurrency, self._take, self._report, max_message_size, on_overrun=self._overrun, margin=overrun_margin
+        )
+
+    def start(self) -> Worker:
+        """Connect to the plane (in the background) and start working."""
+        if self._sock is not None:
+            raise RuntimeError("the worker is already started")
+        _require_pynng()
+        sock = pynng.Req0(recv_max_size=self.max_message_size + 65536)
+        sock.resend_time = -1  # a resent request could run tasks twice
+        sock.reconnect_time_min = 50
+        sock.reconnect_time_max = 1000
+        try:
+            self._dialer = sock.dial(self.plane, block=False)
+        except pynng.NNGException as e:
+            sock.close()
+            raise ValueError(f"cannot dial {self.plane!r}: {e}") from None
+        self._sock = sock
+        for target, name in ((self._lane, "lane"), (self._lane, "lane"), (self._heartbeat, "heartbeat")):
+            t = threading.Thread(target=target, name=f"fastworker-worker-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._executor.start("fastworker-worker")
+        logger.info("worker %s (%d slots) connecting to %s", self.name, self.concurrency, self.plane)
+        return self
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop taking work, give running tasks ``grace`` seconds to finish,
+        hand the rest back to the plane, and close."""
+        with self._lock:
+            if self._draining or self._sock is None:
+                return
+            self._draining = self._announce = True
+            self._wake.notify_all()
+            self._has_job.notify_all()
+            deadline = time.monotonic() + grace
+            while self._running and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+            self._stopped = True
+            returned = self._returned + [job.id for job in self._inbox] + list(self._running)
+            results, registered = self._done, self._registered
+            self._inbox.clear()
+            self._running.clear()
+            self._done, self._returned = [], []
+            self._wake.notify_all()
+            self._has_job.notify_all()
+            self._beat.notify_all()
+        if registered and (results or returned):  # hand back what is left, briefly
+            try:
+                chan = _Chan(self._sock)
+                try:
+                    data = encode_batch(
+                        "pull", "results", results, self._secret, worker=self.id, credit=0, returned=returned
+                    )
+                    chan.send(data, min(2.0, self.timeout))
+                    chan.recv(min(2.0, self.timeout))
+                finally:
+                    chan.close()
+            except pynng.NNGException:
+                logger.warning("could not hand %d task(s) back to the plane", len(returned))
+        self._sock.close()
+        end = time.monotonic() + (0.2 if returned else 2.0)  # a handed-back task may never end
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        self._executor.join(end)
+        logger.info("worker %s stopped", self.name)
+
+    def __enter__(self) -> Worker:
+        return self if self._sock is not None else self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def _info(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "host": self.host,
+            "pid": os.getpid(),
+            "concurrency": self.concurrency,
+            "version": __version__,
+            "tasks": {name: spec.defaults() for name, spec in _registry.items()},
+        }
+
+    # -- talking to the plane ---------------------------------------------------
+
+    def _should_pull(self) -> bool:
+        """Keep one request parked at the plane while there is room for work;
+        send a second one when results or news wait (lock held)."""
+        news = bool(self._done or self._returned or self._announce)
+        if self._pulls == 0:
+            return news or not self._draining
+        return self._pulls == 1 and news
+
+    def _lane(self) -> None:
+        """Send a request for work carrying finished results; take the tasks
+        the reply brings."""
+        chan = _Chan(self._sock)
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and not self._should_pull():
+                        self._wake.wait(1.0)
+                    if self._stopped:
+                        return
+                    results, returned = self._done, self._returned
+                    self._done, self._returned = [], []
+                    self._announce = False
+                    self._pulls += 1
+                    fields: dict[str, Any] = {"worker": self.id, "credit": 0 if self._draining else self.concurrency}
+                    if not self._registered:
+                        fields["info"] = self._info()
+                    if returned:
+                        fields["returned"] = returned
+                reply = None
+                hung = False
+                try:
+                    chan.send(encode_batch("pull", "results", results, self._secret, **fields), self.timeout)
+                    try:
+                        reply = decode(chan.recv(PULL_WAIT + self.timeout)[0], self._secret)
+                    except pynng.Timeout:
+                        hung = True
+                except pynng.Closed:
+                    return
+                except (pynng.NNGException, FastworkerError) as e:
+                    logger.debug("request for work failed: %s", e)
+                if hung:  # the plane holds our request and says nothing: start afresh
+                    logger.warning("the plane at %s stopped answering; reconnecting", self.plane)
+                    self._redial()
+                with self._lock:
+                    self._pulls -= 1
+                    if reply is not None and reply["op"] == "tasks":
+                        self._accept(reply)
+                    else:  # not delivered, or delivered to a plane that is gone: keep it for the next one
+                        if reply is not None and reply["op"] == "error":
+                            logger.error("the plane refused this worker: %s", reply["error"].get("message"))
+                        self._done[:0] = results
+                        self._returned[:0] = returned
+                        self._registered = False
+                        if not self._stopped:
+                            self._wake.wait(0.1)  # brief pause: do not hammer a plane that is away
+                    self._wake.notify_all()
+                    self._idle.notify_all()
+        finally:
+            chan.close()
+
+    def _redial(self) -> None:
+        """Close the connection and dial again, so the plane sees this worker
+        go (and requeues what it had sent it) and then register anew."""
+        try:
+            self._dialer.close()
+            self._dialer = self._sock.dial(self.plane, block=False)
+        except pynng.NNGException as e:
+            logger.warning("could not redial %s: %s", self.plane, e)
+
+    def _accept(self, reply: dict) -> None:
+        """Take a plane's reply (lock held)."""
+        plane = reply["plane"]
+        if plane != self._plane_id:
+            if self._plane_id is not None:
+                logger.warning(
+                    "the plane changed (%s -> %s): dropping %d queued job(s)", self._plane_id, plane, len(self._inbox)
+                )
+                self._inbox.clear()
+            self._plane_id = plane
+        if reply.get("register"):
+            self._registered = False
+            return
+        if "heartbeat" in reply:
+            self._registered = True
+            self._hb_address = reply["heartbeat"]
+            interval = reply.get("heartbeat_interval")
+            if _typed(interval, _NUM) and interval > 0:
+                self._hb_interval = min(HEARTBEAT_INTERVAL, interval)
+            self._beat.notify_all()  # announce ourselves on the new address now
+            self.registered.set()
+        for t in reply["tasks"]:
+            job = _Job(t, plane)
+            if self._draining:
+                self._returned.append(job.id)  # hand it straight back
+            else:
+                self._inbox.append(job)
+        if reply["tasks"]:
+            self._has_job.notify(len(reply["tasks"]))
+
+    def _heartbeat(self) -> None:
+        """Publish this worker's state every interval (PUB/SUB, may be lost)."""
+        pub, address = None, None
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped:
+                        return
+                    want, interval = self._hb_address, self._hb_interval
+                    info = self._info()
+                    info["in_flight"] = len(self._running) + len(self._inbox)
+                if want != address:
+                    if pub is not None:
+                        pub.close()
+                    pub, address = pynng.Pub0(), want
+                    pub.dial(address, block=False)
+                if pub is not None:
+                    try:
+                        pub.send(encode("heartbeat", self._secret, worker=info))
+                    except pynng.NNGException:
+                        pass
+                with self._lock:
+                    if not self._stopped:
+                        self._beat.wait(interval)
+        finally:
+            if pub is not None:
+                pub.close()
+
+    # -- running tasks ------------------------------------------------------------
+
+    def _take(self) -> _Job | None:
+        with self._lock:
+            while not self._inbox and not self._draining:
+                self._has_job.wait(1.0)
+            if self._draining:
+                return None
+            job = self._inbox.popleft()
+            self._running[job.id] = job
+            return job
+
+    def _report(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
+        with self._lock:
+            if self._running.pop(job.id, None) is None or job.plane != self._plane_id:
+                return  # handed back, or its plane is gone: nobody wants it
+            self._done.append(item)
+            self._wake.notify_all()
+            self._idle.notify_all()
+
+    def _overrun(self, job: _Job) -> None:
+        logger.error(
+            "task %s (%s) is still running %.1f s past its %g s limit; this worker process must be replaced",
+            job.id,
+            job.name,
+            self._executor.margin,
+            job.timeout,
+        )
+        self.replace.set()
 
 
 ###############################################################################
@@ -2386,12 +3174,16 @@ def _progress(text: str) -> None:
         sys.stderr.flush()
 
 
-def _bench_topology(workers: int, n: int, m: int, map_n: int) -> dict:
+def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int) -> dict:
     plane, ready = _spawn_role(
         ["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--log-level", "warning"]
     )
+    procs = []
     label = "plane only" if workers == 0 else f"{workers} worker" + ("s" if workers > 1 else "")
     try:
+        for _ in range(workers):
+            argv = ["worker", "--plane", ready["listen"], "--concurrency", str(concurrency), "--log-level", "warning"]
+            procs.append(_spawn_role(argv)[0])
         with Client(ready["listen"]) as client:
             noop = "fastworker.noop"
             for f in [client.submit(noop) for _ in range(50)]:
@@ -2425,21 +3217,32 @@ def _bench_topology(workers: int, n: int, m: int, map_n: int) -> dict:
                 count = sum(1 for _ in client.map("fastworker.echo", range(map_n)))
                 row["map_items"] = count
                 row["map_per_s"] = round(count / (time.perf_counter() - t0))
+            if workers:
+                spread = [w["completed"] for w in client.stats()["workers"]]
+                row["worker_tasks"] = sorted(spread)
         row["plane_rss_mb"] = round(_rss_mb(plane.pid), 1)
+        row["worker_rss_mb"] = max((round(_rss_mb(p.pid), 1) for p in procs), default=None)
     finally:
+        for p in procs:
+            _stop_role(p)
         _stop_role(plane)
         _progress("")
     return row
 
 
-def _bench(n: int = 2000, m: int = 200, map_n: int = 0, topologies: Iterable[int] = (0,)) -> list[dict]:
+def _bench(
+    n: int = 2000, m: int = 200, map_n: int = 0, topologies: Iterable[int] = (0, 1, 2), concurrency: int = 8
+) -> list[dict]:
     """Measure like the peer harness: one client, one submit() per task."""
-    return [_bench_topology(w, n, m, map_n) for w in topologies]
+    return [_bench_topology(w, n, m, map_n, concurrency) for w in topologies]
 
 
 ###############################################################################
 # Command line #################################################################
 ###############################################################################
+
+
+_GRACE_HELP = "on SIGTERM/Ctrl-C, seconds running tasks get to finish"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2490,7 +3293,38 @@ def _cmd_plane(args: argparse.Namespace) -> int:
     plane.start()
     _ready("plane", listen=plane.address, dashboard=plane.dashboard_url, events=plane.events_address, pid=os.getpid())
     _wait(stop)
-    plane.stop()
+    plane.stop(args.shutdown_grace)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    _import_tasks(args.tasks)
+    worker = Worker(
+        args.plane,
+        concurrency=args.concurrency,
+        name=args.name,
+        secret=args.secret,
+        timeout=args.timeout,
+        overrun_margin=args.overrun_margin,
+    )
+    stop = _stop_event()
+    worker.start()
+    while not stop.is_set() and not worker.registered.wait(0.2):
+        pass
+    if worker.registered.is_set():
+        _ready(
+            "worker", plane=args.plane, id=worker.id, name=worker.name, pid=os.getpid(), concurrency=args.concurrency
+        )
+    while not stop.is_set() and not worker.replace.is_set():
+        stop.wait(0.2)
+    worker.stop(args.shutdown_grace)
+    if worker.replace.is_set() and not stop.is_set():
+        # A task thread is stuck past its time limit and cannot be killed:
+        # become a fresh process (same pid, same arguments) instead.
+        logger.warning("worker %s replaces itself", worker.name)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0
 
 
@@ -2581,17 +3415,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"try: python {sys.argv[0]} submit demo.add 2 3 --plane {plane.address}")
     print("serving; press Ctrl-C to stop", flush=True)
     _wait(stop)
-    plane.stop()
+    plane.stop(args.shutdown_grace)
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    rows = _bench(args.tasks, args.latency, args.map, [int(w) for w in args.workers.split(",")])
-    head = ("topology", "tasks/s", "p50 ms", "p99 ms", "map/s", "plane MB")
+    topologies = [int(w) for w in args.workers.split(",")]
+    rows = _bench(args.tasks, args.latency, args.map, topologies, args.concurrency)
+    head = ("topology", "tasks/s", "p50 ms", "p99 ms", "map/s", "plane MB", "worker MB")
     print(" | ".join(head))
     print(" | ".join("-" * len(h) for h in head))
     for r in rows:
-        cells = (r["topology"], r["tasks_per_s"], r["p50_ms"], r["p99_ms"], r.get("map_per_s", "-"), r["plane_rss_mb"])
+        cells = (
+            r["topology"],
+            r["tasks_per_s"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r.get("map_per_s", "-"),
+            r["plane_rss_mb"],
+            r["worker_rss_mb"] or "-",
+        )
         print(" | ".join(str(c) for c in cells))
     print(json.dumps({"bench": rows}), flush=True)
     return 0
@@ -2631,12 +3474,30 @@ def _build_parser() -> _Parser:
             help="first retry delay (doubles)",
         )
         p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
+        p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE, metavar="SECONDS", help=_GRACE_HELP)
         common(p, "info")
 
     p = sub.add_parser("plane", help="run the control plane", description="Run the control plane.")
     plane_opts(p, DEFAULT_ADDRESS, DEFAULT_DASHBOARD)
     p.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="MODULE", help="task modules to import")
     p.set_defaults(func=_cmd_plane)
+
+    p = sub.add_parser("worker", help="run a subworker", description="Run a subworker that adds capacity to a plane.")
+    p.add_argument("--plane", default=DEFAULT_ADDRESS, help=f"the plane's address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="MODULE", help="task modules to import")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="tasks run at once")
+    p.add_argument("--name", help="name shown in stats (default HOST-PID)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to reach the plane per attempt")
+    p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE, metavar="SECONDS", help=_GRACE_HELP)
+    p.add_argument(
+        "--overrun-margin",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="replace this process when a task runs this long past its time limit",
+    )
+    common(p, "info")
+    p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser(
         "submit", help="submit a task and print its result", description="Submit a task; print its result as JSON."
@@ -2682,7 +3543,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--tasks", type=int, default=2000, help="no-op tasks for the throughput run")
     p.add_argument("--latency", type=int, default=200, help="sequential round trips")
     p.add_argument("--map", type=int, default=0, metavar="N", help="also time map() over N items")
-    p.add_argument("--workers", default="0", help="comma-separated subworker counts (default 0)")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated subworker counts (default 0,1,2)")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="slots per subworker")
     common(p)
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -146,6 +146,8 @@ def procs():
 
 
 TASKS_MODULE = """
+import asyncio
+import os
 import time
 
 import fastworker
@@ -164,6 +166,45 @@ def fail(message="boom"):
 
 @task
 def sleepy(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@task
+def pid():
+    return os.getpid()
+
+
+@task
+def wait_file(path, timeout=20):
+    \"\"\"Holds a slot until the test creates ``path`` (a gate between processes).\"\"\"
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return os.getpid()
+
+
+@task
+async def async_wait_file(path, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        await asyncio.sleep(0.01)
+    return os.getpid()
+
+
+@task
+def record(path, tag):
+    with open(path, "a") as f:
+        f.write(tag + "\\n")
+    return tag
+
+
+@task(timeout=0.3)
+def stuck(seconds):
     time.sleep(seconds)
     return seconds
 """
@@ -652,7 +693,7 @@ def test_unreachable_plane_raises_a_connection_error():
 def test_pending_futures_fail_when_the_plane_stops():
     plane = fw.Plane("tcp://127.0.0.1:0").start()
     try:
-        with fw.Client(plane.address, timeout=5) as c:
+        with fw.Client(plane.address, timeout=1) as c:
             fut = c.submit("t.block", "s1")
             wait_until(lambda: c.status(fut.task_id)["state"] == "running", 5, "the task to run")
             stopper = threading.Thread(target=plane.stop, kwargs={"grace": 0.2})
@@ -775,6 +816,249 @@ def test_pending_futures_fail_when_the_plane_is_killed(plane_proc):
         assert time.monotonic() - t0 < 5
 
 
+# -- subworkers -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker_proc(procs, tasks_dir):
+    """Start a worker process for a plane; returns its ready line (after it registered)."""
+
+    def start(address, *extra):
+        p = procs("worker", "--plane", address, "--tasks", "fwtasks", *extra, cwd=tasks_dir)
+        ready = p.ready()
+        assert ready["role"] == "worker" and ready["pid"] == p.p.pid
+        ready["proc"] = p
+        return ready
+
+    return start
+
+
+def running_on(c, futs, n=None):
+    """Wait until ``n`` (default all) of the futures run; their workers' names."""
+    n = len(futs) if n is None else n
+
+    def check():
+        states = [c.status(f.task_id) for f in futs]
+        running = [s["worker"] for s in states if s["state"] == "running"]
+        return running if len(running) >= n else None
+
+    return wait_until(check, 10, f"{n} running task(s)")
+
+
+def test_worker_takes_over_and_the_plane_resumes_when_it_leaves(plane_proc, worker_proc):
+    ready = plane_proc()
+    plane_pid = ready["pid"]
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert c.submit("pid").result(timeout=5) == plane_pid  # nobody else yet
+        w = worker_proc(ready["listen"], "--concurrency", "3", "--name", "w-one")
+        [info] = c.stats()["workers"]
+        assert (info["name"], info["pid"], info["concurrency"], info["in_flight"]) == ("w-one", w["pid"], 3, 0)
+        assert info["host"] and info["last_heartbeat"] > 0 and "add" in info["tasks"]
+        assert {c.submit("pid").result(timeout=5) for _ in range(20)} == {w["pid"]}
+        assert w["proc"].stop() == 0
+        wait_until(lambda: c.stats()["workers"] == [], 5, "the worker to leave")
+        assert c.submit("pid").result(timeout=5) == plane_pid
+
+
+def test_dispatch_is_least_loaded_and_never_beyond_concurrency(plane_proc, worker_proc, tmp_path):
+    ready = plane_proc()
+    for name in ("a", "b"):
+        worker_proc(ready["listen"], "--concurrency", "2", "--name", name)
+    gate = str(tmp_path / "gate")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        futs = [c.submit("wait_file", gate) for _ in range(4)]
+        assert sorted(running_on(c, futs)) == ["a", "a", "b", "b"]  # the idle worker is not starved
+        extra = [c.submit("wait_file", gate) for _ in range(3)]
+        wait_until(lambda: c.stats()["tasks"]["queued"] == 3, 5, "3 queued tasks")
+        assert sorted(w["in_flight"] for w in c.stats()["workers"]) == [2, 2]  # no worker beyond its slots
+        open(gate, "w").close()
+        assert len({f.result(timeout=10) for f in futs + extra}) == 2
+
+
+def test_priority_order_holds_across_the_system(plane_proc, worker_proc, tmp_path):
+    ready = plane_proc()
+    worker_proc(ready["listen"], "--concurrency", "1")
+    gate, log = str(tmp_path / "gate"), str(tmp_path / "order")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        blocker = c.submit("wait_file", gate)
+        running_on(c, [blocker])
+        futs = [
+            c.submit_with("record", (log, f"{p}{i}"), priority=p)
+            for p in ("low", "normal", "high", "critical")
+            for i in range(5)
+        ]
+        wait_until(lambda: c.stats()["tasks"]["queued"] == 20, 5, "20 queued tasks")
+        open(gate, "w").close()
+        concurrent.futures.wait(futs, timeout=10)
+    with open(log) as f:
+        assert f.read().split() == [f"{p}{i}" for p in ("critical", "high", "normal", "low") for i in range(5)]
+
+
+def test_sigkill_of_a_worker_requeues_or_fails_its_tasks_at_once(plane_proc, worker_proc, tmp_path):
+    ready = plane_proc()
+    w = worker_proc(ready["listen"], "--concurrency", "2")
+    gate = str(tmp_path / "gate")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        retried = c.submit_with("wait_file", (gate,), retries=1)
+        doomed = c.submit_with("wait_file", (gate,), retries=0)
+        running_on(c, [retried, doomed])
+        failed_at = []
+        doomed.add_done_callback(lambda f: failed_at.append(time.monotonic()))
+        killed_at = time.monotonic()
+        w["proc"].p.kill()
+        with pytest.raises(fw.WorkerLost):
+            doomed.result(timeout=5)
+        assert failed_at[0] - killed_at < 1.0
+        # the other one had a retry left: re-queued, and the plane (now alone) runs it
+        assert running_on(c, [retried]) == ["plane"]
+        open(gate, "w").close()
+        assert retried.result(timeout=10) == ready["pid"]
+        s = c.stats()
+        assert c.status(retried.task_id)["attempts"] == 2
+        assert (s["dispatch"]["workers_lost"], s["dispatch"]["requeued"], s["workers"]) == (1, 1, [])
+
+
+def test_sigstop_is_caught_by_heartbeats_and_its_late_result_ignored(plane_proc, worker_proc, tmp_path):
+    ready = plane_proc("--heartbeat-timeout", "1")
+    w = worker_proc(ready["listen"], "--concurrency", "1")
+    gate = str(tmp_path / "gate")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        fut = c.submit_with("wait_file", (gate,), retries=1)
+        running_on(c, [fut])
+        stopped_at = time.monotonic()
+        os.kill(w["pid"], signal.SIGSTOP)
+        try:
+            wait_until(lambda: c.stats()["workers"] == [], 5, "the hung worker to be dropped")
+            assert time.monotonic() - stopped_at < 3
+            assert running_on(c, [fut]) == ["plane"]  # re-queued
+            open(gate, "w").close()
+            assert fut.result(timeout=10) == ready["pid"]
+        finally:
+            os.kill(w["pid"], signal.SIGCONT)
+        # it wakes up, finishes its copy, reports it (ignored) and registers again
+        wait_until(lambda: c.stats()["dispatch"]["late_results"] >= 1, 10, "the late result")
+        wait_until(lambda: len(c.stats()["workers"]) == 1, 10, "the worker to come back")
+        t = c.stats()["tasks"]
+        assert (t["submitted"], t["succeeded"], t["failed"], t["running"]) == (1, 1, 0, 0)
+        assert c.status(fut.task_id)["worker"] == "plane"
+
+
+def test_time_limit_raises_task_timeout_and_a_stuck_worker_is_replaced(plane_proc, worker_proc):
+    ready = plane_proc()
+    w = worker_proc(ready["listen"], "--overrun-margin", "0.3")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(fw.TaskTimeout, match="time limit of 0.3 s"):
+            c.submit("stuck", 60).result(timeout=10)  # its task default: timeout=0.3
+        assert time.monotonic() - t0 < 2
+        with pytest.raises(fw.TaskTimeout):
+            c.submit_with("sleepy", (0.1,), timeout=0.05).result(timeout=10)
+        again = w["proc"].ready()  # the process re-executed itself: same pid, fresh interpreter
+        assert again["pid"] == w["pid"] and again["id"] != w["id"]
+        wait_until(lambda: [x["id"] for x in c.stats()["workers"]] == [again["id"]], 5, "the new registration")
+        assert c.submit("pid").result(timeout=5) == w["pid"]
+        assert c.submit_with("sleepy", (0.01,), timeout=5).result(timeout=5) == 0.01
+
+
+def test_worker_runs_concurrency_threads_and_async_tasks(plane_proc, worker_proc, tmp_path):
+    ready = plane_proc()
+    worker_proc(ready["listen"], "--concurrency", "6")
+    gate = str(tmp_path / "gate")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        futs = [c.submit("wait_file", gate) for _ in range(3)] + [c.submit("async_wait_file", gate) for _ in range(3)]
+        running_on(c, futs)  # six at once: three threads, three coroutines
+        open(gate, "w").close()
+        assert len({f.result(timeout=10) for f in futs}) == 1
+
+
+def test_worker_reconnects_when_its_plane_comes_back(plane_proc, worker_proc):
+    ready = plane_proc()
+    address = ready["listen"]
+    w = worker_proc(address)
+    ready["proc"].stop(signal.SIGKILL)
+    again = plane_proc("--listen", address)  # the same address, a new plane
+    assert again["listen"] == address
+    with fw.Client(address, timeout=5) as c:
+        wait_until(lambda: [x["pid"] for x in c.stats()["workers"]] == [w["pid"]], 10, "the worker to return")
+        assert c.submit("pid").result(timeout=5) == w["pid"]
+
+
+def test_worker_sigterm_finishes_or_hands_back_its_tasks(plane_proc, worker_proc, tmp_path):
+    ready = plane_proc()
+    w = worker_proc(ready["listen"], "--concurrency", "2", "--shutdown-grace", "0.5")
+    gate = str(tmp_path / "gate")
+    with fw.Client(ready["listen"], timeout=5) as c:
+        quick = c.submit("sleepy", 0.2)
+        slow = c.submit_with("wait_file", (gate,), retries=0)
+        running_on(c, [quick, slow])
+        t0 = time.monotonic()
+        assert w["proc"].stop(signal.SIGTERM) == 0
+        assert time.monotonic() - t0 < 3
+        assert quick.result(timeout=5) == 0.2 and c.status(quick.task_id)["worker"] != "plane"
+        assert running_on(c, [slow]) == ["plane"]  # handed back, not lost
+        open(gate, "w").close()
+        assert slow.result(timeout=10) == ready["pid"]
+        assert c.status(slow.task_id)["attempts"] == 1
+        assert c.stats()["dispatch"]["handed_back"] == 1
+
+
+def test_chaos_every_task_ends_exactly_once(plane_proc, worker_proc):
+    """Workers are SIGKILLed and restarted while thousands of tasks flow."""
+    ready = plane_proc("--concurrency", "2")
+    address = ready["listen"]
+    workers = [worker_proc(address, "--concurrency", "4") for _ in range(3)]
+    futs = []
+    with fw.Client(address, timeout=10) as c:
+
+        def submit_waves():  # 4000 tasks in waves, while workers die
+            for _ in range(20):
+                futs.extend(c.submit_with("sleepy", (0.003,), retries=(i % 2) * 5) for i in range(200))
+                time.sleep(0.2)
+
+        submitter = threading.Thread(target=submit_waves)
+        submitter.start()
+        kills = 0
+        while submitter.is_alive() or not all(f.done() for f in list(futs)):
+            victim = workers.pop(0)
+            victim["proc"].p.kill()
+            victim["proc"].kill()
+            kills += 1
+            workers.append(worker_proc(address, "--concurrency", "4"))
+            assert kills < 100
+        submitter.join()
+        done, pending = concurrent.futures.wait(futs, timeout=30)
+        assert not pending and kills >= 5 and len(futs) == 4000, kills
+        outcomes = {"ok": 0, "lost": 0}
+        for i, f in enumerate(futs):
+            if f.exception() is None:
+                assert f.result() == 0.003
+                outcomes["ok"] += 1
+            else:  # only tasks without retries may be lost with their worker
+                assert isinstance(f.exception(), fw.WorkerLost) and i % 2 == 0, f.exception()
+                outcomes["lost"] += 1
+        s = c.stats()
+    t = s["tasks"]
+    assert t["submitted"] == 4000 and t["queued"] == t["running"] == 0
+    assert (t["succeeded"], t["failed"], t["cancelled"]) == (outcomes["ok"], outcomes["lost"], 0)
+    assert s["dispatch"]["workers_lost"] >= 5 and outcomes["ok"] >= 2000
+
+
+def test_embedded_worker_in_threads():
+    with fw.Plane("tcp://127.0.0.1:0").start() as plane:
+        with fw.Worker(plane.address, concurrency=2, name="embedded", overrun_margin=0.2) as worker:
+            wait_until(worker.registered.is_set, 5, "registration")
+            with fw.Client(plane.address, timeout=5) as c:
+                assert [w["name"] for w in c.stats()["workers"]] == ["embedded"]
+                fut = c.submit("t.add", 2, 3)
+                assert fut.result(timeout=5) == 5 and c.status(fut.task_id)["worker"] == "embedded"
+                with pytest.raises(fw.TaskTimeout):
+                    c.submit_with("t.block", ("never-opened",), timeout=0.1).result(timeout=5)
+                wait_until(worker.replace.is_set, 5, "the overrun to be noticed")
+                gate("never-opened").set()
+                assert c.submit("t.async_add", 1, 1).result(timeout=5) == 2
+    GATES.clear()
+
+
 # -- dashboard ---------------------------------------------------------------------------------
 
 
@@ -876,7 +1160,9 @@ def test_cli_errors_are_one_line_and_non_zero():
     assert r.returncode == 1 and "no_such_module_here" in r.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["plane"], ["submit"], ["status"], ["events"], ["demo"], ["bench"]])
+@pytest.mark.parametrize(
+    "command", [[], ["plane"], ["worker"], ["submit"], ["status"], ["events"], ["demo"], ["bench"]]
+)
 def test_cli_help_everywhere(command):
     r = run_cli(*command, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout and r.stderr == ""
