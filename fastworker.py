@@ -38,6 +38,7 @@ __all__ = [
     "Client",
     "Future",
     "Plane",
+    "Worker",
     "TaskSpec",
     "FastworkerError",
     "TaskError",
