@@ -59,16 +59,13 @@ __all__ = [
 
 import argparse
 import asyncio
-import base64
-import binascii
 import collections
 import concurrent.futures
-import hashlib
+import functools
+import gc
 import heapq
-import hmac
 import importlib
 import inspect
-import ipaddress
 import itertools
 import json
 import logging
@@ -80,10 +77,11 @@ import sys
 import threading
 import time
 import traceback
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+# Loaded only where needed, to keep a worker small: http.server, urllib.parse
+# and base64 (dashboard), hmac and hashlib (shared secret), ipaddress.
 
 try:
     import pynng
@@ -308,6 +306,8 @@ def _is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
     try:
+        import ipaddress
+
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
@@ -419,10 +419,22 @@ _TAG = 32  # bytes of HMAC-SHA256
 _FETCH_STATES = frozenset((*STATES, "unknown"))
 
 
+def _tag(secret: bytes, body: bytes) -> bytes:
+    import hashlib
+    import hmac
+
+    return hmac.new(secret, body, hashlib.sha256).digest()
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison."""
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
 def _sign(body: bytes, secret: bytes | None) -> bytes:
-    if secret is None:
-        return body
-    return hmac.new(secret, body, hashlib.sha256).digest() + body
+    return body if secret is None else _tag(secret, body) + body
 
 
 def encode(op: str, secret: bytes | None = None, **fields: Any) -> bytes:
@@ -526,7 +538,7 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
     """
     if secret is not None:
         tag, data = data[:_TAG], data[_TAG:]
-        if len(tag) < _TAG or not hmac.compare_digest(tag, hmac.new(secret, data, hashlib.sha256).digest()):
+        if len(tag) < _TAG or not _same(tag, _tag(secret, data)):
             raise AuthenticationError("message has no valid tag for the shared secret")
     try:
         msg = _loads(data)
@@ -1738,6 +1750,7 @@ class Plane:
         self._timer_seq = itertools.count()
         self._clients: dict[str, _ClientState] = {}
         self._fetches: set[_Fetch] = set()
+        self._ripe: set[_ClientState] = set()  # clients with a parked poll and results for it
         self._workers: dict[str, _WorkerState] = {}
         self._pipe_workers: dict[int, _WorkerState] = {}
         self._catalog: dict[str, dict] = {}  # task name -> defaults, over all connected workers
@@ -1760,7 +1773,7 @@ class Plane:
         self._hb: Any = None
         self._subs = 0  # event subscribers connected (guarded by _subs_lock)
         self._subs_lock = threading.Lock()
-        self._http: ThreadingHTTPServer | None = None
+        self._http: Any = None  # the dashboard's ThreadingHTTPServer
 
     # -- lifetime ---------------------------------------------------------
 
@@ -2169,12 +2182,21 @@ class Plane:
                         self._handed_back += 1
             credit = msg["credit"]
             w.credit = credit if credit >= 0 else 0
-            if w.pull is not None:  # superseded by this newer request
-                sends.append((w.pull, self._tasks_reply([])))
-            w.pull, w.pull_deadline = chan, now + PULL_WAIT
+            # A worker keeps at most one request parked here.  Tasks go to the
+            # parked one; a second request (it brought results) is answered
+            # at once, or takes the parked one's place once that is answered.
+            if w.pull is None:
+                w.pull, w.pull_deadline = chan, now + PULL_WAIT
+                chan = None
             self._dispatch(sends)
-            if w.pull is chan and (w.free() <= 0 or self._stopping):
-                w.pull = None  # nothing to wait for: answer now
+            if w.pull is None and chan is not None:
+                w.pull, w.pull_deadline, chan = chan, now + PULL_WAIT, None
+                self._dispatch(sends)
+            if w.free() <= 0 or self._stopping:  # nothing to wait for: answer now
+                if w.pull is not None:
+                    sends.append((w.pull, self._tasks_reply([])))
+                    w.pull = None
+            if chan is not None:
                 sends.append((chan, self._tasks_reply([])))
             if not any(wk.in_flight for wk in self._workers.values()):
                 self._drained.notify_all()
@@ -2380,8 +2402,7 @@ class Plane:
         if cs is not None:
             cs.outbox.append(item)
             if cs.poll is not None:
-                sends.append((cs.poll, self._take_results(cs)))
-                cs.poll = None
+                self._ripe.add(cs)  # answered once the whole batch is settled
         if task.watchers:
             for fetch in task.watchers:
                 if fetch in self._fetches and not any(i in self._tasks for i in fetch.ids):
@@ -2392,7 +2413,16 @@ class Plane:
             sends.append((None, task))
 
     def _send_all(self, sends: list) -> None:
-        """Send replies collected under the lock; publish completion events."""
+        """Send replies collected under the lock; publish completion events.
+        Clients' parked polls are answered here, after every result of the
+        message at hand is in, so that they all travel in one reply."""
+        if self._ripe:
+            with self._lock:
+                for cs in self._ripe:
+                    if cs.poll is not None and cs.outbox:
+                        sends.append((cs.poll, self._take_results(cs)))
+                        cs.poll = None
+                self._ripe.clear()
         events = []
         for chan, data in sends:
             if chan is None:
@@ -2986,93 +3016,106 @@ def _metrics(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _DashboardHandler(BaseHTTPRequestHandler):
-    """Serves the page, the JSON API, /metrics and /healthz of one plane."""
+@functools.cache
+def _dashboard_handler() -> type:
+    """The request handler class (http.server is imported on first use)."""
+    import urllib.parse
+    from http.server import BaseHTTPRequestHandler
 
-    server_version = f"fastworker/{__version__}"
-    plane: Plane  # set on the subclass made per server
-    secret: bytes | None
+    class _DashboardHandler(BaseHTTPRequestHandler):
+        """Serves the page, the JSON API, /metrics and /healthz of one plane."""
 
-    def do_GET(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        path = url.path.rstrip("/") or "/"
-        if path != "/healthz" and not self._authorized():
-            return self._send(
-                401, b"authentication required\n", "text/plain", {"WWW-Authenticate": 'Basic realm="fastworker"'}
-            )
-        query = urllib.parse.parse_qs(url.query)
-        plane = self.plane
-        try:
-            if path == "/":
-                return self._send(200, _PAGE.encode(), "text/html; charset=utf-8")
-            if path == "/app.js":
-                return self._send(200, _JS.encode(), "text/javascript; charset=utf-8")
-            if path == "/app.css":
-                return self._send(200, _CSS.encode(), "text/css; charset=utf-8")
-            if path == "/healthz":
-                return self._json({"status": "ok"})
-            if path == "/api/stats":
-                return self._json(plane.stats())
-            if path == "/api/workers":
-                return self._json(plane.stats()["workers"])
-            if path == "/api/tasks":
-                limit = int(query.get("limit", ["50"])[0])
-                state = query.get("state", [None])[0]
-                if not 0 <= limit <= 10_000 or (state is not None and state not in STATES):
-                    raise ValueError("limit must be 0..10000 and state one of " + ", ".join(STATES))
-                return self._json(plane.tasks(limit, state))
-            if path.startswith("/api/tasks/"):
-                status = plane.task(urllib.parse.unquote(path[len("/api/tasks/") :]))
-                if status is None:
-                    return self._json({"error": "unknown task"}, 404)
-                return self._json(status)
-            if path == "/metrics":
-                return self._send(200, _metrics(plane.stats()).encode(), "text/plain; version=0.0.4")
-        except ValueError as e:
-            return self._json({"error": str(e)}, 400)
-        self._json({"error": "not found"}, 404)
+        server_version = f"fastworker/{__version__}"
+        plane: Plane  # set on the subclass made per server
+        secret: bytes | None
 
-    def _authorized(self) -> bool:
-        if self.secret is None:
-            return True
-        auth = self.headers.get("Authorization", "")
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer":
-            given = value.strip().encode()
-        elif scheme.lower() == "basic":
+        def do_GET(self) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            path = url.path.rstrip("/") or "/"
+            if path != "/healthz" and not self._authorized():
+                return self._send(
+                    401, b"authentication required\n", "text/plain", {"WWW-Authenticate": 'Basic realm="fastworker"'}
+                )
+            query = urllib.parse.parse_qs(url.query)
+            plane = self.plane
             try:
-                given = base64.b64decode(value.strip()).partition(b":")[2]
-            except (binascii.Error, ValueError):
+                if path == "/":
+                    return self._send(200, _PAGE.encode(), "text/html; charset=utf-8")
+                if path == "/app.js":
+                    return self._send(200, _JS.encode(), "text/javascript; charset=utf-8")
+                if path == "/app.css":
+                    return self._send(200, _CSS.encode(), "text/css; charset=utf-8")
+                if path == "/healthz":
+                    return self._json({"status": "ok"})
+                if path == "/api/stats":
+                    return self._json(plane.stats())
+                if path == "/api/workers":
+                    return self._json(plane.stats()["workers"])
+                if path == "/api/tasks":
+                    limit = int(query.get("limit", ["50"])[0])
+                    state = query.get("state", [None])[0]
+                    if not 0 <= limit <= 10_000 or (state is not None and state not in STATES):
+                        raise ValueError("limit must be 0..10000 and state one of " + ", ".join(STATES))
+                    return self._json(plane.tasks(limit, state))
+                if path.startswith("/api/tasks/"):
+                    status = plane.task(urllib.parse.unquote(path[len("/api/tasks/") :]))
+                    if status is None:
+                        return self._json({"error": "unknown task"}, 404)
+                    return self._json(status)
+                if path == "/metrics":
+                    return self._send(200, _metrics(plane.stats()).encode(), "text/plain; version=0.0.4")
+            except ValueError as e:
+                return self._json({"error": str(e)}, 400)
+            self._json({"error": "not found"}, 404)
+
+        def _authorized(self) -> bool:
+            if self.secret is None:
+                return True
+            auth = self.headers.get("Authorization", "")
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "bearer":
+                given = value.strip().encode()
+            elif scheme.lower() == "basic":
+                import base64
+                import binascii
+
+                try:
+                    given = base64.b64decode(value.strip()).partition(b":")[2]
+                except (binascii.Error, ValueError):
+                    return False
+            else:
                 return False
-        else:
-            return False
-        return hmac.compare_digest(given, self.secret)
+            return _same(given, self.secret)
 
-    def _json(self, obj: Any, status: int = 200) -> None:
-        self._send(status, _json_bytes(obj), "application/json")
+        def _json(self, obj: Any, status: int = 200) -> None:
+            self._send(status, _json_bytes(obj), "application/json")
 
-    def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Security-Policy", _CSP)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Security-Policy", _CSP)
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Cache-Control", "no-store")
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("dashboard: " + format, *args)
+        def log_message(self, format: str, *args: Any) -> None:
+            logger.debug("dashboard: " + format, *args)
+
+    return _DashboardHandler
 
 
-def _start_dashboard(plane: Plane, bind: str, secret: bytes | None, insecure: bool) -> ThreadingHTTPServer:
+def _start_dashboard(plane: Plane, bind: str, secret: bytes | None, insecure: bool) -> Any:
+    from http.server import ThreadingHTTPServer
+
     host, _, port = bind.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"dashboard address must be host:port, not {bind!r}")
     _check_exposure(f"tcp://{host}:{port}", secret, insecure, "dashboard")
-    handler = type("DashboardHandler", (_DashboardHandler,), {"plane": plane, "secret": secret})
+    handler = type("DashboardHandler", (_dashboard_handler(),), {"plane": plane, "secret": secret})
     server = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
     server.daemon_threads = True
     return server
@@ -3251,16 +3294,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_STOP = threading.Event()  # set by SIGTERM or SIGINT once _stop_event() installed the handlers
+
+
 def _stop_event() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (the handlers only set it)."""
-    stop = threading.Event()
+    """An event set by SIGTERM or SIGINT (the handlers only set it).  Call it
+    first from the main thread; later calls, from any thread, return it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
+        signal.signal(signal.SIGINT, lambda signum, frame: _STOP.set())
+    return _STOP
 
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
+def _trim_heap() -> None:
+    """Hand the C heap's free memory back to the OS.  Python compiles this
+    file from source when it runs as a script, and the compiler's freed
+    memory (about 6 MB) otherwise stays with the process for its lifetime."""
+    if sys.platform.startswith("linux"):
+        gc.collect()  # the argument parser, for one, is a web of cycles
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
 
 
 def _ready(role: str, **fields: Any) -> None:
@@ -3292,6 +3349,7 @@ def _cmd_plane(args: argparse.Namespace) -> int:
     plane = _plane_from_args(args)
     stop = _stop_event()
     plane.start()
+    _trim_heap()
     _ready("plane", listen=plane.address, dashboard=plane.dashboard_url, events=plane.events_address, pid=os.getpid())
     _wait(stop)
     plane.stop(args.shutdown_grace)
@@ -3312,6 +3370,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     worker.start()
     while not stop.is_set() and not worker.registered.wait(0.2):
         pass
+    _trim_heap()
     if worker.registered.is_set():
         _ready(
             "worker", plane=args.plane, id=worker.id, name=worker.name, pid=os.getpid(), concurrency=args.concurrency
@@ -3570,5 +3629,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _script() -> None:
+    """``python fastworker.py ...``.  Python keeps a script's syntax tree
+    until the script's top level returns, about 7 MB for this file, so the
+    long-running commands run on a thread of their own and the top level
+    returns at once; the main thread then only receives signals."""
+    sys.modules.setdefault("fastworker", sys.modules["__main__"])
+    if len(sys.argv) < 2 or sys.argv[1] not in ("plane", "worker", "demo"):
+        sys.exit(main())
+    _stop_event()  # signal handlers can only be installed by the main thread
+
+    def run() -> None:
+        try:
+            code = main()
+        except SystemExit as e:  # --help and usage errors
+            code = e.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+    threading.Thread(target=run, name="fastworker-main").start()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _script()
