@@ -333,11 +333,11 @@ def _secret_bytes(secret: str | bytes | None) -> bytes | None:
 
 
 def _rss_mb(pid: int | str = "self") -> float:
-    """Peak resident set size (VmHWM) of a process, in MB; 0.0 if unknown."""
+    """Resident set size (VmRSS) of a process, in MB; 0.0 if unknown."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -3184,7 +3184,7 @@ def _spawn_role(argv: list[str], timeout: float = 30.0) -> tuple[Any, dict]:
     import subprocess
 
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), *argv],
+        [sys.executable, os.path.abspath(__file__), *argv, "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -3212,34 +3212,73 @@ def _stop_role(proc: Any) -> None:
         proc.wait()
 
 
+def _memory(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process, in MB."""
+    out = {"VmRSS:": 0.0, "VmHWM:": 0.0}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0] + ":"
+                if key in out:
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out["VmRSS:"], out["VmHWM:"]
+
+
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of ``pids``)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        ours = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            ours += int(stat[11]) + int(stat[12])
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
+    return busy / hz, ours / hz
+
+
 def _progress(text: str) -> None:
+    """The bench's progress display, on stderr."""
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K" + text)
-        sys.stderr.flush()
+    elif text:
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int) -> dict:
-    plane, ready = _spawn_role(
-        ["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--log-level", "warning"]
-    )
-    procs = []
+    """Throughput, latency and memory with ``workers`` subworkers."""
     label = "plane only" if workers == 0 else f"{workers} worker" + ("s" if workers > 1 else "")
+    _progress(f"{label}: starting")
+    plane, ready = _spawn_role(["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off"])
+    procs = []
     try:
+        plane_idle = _memory(plane.pid)[0]
         for _ in range(workers):
-            argv = ["worker", "--plane", ready["listen"], "--concurrency", str(concurrency), "--log-level", "warning"]
+            argv = ["worker", "--plane", ready["listen"], "--concurrency", str(concurrency)]
             procs.append(_spawn_role(argv)[0])
+        worker_idle = max((_memory(p.pid)[0] for p in procs), default=None)
+        pids = [os.getpid(), plane.pid] + [p.pid for p in procs]
         with Client(ready["listen"]) as client:
             noop = "fastworker.noop"
-            for f in [client.submit(noop) for _ in range(50)]:
+            for f in [client.submit(noop) for _ in range(50)]:  # warm-up, as the peer harness does
                 f.result(30)
             for _ in range(10):
                 client.submit(noop).result(30)
             _progress(f"{label}: throughput, {n} tasks")
+            busy0, ours0 = _cpu_seconds(pids)
             t0 = time.perf_counter()
             futs = [client.submit(noop) for _ in range(n)]
             for f in futs:
                 f.result(60)
             elapsed = time.perf_counter() - t0
+            busy1, ours1 = _cpu_seconds(pids)
             _progress(f"{label}: latency, {m} round trips")
             lat = []
             for _ in range(m):
@@ -3254,6 +3293,7 @@ def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int) 
                 "tasks_per_s": round(n / elapsed),
                 "p50_ms": round(_percentile(lat, 50), 3),
                 "p99_ms": round(_percentile(lat, 99), 3),
+                "foreign_cores": round(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / elapsed, 2),
             }
             if map_n:
                 _progress(f"{label}: map over {map_n} items")
@@ -3261,11 +3301,9 @@ def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int) 
                 count = sum(1 for _ in client.map("fastworker.echo", range(map_n)))
                 row["map_items"] = count
                 row["map_per_s"] = round(count / (time.perf_counter() - t0))
-            if workers:
-                spread = [w["completed"] for w in client.stats()["workers"]]
-                row["worker_tasks"] = sorted(spread)
-        row["plane_rss_mb"] = round(_rss_mb(plane.pid), 1)
-        row["worker_rss_mb"] = max((round(_rss_mb(p.pid), 1) for p in procs), default=None)
+        row["plane_rss_mb"] = {"idle": plane_idle, "peak": _memory(plane.pid)[1]}
+        if procs:
+            row["worker_rss_mb"] = {"idle": worker_idle, "peak": max(_memory(p.pid)[1] for p in procs)}
     finally:
         for p in procs:
             _stop_role(p)
@@ -3274,11 +3312,73 @@ def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int) 
     return row
 
 
-def _bench(
-    n: int = 2000, m: int = 200, map_n: int = 0, topologies: Iterable[int] = (0, 1, 2), concurrency: int = 8
-) -> list[dict]:
-    """Measure like the peer harness: one client, one submit() per task."""
-    return [_bench_topology(w, n, m, map_n, concurrency) for w in topologies]
+def _bench_queued(n: int) -> dict:
+    """The plane's memory while ``n`` tasks wait in its queue."""
+    _progress(f"queue: {n} tasks")
+    plane, ready = _spawn_role(["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--concurrency", "1"])
+    try:
+        client = Client(ready["listen"], timeout=30)
+        try:
+            client.submit("fastworker.sleep", 60)  # holds the only slot
+            for _ in range(n):
+                client.submit("fastworker.noop")
+            queued = client.stats()["tasks"]["queued"]
+            rss = _memory(plane.pid)[0]
+        finally:
+            client.close()
+    finally:
+        _stop_role(plane)
+        _progress("")
+    return {"queued": queued, "plane_rss_mb": rss}
+
+
+def _bench_balance(workers: int, n: int, concurrency: int) -> dict:
+    """How evenly ``n`` short tasks spread over ``workers`` subworkers."""
+    plane, ready = _spawn_role(["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off"])
+    procs = []
+    try:
+        for i in range(workers):
+            _progress(f"balance: starting worker {i + 1} of {workers}")
+            argv = ["worker", "--plane", ready["listen"], "--concurrency", str(concurrency)]
+            procs.append(_spawn_role(argv)[0])
+        with Client(ready["listen"]) as client:
+            _progress(f"balance: {n} tasks over {workers} workers")
+            for f in [client.submit("fastworker.sleep", 0.001) for _ in range(n)]:
+                f.result(120)
+            done = [w["completed"] for w in client.stats()["workers"]]
+    finally:
+        for p in procs:
+            _stop_role(p)
+        _stop_role(plane)
+        _progress("")
+    mean = sum(done) / len(done)
+    return {
+        "workers": len(done),
+        "tasks": n,
+        "min": min(done),
+        "max": max(done),
+        "busiest_over_mean": round(max(done) / mean, 3),
+    }
+
+
+def bench(
+    tasks: int = 2000,
+    latency: int = 200,
+    map_items: int = 100_000,
+    workers: Iterable[int] = (0, 1, 2),
+    concurrency: int = DEFAULT_CONCURRENCY,
+    queued: int = 100_000,
+    balance: int = 32,
+    balance_tasks: int = 20_000,
+) -> dict:
+    """Measure like the peer harness: one client process, one ``submit()``
+    per task; every role a process of its own on loopback."""
+    result: dict[str, Any] = {"bench": [_bench_topology(w, tasks, latency, map_items, concurrency) for w in workers]}
+    if queued:
+        result["queued"] = _bench_queued(queued)
+    if balance:
+        result["balance"] = _bench_balance(balance, balance_tasks, concurrency)
+    return result
 
 
 ###############################################################################
@@ -3480,23 +3580,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    topologies = [int(w) for w in args.workers.split(",")]
-    rows = _bench(args.tasks, args.latency, args.map, topologies, args.concurrency)
-    head = ("topology", "tasks/s", "p50 ms", "p99 ms", "map/s", "plane MB", "worker MB")
+    out = bench(
+        args.tasks,
+        args.latency,
+        args.map,
+        [int(w) for w in args.workers.split(",") if w.strip()],
+        args.concurrency,
+        args.queued,
+        args.balance,
+        args.balance_tasks,
+    )
+    head = ("topology", "tasks/s", "p50 ms", "p99 ms", "map/s", "plane MB idle/peak", "worker MB idle/peak", "foreign")
     print(" | ".join(head))
     print(" | ".join("-" * len(h) for h in head))
-    for r in rows:
+    for r in out["bench"]:
+        mem = r["plane_rss_mb"], r.get("worker_rss_mb")
         cells = (
             r["topology"],
             r["tasks_per_s"],
             r["p50_ms"],
             r["p99_ms"],
             r.get("map_per_s", "-"),
-            r["plane_rss_mb"],
-            r["worker_rss_mb"] or "-",
+            f"{mem[0]['idle']} / {mem[0]['peak']}",
+            f"{mem[1]['idle']} / {mem[1]['peak']}" if mem[1] else "-",
+            r["foreign_cores"],
         )
         print(" | ".join(str(c) for c in cells))
-    print(json.dumps({"bench": rows}), flush=True)
+    if "queued" in out:
+        q = out["queued"]
+        print(f"plane with {q['queued']} queued tasks: {q['plane_rss_mb']} MB")
+    if "balance" in out:
+        b = out["balance"]
+        print(
+            f"dispatch over {b['workers']} workers ({b['tasks']} tasks): busiest {b['busiest_over_mean']}x "
+            f"the mean (min {b['min']}, max {b['max']})"
+        )
+    print("(foreign: CPU cores used by other processes during the throughput run)")
+    print(json.dumps(out), flush=True)
     return 0
 
 
@@ -3600,11 +3720,14 @@ def _build_parser() -> _Parser:
     p = sub.add_parser(
         "bench", help="run the built-in benchmark", description="Measure throughput, latency and memory on loopback."
     )
-    p.add_argument("--tasks", type=int, default=2000, help="no-op tasks for the throughput run")
-    p.add_argument("--latency", type=int, default=200, help="sequential round trips")
-    p.add_argument("--map", type=int, default=0, metavar="N", help="also time map() over N items")
-    p.add_argument("--workers", default="0,1,2", help="comma-separated subworker counts (default 0,1,2)")
-    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="slots per subworker")
+    p.add_argument("--tasks", type=int, default=2000, help="no-op tasks for the throughput run (2000)")
+    p.add_argument("--latency", type=int, default=200, help="sequential round trips (200)")
+    p.add_argument("--map", type=int, default=100_000, metavar="N", help="time map() over N items (100000; 0: skip)")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated subworker counts (0,1,2)")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="slots per subworker (8)")
+    p.add_argument("--queued", type=int, default=100_000, metavar="N", help="plane memory with N queued (0: skip)")
+    p.add_argument("--balance", type=int, default=32, metavar="W", help="spread over W subworkers (32; 0: skip)")
+    p.add_argument("--balance-tasks", type=int, default=20_000, metavar="N", help="tasks for the spread run")
     common(p)
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -1201,9 +1201,21 @@ def test_demo_serves_tasks_and_the_dashboard(procs):
 
 
 def test_bench_reports_well_formed_figures():
-    r = run_cli("bench", "--tasks", "200", "--latency", "20", "--map", "500", timeout=120)
+    r = run_cli(
+        "bench", "--tasks", "200", "--latency", "20", "--map", "500", "--workers", "0,1",
+        "--queued", "1000", "--balance", "2", "--balance-tasks", "200", timeout=120,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    row = json.loads(r.stdout.strip().splitlines()[-1])["bench"][0]
-    assert row["topology"] == "plane only" and row["tasks"] == 200 and row["map_items"] == 500
-    assert row["tasks_per_s"] > 0 and row["map_per_s"] > 0 and row["plane_rss_mb"] > 0
-    assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert "plane only: throughput" in r.stderr  # the progress display
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    plane_only, one = out["bench"]
+    assert (plane_only["topology"], one["topology"]) == ("plane only", "1 worker")
+    for row in (plane_only, one):
+        assert row["tasks"] == 200 and row["map_items"] == 500
+        assert row["tasks_per_s"] > 0 and row["map_per_s"] > 0 and row["foreign_cores"] >= 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert 0 < row["plane_rss_mb"]["idle"] <= row["plane_rss_mb"]["peak"]
+    assert 0 < one["worker_rss_mb"]["idle"] <= one["worker_rss_mb"]["peak"]
+    assert out["queued"]["queued"] == 1000 and out["queued"]["plane_rss_mb"] > 0
+    b = out["balance"]
+    assert (b["workers"], b["tasks"], b["min"] + b["max"] <= 200) == (2, 200, True) and b["busiest_over_mean"] >= 1
