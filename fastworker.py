@@ -501,26 +501,34 @@ def _typed(value: Any, kind: Any) -> bool:
 
 
 def _check_task(t: Any) -> dict:
-    if not isinstance(t, dict):
+    """Validate one TASK item in place (filling in empty args and kwargs).
+    Written with exact type checks: it runs once per task on every hop."""
+    if type(t) is not dict:
         raise ProtocolError("a task must be an object")
-    if not _typed(t.get("id"), str) or not t["id"] or len(t["id"]) > 200:
+    tid, name = t.get("id"), t.get("name")
+    if type(tid) is not str or not 0 < len(tid) <= 200:
         raise ProtocolError("task field 'id' must be a non-empty string")
-    if not _typed(t.get("name"), str) or not t["name"]:
+    if type(name) is not str or not name:
         raise ProtocolError("task field 'name' must be a non-empty string")
-    if not _typed(t.setdefault("args", []), list):
+    args, kwargs = t.get("args"), t.get("kwargs")
+    if args is None:
+        t["args"] = []
+    elif type(args) is not list:
         raise ProtocolError("task field 'args' must be a list")
-    if not _typed(t.setdefault("kwargs", {}), dict):
+    if kwargs is None:
+        t["kwargs"] = {}
+    elif type(kwargs) is not dict:
         raise ProtocolError("task field 'kwargs' must be an object")
-    p = t.get("priority")
-    if p is not None and p not in _RANK:
-        raise ProtocolError(f"task field 'priority' must be one of {', '.join(PRIORITIES)}")
-    r = t.get("retries")
-    if r is not None and (not _typed(r, int) or r < 0):
-        raise ProtocolError("task field 'retries' must be an integer >= 0")
-    for key in ("timeout", "delay"):
-        x = t.get(key)
-        if x is not None and (not _typed(x, _NUM) or x < 0):
-            raise ProtocolError(f"task field {key!r} must be a number >= 0")
+    if len(t) > 4:  # options, or fields to ignore
+        p, r = t.get("priority"), t.get("retries")
+        if p is not None and p not in _RANK:
+            raise ProtocolError(f"task field 'priority' must be one of {', '.join(PRIORITIES)}")
+        if r is not None and (type(r) is not int or r < 0):
+            raise ProtocolError("task field 'retries' must be an integer >= 0")
+        for key in ("timeout", "delay"):
+            x = t.get(key)
+            if x is not None and (type(x) not in _NUM or x < 0):
+                raise ProtocolError(f"task field {key!r} must be a number >= 0")
     return t
 
 
@@ -623,12 +631,12 @@ class _Task:
         self.seq = None  # its place in the queue, kept when it is put back
         self.assigned = None  # id of the worker running it now (None: the plane)
 
-    def wire(self) -> bytes:
+    def wire(self) -> dict:
         """The TASK item a worker receives."""
         t: dict[str, Any] = {"id": self.id, "name": self.name, "args": self.args, "kwargs": self.kwargs}
         if self.timeout is not None:
             t["timeout"] = self.timeout
-        return _json_bytes(t)
+        return t
 
     def summary(self) -> dict:
         """What status() and the dashboard show."""
@@ -677,15 +685,6 @@ class TaskQueue:
             if task.state == QUEUED:
                 self.counts[task.rank] -= 1
                 return task
-        return None
-
-    def peek(self) -> _Task | None:
-        heap = self._heap
-        while heap:
-            task = heap[0][2]
-            if task.state == QUEUED:
-                return task
-            heapq.heappop(heap)
         return None
 
     def discard(self, task: _Task) -> None:
@@ -755,7 +754,7 @@ class ResultCache:
         return None if entry is None or entry[0] <= now else entry[1]
 
     def __contains__(self, key: str) -> bool:
-        return self.peek(key) is not None
+        return key in self._data  # expired but not yet reaped counts too
 
     def reap(self, now: float | None = None) -> int:
         """Drop every expired entry; returns how many."""
@@ -943,9 +942,10 @@ class _Executor:
 
     ``concurrency`` threads take jobs with ``take()`` (None means stop) and
     run them; ``async def`` tasks run on one event loop instead, so they hold
-    a slot but no thread.  At most ``concurrency`` jobs run at once.  Every
-    outcome goes to ``report(job, state, item, error)``, whatever the task
-    does.  A job with a time limit runs on a thread of its own: past the
+    no thread.  ``take()`` hands out at most as many jobs as its owner has
+    slots (the plane counts its own; a worker gets no more than its slots).
+    Every outcome goes to ``report(job, state, item, error)``, whatever the
+    task does.  A job with a time limit runs on a thread of its own: past the
     limit it is reported as TaskTimeout and its thread is abandoned, and if it
     is still running ``margin`` seconds later ``on_overrun(job)`` is called.
     """
@@ -965,7 +965,6 @@ class _Executor:
         self._report = report
         self._max_size = max_size
         self._on_overrun = on_overrun
-        self._slots = threading.BoundedSemaphore(concurrency)  # one per job in flight
         self._loop = _AsyncRunner()
         self._threads: list[threading.Thread] = []
         self._stop = False  # runners exit once their current job is done
@@ -988,11 +987,8 @@ class _Executor:
 
     def _serve(self) -> None:
         while not self._stop:
-            if not self._slots.acquire(timeout=1.0):
-                continue
             job = self._take()
             if job is None:
-                self._slots.release()
                 return
             self._run(job)
 
@@ -1001,8 +997,6 @@ class _Executor:
             self._report(job, state, item, error)
         except Exception:
             logger.exception("could not report the outcome of task %s", job.id)
-        finally:
-            self._slots.release()
 
     def _encode(self, job: Any, value: Any) -> tuple[str, bytes, dict | None]:
         try:
@@ -1716,7 +1710,7 @@ class Plane:
         reap_interval: float = REAP_INTERVAL,
         secret: str | bytes | None = None,
         insecure: bool = False,
-        receivers: int = 3,
+        receivers: int = 2,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -2222,9 +2216,12 @@ class Plane:
         its share in one message (lock held)."""
         if not self._queue or self._stopping:
             return
-        ready = [
-            (len(w.in_flight) / w.concurrency, w.turn, w) for w in self._workers.values() if w.pull and w.free() > 0
-        ]
+        ready = []  # heap of [load, turn, worker, free slots]
+        for w in self._workers.values():
+            if w.pull is not None:
+                room = min(w.credit, w.concurrency) - len(w.in_flight)
+                if room > 0:
+                    ready.append([len(w.in_flight) / w.concurrency, w.turn, w, room])
         if not ready:
             return
         heapq.heapify(ready)
@@ -2250,14 +2247,17 @@ class Plane:
             w = entry[2]
             self._start(task, w.name, w.id)
             w.in_flight[task.id] = task
-            w.turn = next(self._turns)
             batches.setdefault(w, []).append(task.wire())
-            if w.free() > 0:
-                heapq.heappush(ready, (len(w.in_flight) / w.concurrency, w.turn, w))
+            entry[3] -= 1
+            if entry[3]:
+                entry[0] = len(w.in_flight) / w.concurrency
+                entry[1] = w.turn = next(self._turns)
+                heapq.heappush(ready, entry)
         for task in skipped:
             self._queue.push(task, keep_seq=True)
         for w, items in batches.items():
-            sends.append((w.pull, self._tasks_reply(items)))
+            w.turn = next(self._turns)
+            sends.append((w.pull, encode("tasks", self._secret, plane=self.id, tasks=items)))
             w.pull = None
 
     def _requeue(self, task: _Task) -> None:
@@ -2338,7 +2338,7 @@ class Plane:
         """The next task for a local runner, while no subworker is connected;
         None when the plane stops."""
         with self._lock:
-            while not self._stopping and (self._workers or not self._queue):
+            while not self._stopping and (self._workers or not self._queue or self._local_running >= self.concurrency):
                 self._work.wait(1.0)
             if self._stopping:
                 return None
@@ -2353,6 +2353,8 @@ class Plane:
             self._local_running -= 1
             if not self._local_running:
                 self._drained.notify_all()
+            if self._queue and self._local_running == self.concurrency - 1:
+                self._work.notify()  # a runner may wait for this slot (async tasks hold slots, not threads)
             if task.state == RUNNING:
                 self._settle(task, state, item, error, sends)
         self._send_all(sends)
@@ -2626,10 +2628,9 @@ class Worker:
         self._secret = _secret_bytes(secret)
         self._lock = threading.Lock()  # guards the job lists, counters and flags below
         self._wake = threading.Condition(self._lock)  # lanes wait for something to send
-        self._has_job = threading.Condition(self._lock)  # runners wait for jobs
         self._idle = threading.Condition(self._lock)  # stop() waits for running jobs
         self._beat = threading.Condition(self._lock)  # the heartbeat thread waits for its next beat
-        self._inbox: collections.deque[_Job] = collections.deque()  # received, not started
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # received, not started (None: stop)
         self._running: dict[str, _Job] = {}
         self._done: list[bytes] = []  # RESULT items not yet sent
         self._returned: list[str] = []  # ids of tasks handed back, not yet sent
@@ -2679,18 +2680,17 @@ class Worker:
                 return
             self._draining = self._announce = True
             self._wake.notify_all()
-            self._has_job.notify_all()
             deadline = time.monotonic() + grace
             while self._running and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
             self._stopped = True
-            returned = self._returned + [job.id for job in self._inbox] + list(self._running)
+            returned = self._returned + [job.id for job in self._drain_inbox()] + list(self._running)
             results, registered = self._done, self._registered
-            self._inbox.clear()
             self._running.clear()
             self._done, self._returned = [], []
             self._wake.notify_all()
-            self._has_job.notify_all()
+            for _ in range(self.concurrency):
+                self._inbox.put(None)  # wake every runner: there is nothing more
             self._beat.notify_all()
         if registered and (results or returned):  # hand back what is left, briefly
             try:
@@ -2778,6 +2778,8 @@ class Worker:
                     self._pulls -= 1
                     if reply is not None and reply["op"] == "tasks":
                         self._accept(reply)
+                        if self._draining:
+                            self._idle.notify_all()
                     else:  # not delivered, or delivered to a plane that is gone: keep it for the next one
                         if reply is not None and reply["op"] == "error":
                             logger.error("the plane refused this worker: %s", reply["error"].get("message"))
@@ -2786,8 +2788,7 @@ class Worker:
                         self._registered = False
                         if not self._stopped:
                             self._wake.wait(0.1)  # brief pause: do not hammer a plane that is away
-                    self._wake.notify_all()
-                    self._idle.notify_all()
+                    self._wake.notify()
         finally:
             chan.close()
 
@@ -2805,10 +2806,10 @@ class Worker:
         plane = reply["plane"]
         if plane != self._plane_id:
             if self._plane_id is not None:
+                dropped = self._drain_inbox()
                 logger.warning(
-                    "the plane changed (%s -> %s): dropping %d queued job(s)", self._plane_id, plane, len(self._inbox)
+                    "the plane changed (%s -> %s): dropped %d queued job(s)", self._plane_id, plane, len(dropped)
                 )
-                self._inbox.clear()
             self._plane_id = plane
         if reply.get("register"):
             self._registered = False
@@ -2826,9 +2827,7 @@ class Worker:
             if self._draining:
                 self._returned.append(job.id)  # hand it straight back
             else:
-                self._inbox.append(job)
-        if reply["tasks"]:
-            self._has_job.notify(len(reply["tasks"]))
+                self._inbox.put(job)
 
     def _heartbeat(self) -> None:
         """Publish this worker's state every interval (PUB/SUB, may be lost)."""
@@ -2840,7 +2839,7 @@ class Worker:
                         return
                     want, interval = self._hb_address, self._hb_interval
                     info = self._info()
-                    info["in_flight"] = len(self._running) + len(self._inbox)
+                    info["in_flight"] = len(self._running) + self._inbox.qsize()
                 if want != address:
                     if pub is not None:
                         pub.close()
@@ -2861,22 +2860,40 @@ class Worker:
     # -- running tasks ------------------------------------------------------------
 
     def _take(self) -> _Job | None:
-        with self._lock:
-            while not self._inbox and not self._draining:
-                self._has_job.wait(1.0)
-            if self._draining:
-                return None
-            job = self._inbox.popleft()
-            self._running[job.id] = job
-            return job
+        while True:
+            try:
+                job = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                if self._draining:
+                    return None
+                continue
+            with self._lock:
+                if job is None or self._draining:
+                    if job is not None:
+                        self._returned.append(job.id)  # too late to start: hand it back
+                    return None
+                self._running[job.id] = job
+                return job
+
+    def _drain_inbox(self) -> list[_Job]:
+        """Take every job not yet started (lock held)."""
+        jobs = []
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
 
     def _report(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
         with self._lock:
             if self._running.pop(job.id, None) is None or job.plane != self._plane_id:
                 return  # handed back, or its plane is gone: nobody wants it
             self._done.append(item)
-            self._wake.notify_all()
-            self._idle.notify_all()
+            self._wake.notify()  # a lane sends it
+            if self._draining:
+                self._idle.notify_all()
 
     def _overrun(self, job: _Job) -> None:
         logger.error(
