@@ -2192,8 +2192,8 @@ class Plane:
                     w.pull = None
             if chan is not None:
                 sends.append((chan, self._tasks_reply([])))
-            if not any(wk.in_flight for wk in self._workers.values()):
-                self._drained.notify_all()
+            if self._stopping and not w.in_flight:
+                self._drained.notify_all()  # stop() waits for work in flight
         self._send_all(sends)
         return None
 
@@ -2351,7 +2351,7 @@ class Plane:
         sends: list = []
         with self._lock:
             self._local_running -= 1
-            if not self._local_running:
+            if self._stopping and not self._local_running:
                 self._drained.notify_all()
             if self._queue and self._local_running == self.concurrency - 1:
                 self._work.notify()  # a runner may wait for this slot (async tasks hold slots, not threads)
@@ -2684,14 +2684,18 @@ class Worker:
             while self._running and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
             self._stopped = True
+            self._wake.notify_all()
+            self._beat.notify_all()
+            for _ in range(self.concurrency):
+                self._inbox.put(None)  # wake every idle runner: nothing more comes
+        # Idle runners exit at once; one still busy past the grace is left
+        # behind (its task is handed back below, its result will be dropped).
+        self._executor.join(time.monotonic() + 0.2)
+        with self._lock:
             returned = self._returned + [job.id for job in self._drain_inbox()] + list(self._running)
             results, registered = self._done, self._registered
             self._running.clear()
             self._done, self._returned = [], []
-            self._wake.notify_all()
-            for _ in range(self.concurrency):
-                self._inbox.put(None)  # wake every runner: there is nothing more
-            self._beat.notify_all()
         if registered and (results or returned):  # hand back what is left, briefly
             try:
                 chan = _Chan(self._sock)
@@ -2706,10 +2710,9 @@ class Worker:
             except pynng.NNGException:
                 logger.warning("could not hand %d task(s) back to the plane", len(returned))
         self._sock.close()
-        end = time.monotonic() + (0.2 if returned else 2.0)  # a handed-back task may never end
+        end = time.monotonic() + 2.0
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
-        self._executor.join(end)
         logger.info("worker %s stopped", self.name)
 
     def __enter__(self) -> Worker:
