@@ -287,6 +287,30 @@ class _Chan:
         _nng.nng_aio_free(self._aio)
 
 
+def _join(threads: Iterable[threading.Thread], deadline: float) -> None:
+    """Wait for threads to end, all by one monotonic ``deadline``."""
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Role:
+    """What the plane and a worker share: ``with`` starts and stops them."""
+
+    _sock: Any = None
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self if self._sock is not None else self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
 def _real_address(sock: Any, address: str) -> str:
     """The address a socket really listens on (port 0 becomes the real port)."""
     if address.startswith(("tcp://", "tls+tcp://", "ws://")):
@@ -332,16 +356,18 @@ def _secret_bytes(secret: str | bytes | None) -> bytes | None:
     return secret or None
 
 
-def _rss_mb(pid: int | str = "self") -> float:
-    """Resident set size (VmRSS) of a process, in MB; 0.0 if unknown."""
+def _memory(pid: int | str = "self") -> tuple[float, float]:
+    """(current, peak) resident memory of a process, in MB."""
+    out = {"VmRSS:": 0.0, "VmHWM:": 0.0}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                key = line.split(":", 1)[0] + ":"
+                if key in out:
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    return 0.0
+    return out["VmRSS:"], out["VmHWM:"]
 
 
 ###############################################################################
@@ -370,8 +396,12 @@ def _rss_mb(pid: int | str = "self") -> float:
 #   welcome    plane -> any      plane:str, version:str, events:str, heartbeat:str
 #   bye        client -> plane   client:str
 #   ok         plane -> client   -
-#   pull       worker -> plane   worker:str, credit:int, results:[RESULT], info?:WORKER
-#   tasks      plane -> worker   plane:str, tasks:[TASK], register?:bool
+#   pull       worker -> plane   worker:str, credit:int, results:[RESULT],
+#                                info?:WORKER (to register), returned?:[str]
+#                                (ids handed back unfinished); held until
+#                                there is work for the worker
+#   tasks      plane -> worker   plane:str, tasks:[TASK], register?:bool (send
+#                                info), heartbeat?:str, heartbeat_interval?:num
 #   heartbeat  worker -> plane   worker:WORKER              (PUB/SUB)
 #   events     plane -> any      events:[{id, name, state, ...}]  (PUB/SUB)
 #   error      plane -> any      error:ERROR
@@ -382,7 +412,8 @@ def _rss_mb(pid: int | str = "self") -> float:
 #             result?:any, error?:ERROR}  (a fetch also answers
 #             "queued", "running" or "unknown" for tasks without a result)
 #   ERROR  = {kind:str, type:str, message:str, traceback:str}
-#   WORKER = {id, name, host, pid, concurrency, in_flight, tasks:{name: {...}}}
+#   WORKER = {id, name, host, pid, concurrency, version, in_flight?,
+#             tasks:{name: {priority, retries, timeout}}}
 #
 # A malformed message, an unknown op or version, or a missing or mistyped
 # field is a ProtocolError: a REQ/REP peer gets an "error" reply and the
@@ -981,8 +1012,7 @@ class _Executor:
         """Stop the runners (``take()`` must return None by now) and wait for
         them until ``deadline``."""
         self._stop = True
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        _join(self._threads, deadline)
         self._loop.stop(max(0.1, deadline - time.monotonic()))
 
     def _serve(self) -> None:
@@ -1673,7 +1703,7 @@ def _catalog_of(tasks: Any) -> dict:
     return out
 
 
-class Plane:
+class Plane(_Role):
     """The control plane: queue, dispatch, result cache, dashboard.
 
     ``Plane(...).start()`` serves in background threads of this process
@@ -1854,18 +1884,10 @@ class Plane:
         for s in (self._sock, self._pub, self._hb):
             s.close()  # wakes every receiver
         self._executor.join(time.monotonic() + 1.0)
-        deadline = time.monotonic() + grace
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        _join(self._threads, time.monotonic() + grace)
         while self._free:
             self._free.pop().close()
         logger.info("plane %s stopped", self.id)
-
-    def __enter__(self) -> Plane:
-        return self if self._sock is not None else self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
 
     # -- receiving requests -------------------------------------------------
 
@@ -2528,7 +2550,7 @@ class Plane:
                 "address": self.address,
                 "pid": os.getpid(),
                 "uptime": round(time.time() - self._started_at, 3),
-                "rss_mb": round(_rss_mb(), 1),
+                "rss_mb": _memory()[0],
             },
             "tasks": tasks,
             "queues": queues,
@@ -2581,7 +2603,7 @@ def _sibling_address(address: str, suffix: str) -> str:
 ###############################################################################
 
 
-class Worker:
+class Worker(_Role):
     """A subworker: runs tasks the plane sends it, to add capacity.
 
     ``Worker(...).start()`` runs in threads of this process (``stop()`` ends
@@ -2710,16 +2732,8 @@ class Worker:
             except pynng.NNGException:
                 logger.warning("could not hand %d task(s) back to the plane", len(returned))
         self._sock.close()
-        end = time.monotonic() + 2.0
-        for t in self._threads:
-            t.join(max(0.0, end - time.monotonic()))
+        _join(self._threads, time.monotonic() + 2.0)
         logger.info("worker %s stopped", self.name)
-
-    def __enter__(self) -> Worker:
-        return self if self._sock is not None else self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
 
     def _info(self) -> dict:
         return {
@@ -3230,20 +3244,6 @@ def _stop_role(proc: Any) -> None:
     except Exception:
         proc.kill()
         proc.wait()
-
-
-def _memory(pid: int) -> tuple[float, float]:
-    """(current, peak) resident memory of a process, in MB."""
-    out = {"VmRSS:": 0.0, "VmHWM:": 0.0}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0] + ":"
-                if key in out:
-                    out[key] = round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return out["VmRSS:"], out["VmHWM:"]
 
 
 def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
