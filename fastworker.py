@@ -998,7 +998,6 @@ class _Executor:
         self._on_overrun = on_overrun
         self._loop = _AsyncRunner()
         self._threads: list[threading.Thread] = []
-        self._stop = False  # runners exit once their current job is done
         self._lock = threading.Lock()  # guards abandoned
         self.abandoned = 0  # task threads still running past their time limit
 
@@ -1009,17 +1008,13 @@ class _Executor:
             self._threads.append(t)
 
     def join(self, deadline: float) -> None:
-        """Stop the runners (``take()`` must return None by now) and wait for
-        them until ``deadline``."""
-        self._stop = True
+        """Wait until ``deadline`` for the runners, which exit once ``take()``
+        returns None, then stop the event loop."""
         _join(self._threads, deadline)
         self._loop.stop(max(0.1, deadline - time.monotonic()))
 
     def _serve(self) -> None:
-        while not self._stop:
-            job = self._take()
-            if job is None:
-                return
+        while (job := self._take()) is not None:
             self._run(job)
 
     def _done(self, job: Any, state: str, item: bytes, error: dict | None) -> None:
@@ -1419,16 +1414,18 @@ class Client(concurrent.futures.Executor):
             while (self._outbox or self._sending) and time.monotonic() < deadline:
                 self._flushed.wait(deadline - time.monotonic())
 
-    def _call(self, op: str, hold: float = 0.0, **fields: Any) -> dict:
-        """One request/reply on a context of its own; the plane may hold the
-        request ``hold`` seconds before it answers."""
+    def _call(self, op: str, hold: float = 0.0, timeout: float | None = None, **fields: Any) -> dict:
+        """One request/reply on a context of its own, within ``timeout``
+        (default: the client's); the plane may hold the request ``hold``
+        seconds more before it answers."""
+        timeout = self.timeout if timeout is None else timeout
         try:
             chan = _Chan(self._sock)
         except pynng.NNGException:
             raise PlaneUnavailable("the client is closed") from None
         try:
-            chan.send(encode(op, self._secret, **fields), self.timeout)
-            data = chan.recv(self.timeout + hold)[0]
+            chan.send(encode(op, self._secret, **fields), timeout)
+            data = chan.recv(timeout + hold)[0]
         except pynng.Timeout:
             raise self._unreachable() from None
         except pynng.NNGException as e:
@@ -1562,26 +1559,12 @@ class Client(concurrent.futures.Executor):
             fut._settle(exc=FastworkerError("the client closed before the result arrived"))
         if self._threads:
             try:
-                self._call_quick("bye", client=self._id)
+                self._call("bye", timeout=0.2, client=self._id)  # a courtesy: one short try
             except FastworkerError:
                 pass
         self._sock.close()  # wakes the poller
         for t in self._threads:
             t.join(self.timeout)
-
-    def _call_quick(self, op: str, **fields: Any) -> None:
-        """A courtesy message: one short try, no error if it fails."""
-        try:
-            chan = _Chan(self._sock)
-        except pynng.NNGException:
-            return
-        try:
-            chan.send(encode(op, self._secret, **fields), 0.2)
-            chan.recv(0.2)
-        except pynng.NNGException:
-            pass
-        finally:
-            chan.close()
 
     def close(self) -> None:
         """Send what was submitted, then stop without waiting for results."""
@@ -1764,6 +1747,9 @@ class Plane(_Role):
         self.heartbeat_address: str | None = None
         self._secret = _secret_bytes(secret)
         self._receivers = receivers
+        # the empty replies never change: encode them once
+        self._no_results = encode_batch("results", "results", [], self._secret, plane=self.id)
+        self._no_tasks = encode_batch("tasks", "tasks", [], self._secret, plane=self.id)
         self._lock = threading.Lock()  # guards every task, queue, client, worker and counter below
         self._work = threading.Condition(self._lock)  # local runners wait for queued tasks
         self._tick = threading.Condition(self._lock)  # the housekeeper waits for its next deadline
@@ -1871,7 +1857,7 @@ class Plane(_Role):
             self._fetches.clear()
             for w in self._workers.values():
                 if w.pull is not None:
-                    sends.append((w.pull, self._tasks_reply([])))
+                    sends.append((w.pull, self._no_tasks))
                     w.pull = None
         self._send_all(sends)
         if self._http is not None:
@@ -2065,7 +2051,7 @@ class Plane(_Role):
                 return self._take_results(cs, closing=self._stopping)
             old, cs.poll, cs.deadline = cs.poll, chan, now + wait
         if old is not None:  # the client gave up on it; it has a new one now
-            self._answer(old, encode_batch("results", "results", [], self._secret, plane=self.id))
+            self._answer(old, self._no_results)
         return None
 
     def _fetch_reply(self, ids: list) -> bytes:
@@ -2150,7 +2136,7 @@ class Plane(_Role):
         with self._lock:
             cs = self._clients.pop(msg["client"], None)
         if cs is not None and cs.poll is not None:
-            self._answer(cs.poll, encode_batch("results", "results", [], self._secret, plane=self.id))
+            self._answer(cs.poll, self._no_results)
         return encode("ok", self._secret)
 
     # -- subworkers --------------------------------------------------------------
@@ -2210,10 +2196,10 @@ class Plane(_Role):
                 self._dispatch(sends)
             if w.free() <= 0 or self._stopping:  # nothing to wait for: answer now
                 if w.pull is not None:
-                    sends.append((w.pull, self._tasks_reply([])))
+                    sends.append((w.pull, self._no_tasks))
                     w.pull = None
             if chan is not None:
-                sends.append((chan, self._tasks_reply([])))
+                sends.append((chan, self._no_tasks))
             if self._stopping and not w.in_flight:
                 self._drained.notify_all()  # stop() waits for work in flight
         self._send_all(sends)
@@ -2225,12 +2211,16 @@ class Plane(_Role):
         w.turn = next(self._turns)
         self._workers[wid] = w
         self._pipe_workers[w.pipe_id] = w
-        self._catalog = {}
-        for other in self._workers.values():
-            for name, spec in other.tasks.items():
-                self._catalog.setdefault(name, spec)
+        self._rebuild_catalog()
         logger.info("worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid, w.concurrency)
         return w
+
+    def _rebuild_catalog(self) -> None:
+        """The tasks the connected workers can run (lock held)."""
+        self._catalog = {}
+        for w in self._workers.values():
+            for name, spec in w.tasks.items():
+                self._catalog.setdefault(name, spec)
 
     def _dispatch(self, sends: list) -> None:
         """Hand queued tasks to workers with parked requests and free slots,
@@ -2297,10 +2287,7 @@ class Plane(_Role):
             return
         del self._workers[w.id]
         self._pipe_workers.pop(w.pipe_id, None)
-        self._catalog = {}
-        for other in self._workers.values():
-            for name, spec in other.tasks.items():
-                self._catalog.setdefault(name, spec)
+        self._rebuild_catalog()
         self._workers_lost += 1
         if w.pull is not None:
             sends.append((w.pull, self._tasks_reply([], register=True)))
@@ -2470,7 +2457,6 @@ class Plane(_Role):
         silent workers, reap the result cache, forget idle clients."""
         next_reap = time.monotonic() + self.reap_interval
         tick = min(1.0, self.heartbeat_timeout / 4)
-        empty = encode_batch("results", "results", [], self._secret, plane=self.id)
         while True:
             sends: list = []
             silent: list = []
@@ -2490,7 +2476,7 @@ class Plane(_Role):
                 for cid, cs in list(self._clients.items()):
                     if cs.poll is not None:
                         if cs.deadline <= now:
-                            sends.append((cs.poll, empty))
+                            sends.append((cs.poll, self._no_results))
                             cs.poll = None
                     elif now - cs.seen > CLIENT_IDLE_TTL:
                         del self._clients[cid]
@@ -2502,7 +2488,7 @@ class Plane(_Role):
                         self._drop_worker(w, f"no heartbeat for {now - w.last_seen:.1f} s", sends)
                         silent.append(w.pipe)
                     elif w.pull is not None and w.pull_deadline <= now:
-                        sends.append((w.pull, self._tasks_reply([])))
+                        sends.append((w.pull, self._no_tasks))
                         w.pull = None
                 if now >= next_reap:
                     self.cache.reap()
