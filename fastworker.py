@@ -59,6 +59,7 @@ __all__ = [
 
 import argparse
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import functools
@@ -105,8 +106,10 @@ DEFAULT_DASHBOARD = "127.0.0.1:8080"
 PRIORITIES = ("critical", "high", "normal", "low")
 _RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = STATES = (
+#: Task states.  "scheduled": waiting for its time (a delay, a retry's backoff).
+QUEUED, SCHEDULED, RUNNING, SUCCEEDED, FAILED, CANCELLED = STATES = (
     "queued",
+    "scheduled",
     "running",
     "succeeded",
     "failed",
@@ -129,6 +132,22 @@ CLIENT_IDLE_TTL = 300.0  # forget a client's undelivered results after this
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
 SHUTDOWN_GRACE = 5.0  # seconds running tasks get to finish on stop
 _BATCH_BYTES = 1024 * 1024  # a client sends at most this much per message
+HEARTBEAT_MAX_SIZE = 64 * 1024  # bytes a heartbeat message may have
+
+# Limits on what a task option or a wait may be (checked in one place).
+MAX_RETRIES = 1000
+MAX_TIMEOUT = 30 * 86400.0  # a month, in seconds
+MAX_DELAY = 366 * 86400.0  # a year, in seconds
+MAX_WAIT = 60.0  # the longest a request is held at the plane
+MAX_BACKOFF = 3600.0  # the longest pause before a retry
+
+RECONNECT_MIN_MS = 50  # a dialer's first pause before it redials...
+RECONNECT_MAX_MS = 1000  # ...doubling up to this
+RETRY_PAUSE = 0.1  # a worker's first pause after a failed request to its plane...
+MAX_RETRY_PAUSE = 5.0  # ...doubling up to this
+MAX_SLEEP = 5.0  # the housekeeper wakes at least this often (in case the clock jumps)
+IDLE_WAKE = 5.0  # an idle thread waiting for work wakes this often to look again
+_DISPATCH_SKIP = 64  # queued tasks one dispatch round passes over when no free worker can run them
 
 ###############################################################################
 # Exceptions ###################################################################
@@ -226,65 +245,6 @@ def _json_bytes(obj: Any) -> bytes:
 def _require_pynng() -> None:
     if pynng is None:
         raise RuntimeError("fastworker needs pynng: pip install pynng==0.9.0")
-
-
-def _nng_ms(timeout: float | None) -> int:
-    """Seconds (None = forever) as an NNG duration in milliseconds."""
-    return -1 if timeout is None else max(0, int(timeout * 1000))
-
-
-class _Chan:
-    """One pynng context with its own aio: one request or reply at a time,
-    and a deadline on every wait.  Not shared between threads at once; it may
-    change hands (a parked request is answered by whichever thread has the
-    result)."""
-
-    __slots__ = ("_ctx", "_aio")
-
-    def __init__(self, sock: Any) -> None:
-        self._ctx = sock.new_context()
-        aio_p = _ffi.new("nng_aio **")
-        _check_err(_nng.nng_aio_alloc(aio_p, _ffi.NULL, _ffi.NULL))
-        self._aio = aio_p[0]
-
-    def send(self, data: bytes, timeout: float | None) -> None:
-        msg_p = _ffi.new("nng_msg **")
-        _check_err(_nng.nng_msg_alloc(msg_p, 0))
-        msg = msg_p[0]
-        _check_err(_nng.nng_msg_append(msg, data, len(data)))
-        aio = self._aio
-        _nng.nng_aio_set_msg(aio, msg)
-        _nng.nng_aio_set_timeout(aio, _nng_ms(timeout))
-        _nng.nng_ctx_send(self._ctx.context, aio)
-        _nng.nng_aio_wait(aio)
-        rv = _nng.nng_aio_result(aio)
-        if rv:
-            _nng.nng_msg_free(msg)  # NNG gives the message back on failure
-            _check_err(rv)
-
-    def recv(self, timeout: float | None) -> tuple[bytes, Any]:
-        """The next message and the pipe (an ``nng_pipe``) it came on."""
-        aio = self._aio
-        _nng.nng_aio_set_timeout(aio, _nng_ms(timeout))
-        _nng.nng_ctx_recv(self._ctx.context, aio)
-        _nng.nng_aio_wait(aio)
-        _check_err(_nng.nng_aio_result(aio))
-        msg = _nng.nng_aio_get_msg(aio)
-        data = bytes(_ffi.buffer(_nng.nng_msg_body(msg), _nng.nng_msg_len(msg)))
-        pipe = _nng.nng_msg_get_pipe(msg)
-        _nng.nng_msg_free(msg)
-        return data, pipe
-
-    def close(self) -> None:
-        ctx, self._ctx = self._ctx, None
-        if ctx is None:
-            return
-        try:
-            ctx.close()
-        except (pynng.NNGException, TypeError):
-            pass  # the socket is already closed, which closed the context too
-        ctx._context = None
-        _nng.nng_aio_free(self._aio)
 
 
 def _join(threads: Iterable[threading.Thread], deadline: float) -> None:
@@ -393,7 +353,7 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #   stats      client -> plane   -
 #   report     plane -> client   stats:{...}            (as /api/stats)
 #   hello      any -> plane      -
-#   welcome    plane -> any      plane:str, version:str, events:str, heartbeat:str
+#   welcome    plane -> any      plane:str, version:str, events:str, tasks:[str]
 #   bye        client -> plane   client:str
 #   ok         plane -> client   -
 #   pull       worker -> plane   worker:str, credit:int, results:[RESULT],
@@ -402,18 +362,20 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #                                there is work for the worker
 #   tasks      plane -> worker   plane:str, tasks:[TASK], register?:bool (send
 #                                info), heartbeat?:str, heartbeat_interval?:num
-#   heartbeat  worker -> plane   worker:WORKER              (PUB/SUB)
+#   heartbeat  worker -> plane   worker:{id:str, ...}       (PUB/SUB)
 #   events     plane -> any      events:[{id, name, state, ...}]  (PUB/SUB)
 #   error      plane -> any      error:ERROR
 #
 #   TASK   = {id:str, name:str, args:list, kwargs:dict, priority?:str,
-#             retries?:int, timeout?:num, delay?:num}
+#             retries?:int, timeout?:num, delay?:num, run?:int}
+#            (the plane numbers each run of a task it dispatches: "run")
 #   RESULT = {id:str, state:"succeeded"|"failed"|"cancelled",
-#             result?:any, error?:ERROR}  (a fetch also answers
-#             "queued", "running" or "unknown" for tasks without a result)
+#             result?:any, error?:ERROR, run?:int}  (a fetch also
+#             answers "queued", "scheduled", "running" or "unknown" for tasks
+#             without a result; a worker's result names the run it is from)
 #   ERROR  = {kind:str, type:str, message:str, traceback:str}
 #   WORKER = {id, name, host, pid, concurrency, version, in_flight?,
-#             tasks:{name: {priority, retries, timeout}}}
+#             tasks:{name: {priority?, retries?, timeout?}}}
 #
 # A malformed message, an unknown op or version, or a missing or mistyped
 # field is a ProtocolError: a REQ/REP peer gets an "error" reply and the
@@ -448,6 +410,7 @@ OPS: dict[str, dict[str, Any]] = {
 
 _TAG = 32  # bytes of HMAC-SHA256
 _FETCH_STATES = frozenset((*STATES, "unknown"))
+_MAX_ID = 200  # characters in a task, client or worker id and a task name
 
 
 def _tag(secret: bytes, body: bytes) -> bytes:
@@ -483,6 +446,30 @@ def encode_batch(op: str, key: str, items: Iterable[bytes], secret: bytes | None
     return _sign(body, secret)
 
 
+def _check_options(opts: Any, error: type[Exception] = ValueError) -> None:
+    """The one validator of task options, wherever they come from: ``@task``,
+    ``submit_with``, a TASK on the wire and a worker's task catalog.  Raises
+    ``error`` (ValueError for the API, ProtocolError for the wire) naming the
+    option.  Numbers must be finite and in range; booleans are not numbers."""
+
+    def bad(name: str, rule: str, value: Any) -> Exception:
+        what = f"task field {name!r}" if issubclass(error, ProtocolError) else name
+        return error(f"{what} must be {rule}, not {value!r}"[:300])
+
+    p = opts.get("priority")
+    if p is not None and (type(p) is not str or p not in _RANK):
+        raise bad("priority", f"one of {', '.join(PRIORITIES)}", p)
+    r = opts.get("retries")
+    if r is not None and (type(r) is not int or not 0 <= r <= MAX_RETRIES):
+        raise bad("retries", f"an integer from 0 to {MAX_RETRIES}", r)
+    t = opts.get("timeout")
+    if t is not None and (type(t) not in _NUM or not 0 < t <= MAX_TIMEOUT):
+        raise bad("timeout", f"a number of seconds > 0 and <= {MAX_TIMEOUT:g}", t)
+    d = opts.get("delay")
+    if d is not None and (type(d) not in _NUM or not 0 <= d <= MAX_DELAY):
+        raise bad("delay", f"a number of seconds >= 0 and <= {MAX_DELAY:g}", d)
+
+
 def encode_task(
     id: str,
     name: str,
@@ -497,32 +484,24 @@ def encode_task(
     """One TASK item.  Raises TypeError if an argument is not JSON-serializable
     and ValueError for a bad option."""
     task: dict[str, Any] = {"id": id, "name": name, "args": list(args), "kwargs": kwargs or {}}
-    if priority is not None:
-        if priority not in _RANK:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        task["priority"] = priority
-    if retries is not None:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
-        task["retries"] = retries
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, _NUM) or timeout <= 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
-        task["timeout"] = timeout
-    if delay is not None:
-        if isinstance(delay, bool) or not isinstance(delay, _NUM) or delay < 0:
-            raise ValueError(f"delay must be a number of seconds >= 0, not {delay!r}")
-        task["delay"] = delay
+    for key, value in (("priority", priority), ("retries", retries), ("timeout", timeout), ("delay", delay)):
+        if value is not None:
+            task[key] = value
+    if len(task) > 4:
+        _check_options(task)
     return _json_bytes(task)
 
 
-def encode_result(id: str, state: str, result: Any = None, error: dict | None = None) -> bytes:
+def encode_result(id: str, state: str, result: Any = None, error: dict | None = None, run: int | None = None) -> bytes:
     """One RESULT item.  Raises TypeError/ValueError if ``result`` is not JSON."""
+    r: dict[str, Any] = {"id": id, "state": state}
     if error is not None:
-        return _json_bytes({"id": id, "state": state, "error": error})
-    if state == SUCCEEDED:
-        return _json_bytes({"id": id, "state": state, "result": result})
-    return _json_bytes({"id": id, "state": state})
+        r["error"] = error
+    elif state == SUCCEEDED:
+        r["result"] = result
+    if run is not None:
+        r["run"] = run
+    return _json_bytes(r)
 
 
 def _typed(value: Any, kind: Any) -> bool:
@@ -537,9 +516,9 @@ def _check_task(t: Any) -> dict:
     if type(t) is not dict:
         raise ProtocolError("a task must be an object")
     tid, name = t.get("id"), t.get("name")
-    if type(tid) is not str or not 0 < len(tid) <= 200:
+    if type(tid) is not str or not 0 < len(tid) <= _MAX_ID:
         raise ProtocolError("task field 'id' must be a non-empty string")
-    if type(name) is not str or not name:
+    if type(name) is not str or not 0 < len(name) <= _MAX_ID:
         raise ProtocolError("task field 'name' must be a non-empty string")
     args, kwargs = t.get("args"), t.get("kwargs")
     if args is None:
@@ -551,21 +530,23 @@ def _check_task(t: Any) -> dict:
     elif type(kwargs) is not dict:
         raise ProtocolError("task field 'kwargs' must be an object")
     if len(t) > 4:  # options, or fields to ignore
-        p, r = t.get("priority"), t.get("retries")
-        if p is not None and p not in _RANK:
-            raise ProtocolError(f"task field 'priority' must be one of {', '.join(PRIORITIES)}")
-        if r is not None and (type(r) is not int or r < 0):
-            raise ProtocolError("task field 'retries' must be an integer >= 0")
-        for key in ("timeout", "delay"):
-            x = t.get(key)
-            if x is not None and (type(x) not in _NUM or x < 0):
-                raise ProtocolError(f"task field {key!r} must be a number >= 0")
+        _check_options(t, ProtocolError)
+        run = t.get("run")
+        if run is not None and type(run) is not int:
+            raise ProtocolError("task field 'run' must be an integer")
     return t
 
 
 def _check_ids(ids: list) -> None:
-    if not all(_typed(i, str) for i in ids):
+    if not all(type(i) is str for i in ids):
         raise ProtocolError("'ids' must be a list of strings")
+
+
+def _check_wait(msg: dict) -> None:
+    w = msg["wait"]
+    if not 0 <= w <= 86400:  # NaN and infinities fail too
+        raise ProtocolError("field 'wait' must be a number of seconds from 0 to 86400")
+    msg["wait"] = min(float(w), MAX_WAIT)
 
 
 def decode(data: bytes, secret: bytes | None = None) -> dict:
@@ -583,225 +564,49 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
         msg = _loads(data)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON
         raise ProtocolError(f"not a JSON message: {e}") from None
-    if not isinstance(msg, dict):
+    if type(msg) is not dict:
         raise ProtocolError("a message must be a JSON object")
-    if msg.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {msg.get('v')!r}")
+    v = msg.get("v")
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {v!r}")
     op = msg.get("op")
-    fields = OPS.get(op) if isinstance(op, str) else None
+    fields = OPS.get(op) if type(op) is str else None
     if fields is None:
         raise ProtocolError(f"unknown op {op!r}")
     for name, kind in fields.items():
         if not _typed(msg.get(name), kind):
             raise ProtocolError(f"op {op!r}: field {name!r} missing or of the wrong type")
-    if op == "submit":
-        for t in msg["tasks"]:
-            _check_task(t)
-    elif op == "tasks":
+    if op == "submit" or op == "tasks":
         for t in msg["tasks"]:
             _check_task(t)
     elif op in ("fetch", "status", "cancel"):
         _check_ids(msg["ids"])
+        if op == "fetch":
+            _check_wait(msg)
+    elif op == "poll":
+        _check_wait(msg)
     elif op in ("results", "pull"):
         # a worker reports final states only; a fetch may find a task unfinished
         states = TERMINAL if op == "pull" else _FETCH_STATES
         for r in msg["results"]:
-            if not isinstance(r, dict) or not _typed(r.get("id"), str) or r.get("state") not in states:
+            if type(r) is not dict or type(r.get("id")) is not str or type(r.get("state")) is not str:
                 raise ProtocolError("a result must be an object with 'id' and a valid 'state'")
+            if r["state"] not in states:
+                raise ProtocolError("a result must be an object with 'id' and a valid 'state'")
+            run = r.get("run")
+            if run is not None and type(run) is not int:
+                raise ProtocolError("result field 'run' must be an integer")
+        if op == "pull":
+            returned = msg.get("returned")
+            if returned is not None and (type(returned) is not list or not all(type(i) is str for i in returned)):
+                raise ProtocolError("field 'returned' must be a list of task ids")
+            info = msg.get("info")
+            if info is not None and type(info) is not dict:
+                raise ProtocolError("field 'info' must be an object")
+    elif op == "heartbeat":
+        if type(msg["worker"].get("id")) is not str:
+            raise ProtocolError("a heartbeat's worker must have a string 'id'")
     return msg
-
-
-###############################################################################
-# Data structures ##############################################################
-###############################################################################
-
-
-class _Task:
-    """A task as the plane tracks it from submission to its final state."""
-
-    __slots__ = (
-        "id",
-        "name",
-        "args",
-        "kwargs",
-        "rank",
-        "retries",
-        "timeout",
-        "client",
-        "state",
-        "attempts",
-        "submitted",
-        "started",
-        "finished",
-        "worker",
-        "error",
-        "watchers",
-        "item",
-        "seq",
-        "assigned",
-    )
-
-    def __init__(self, t: dict, rank: int, retries: int, timeout: float | None, client: str) -> None:
-        self.id = t["id"]
-        self.name = t["name"]
-        self.args = t["args"]
-        self.kwargs = t["kwargs"]
-        self.rank = rank
-        self.retries = retries
-        self.timeout = timeout
-        self.client = client
-        self.state = QUEUED
-        self.attempts = 0
-        self.submitted = time.time()
-        self.started = None
-        self.finished = None
-        self.worker = None
-        self.error = None
-        self.watchers = None  # parked "fetch" requests waiting for this task
-        self.item = None  # the encoded RESULT, once final
-        self.seq = None  # its place in the queue, kept when it is put back
-        self.assigned = None  # id of the worker running it now (None: the plane)
-
-    def wire(self) -> dict:
-        """The TASK item a worker receives."""
-        t: dict[str, Any] = {"id": self.id, "name": self.name, "args": self.args, "kwargs": self.kwargs}
-        if self.timeout is not None:
-            t["timeout"] = self.timeout
-        return t
-
-    def summary(self) -> dict:
-        """What status() and the dashboard show."""
-        end = self.finished or time.time()
-        return {
-            "id": self.id,
-            "name": self.name,
-            "state": self.state,
-            "priority": PRIORITIES[self.rank],
-            "attempts": self.attempts,
-            "worker": self.worker,
-            "submitted_at": self.submitted,
-            "started_at": self.started,
-            "finished_at": self.finished,
-            "duration": None if self.started is None else round(end - self.started, 6),
-            "error": self.error,
-        }
-
-
-class TaskQueue:
-    """The one dispatch heap: higher priority first, FIFO within a priority.
-
-    Entries are ``(rank, seq, task)``; rank 0 is "critical", and ``seq`` keeps
-    equal ranks in submission order (tasks themselves are never compared).
-    A cancelled task stays in the heap and is skipped when popped.  Not
-    thread-safe: the plane's lock guards it.
-    """
-
-    def __init__(self) -> None:
-        self._heap: list = []
-        self._seq = itertools.count()
-        self.counts = [0] * len(PRIORITIES)  # live (not cancelled) tasks per rank
-
-    def push(self, task: _Task, keep_seq: bool = False) -> None:
-        """Queue a task; ``keep_seq`` puts it back where it was (a task handed
-        back or whose worker died keeps its turn)."""
-        if not keep_seq or task.seq is None:
-            task.seq = next(self._seq)
-        heapq.heappush(self._heap, (task.rank, task.seq, task))
-        self.counts[task.rank] += 1
-
-    def pop(self) -> _Task | None:
-        heap = self._heap
-        while heap:
-            task = heapq.heappop(heap)[2]
-            if task.state == QUEUED:
-                self.counts[task.rank] -= 1
-                return task
-        return None
-
-    def discard(self, task: _Task) -> None:
-        """Account for a task that left the queue without being popped."""
-        self.counts[task.rank] -= 1
-
-    def __len__(self) -> int:
-        return sum(self.counts)
-
-    def __bool__(self) -> bool:
-        return any(self.counts)
-
-
-CacheInfo = collections.namedtuple("CacheInfo", "hits misses evictions expired size max_size ttl")
-
-
-class ResultCache:
-    """An LRU of finished results with a time to live.
-
-    ``OrderedDict`` in recency order: a read moves the entry to the end, an
-    insert past ``max_size`` drops the oldest, and an entry older than ``ttl``
-    seconds is gone whether it is read or swept by ``reap()``.
-    """
-
-    def __init__(self, max_size: int = DEFAULT_CACHE_SIZE, ttl: float = DEFAULT_CACHE_TTL) -> None:
-        if max_size < 0 or ttl < 0:
-            raise ValueError("result cache size and TTL must be >= 0")
-        self.max_size = max_size
-        self.ttl = ttl
-        self._data: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()  # guards _data and the counters
-        self.hits = self.misses = self.evictions = self.expired = 0
-
-    def put(self, key: str, value: Any, now: float | None = None) -> None:
-        if self.max_size == 0:
-            return
-        expires = (time.monotonic() if now is None else now) + self.ttl
-        with self._lock:
-            data = self._data
-            data[key] = (expires, value)
-            data.move_to_end(key)
-            while len(data) > self.max_size:
-                data.popitem(last=False)
-                self.evictions += 1
-
-    def get(self, key: str, now: float | None = None) -> Any:
-        """The value, or None if it was never stored, was evicted or expired."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            if entry[0] <= now:
-                del self._data[key]
-                self.expired += 1
-                self.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.hits += 1
-            return entry[1]
-
-    def peek(self, key: str, now: float | None = None) -> Any:
-        """Like get(), but neither counts nor refreshes recency."""
-        now = time.monotonic() if now is None else now
-        entry = self._data.get(key)
-        return None if entry is None or entry[0] <= now else entry[1]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._data  # expired but not yet reaped counts too
-
-    def reap(self, now: float | None = None) -> int:
-        """Drop every expired entry; returns how many."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            dead = [k for k, (expires, _) in self._data.items() if expires <= now]
-            for k in dead:
-                del self._data[k]
-            self.expired += len(dead)
-        return len(dead)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def info(self) -> CacheInfo:
-        return CacheInfo(self.hits, self.misses, self.evictions, self.expired, len(self._data), self.max_size, self.ttl)
 
 
 ###############################################################################
@@ -810,9 +615,13 @@ class ResultCache:
 
 
 class TaskSpec:
-    """A registered task: the function and its defaults."""
+    """A registered task: the function and its default options.
 
-    __slots__ = ("fn", "name", "priority", "retries", "timeout", "is_async")
+    ``options`` is what the plane needs to know of it (priority, retries,
+    timeout), validated by the same rules as every submission.
+    """
+
+    __slots__ = ("fn", "name", "options", "is_async")
 
     def __init__(
         self,
@@ -822,21 +631,25 @@ class TaskSpec:
         retries: int = 0,
         timeout: float | None = None,
     ) -> None:
-        if priority not in _RANK:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
-        if timeout is not None and (not isinstance(timeout, _NUM) or timeout <= 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+        if type(name) is not str or not 0 < len(name) <= _MAX_ID:
+            raise ValueError(f"a task name must be a string of 1 to {_MAX_ID} characters, not {name!r}")
+        self.options = {"priority": priority, "retries": retries, "timeout": timeout}
+        _check_options(self.options)
         self.fn = fn
         self.name = name
-        self.priority = priority
-        self.retries = retries
-        self.timeout = timeout
         self.is_async = inspect.iscoroutinefunction(fn)
 
-    def defaults(self) -> dict:
-        return {"priority": self.priority, "retries": self.retries, "timeout": self.timeout}
+    @property
+    def priority(self) -> str:
+        return self.options["priority"]
+
+    @property
+    def retries(self) -> int:
+        return self.options["retries"]
+
+    @property
+    def timeout(self) -> float | None:
+        return self.options["timeout"]
 
     def __repr__(self) -> str:
         return f"<TaskSpec {self.name!r} priority={self.priority} retries={self.retries}>"
@@ -893,12 +706,1095 @@ def _task_name(fn: str | Callable) -> str:
     return name
 
 
+def _catalog_of(tasks: Any) -> dict[str, dict]:
+    """A worker's announced task catalog, checked by the one validator.
+
+    Raises:
+        ProtocolError: it is not ``{name: {option: value}}`` with valid options.
+    """
+    if not isinstance(tasks, dict):
+        raise ProtocolError("a worker's 'tasks' must be an object")
+    out = {}
+    for name, options in tasks.items():
+        if not 0 < len(name) <= _MAX_ID or type(options) is not dict:
+            raise ProtocolError(f"a worker's task {name[:_MAX_ID]!r} must have a short name and an options object")
+        _check_options(options, ProtocolError)
+        out[name] = {
+            "priority": options.get("priority") or "normal",
+            "retries": options.get("retries") or 0,
+            "timeout": options.get("timeout"),
+        }
+    return out
+
+
+class _StartupError(Exception):
+    """A role could not start for a reason the user must fix (one line)."""
+
+
 def _import_tasks(modules: Iterable[str]) -> None:
-    """Import task modules by name, from the current directory too."""
+    """Import task modules by name, from the current directory too.
+
+    Raises:
+        _StartupError: a module is missing or fails on import; the message
+            names the module and, where it can, the file and line at fault.
+    """
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in modules:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            hint = ""
+            if isinstance(e, ModuleNotFoundError) and name.endswith(".py"):
+                hint = f" (give the module name, {name[:-3]!r}, not the file name)"
+            where, text = "", str(e)
+            if isinstance(e, SyntaxError) and e.filename:
+                where, text = f" at {e.filename}:{e.lineno}", str(e.msg)
+            elif e.__traceback__ is not None and not isinstance(e, ModuleNotFoundError):
+                last = traceback.extract_tb(e.__traceback__)[-1]
+                where = f" at {last.filename}:{last.lineno}"
+            raise _StartupError(f"cannot import task module {name!r}: {type(e).__name__}: {text}{where}{hint}") from e
+
+
+###############################################################################
+# Data structures ##############################################################
+###############################################################################
+#
+# None of these is thread-safe: the plane's lock guards them all.
+
+
+class _Task:
+    """A task as the plane tracks it from submission to its final state."""
+
+    __slots__ = (
+        "id",
+        "name",
+        "args",
+        "kwargs",
+        "rank",
+        "retries",
+        "timeout",
+        "client",
+        "state",
+        "attempts",
+        "runs",
+        "submitted",
+        "started",
+        "finished",
+        "worker",
+        "holder",
+        "error",
+        "watchers",
+        "item",
+        "seq",
+        "queued",
+        "due",
+        "timer",
+        "wire",
+    )
+
+    def __init__(self, t: dict, rank: int, retries: int, timeout: float | None, client: str, now: float) -> None:
+        self.id = t["id"]
+        self.name = t["name"]
+        self.args = t["args"]
+        self.kwargs = t["kwargs"]
+        self.rank = rank
+        self.retries = retries
+        self.timeout = timeout
+        self.client = client
+        self.state = None  # set by the core's first move
+        self.attempts = 0  # runs started (an attempt handed back unfinished does not count)
+        self.runs = 0  # dispatches: a result must name the run it is from
+        self.submitted = now
+        self.started = None
+        self.finished = None
+        self.worker = None  # name of the worker running or last running it
+        self.holder = None  # the _WorkerState running it now
+        self.error = None  # "Type: message" of the last failed attempt
+        self.watchers = None  # parked "fetch" requests waiting for this task
+        self.item = None  # the encoded RESULT, once final
+        self.seq = None  # its place in the queue, kept when it is put back
+        self.queued = False  # it has a live entry in the queue's heap
+        self.due = None  # when a scheduled task becomes due
+        self.timer = None  # its live entry in the timer heap
+        self.wire = None  # the TASK item a worker receives, encoded once
+
+    def wire_bytes(self) -> bytes:
+        """The TASK item for a worker, without the attempt number."""
+        if self.wire is None:
+            t: dict[str, Any] = {"id": self.id, "name": self.name, "args": self.args, "kwargs": self.kwargs}
+            if self.timeout is not None:
+                t["timeout"] = self.timeout
+            self.wire = _json_bytes(t)
+        return self.wire
+
+    def summary(self, now: float) -> dict:
+        """What status() and the dashboard show."""
+        end = self.finished or now
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "priority": PRIORITIES[self.rank],
+            "attempts": self.attempts,
+            "worker": self.worker,
+            "submitted_at": self.submitted,
+            "started_at": self.started,
+            "finished_at": self.finished,
+            "due_at": self.due if self.state == SCHEDULED else None,
+            "duration": None if self.started is None else round(end - self.started, 6),
+            "error": self.error,
+        }
+
+
+class _Job:
+    """One run of a task, as the process that runs it sees it."""
+
+    __slots__ = ("id", "name", "args", "kwargs", "timeout", "run", "plane")
+
+    def __init__(
+        self, id: str, name: str, args: list, kwargs: dict, timeout: float | None, run: int | None, plane: str = ""
+    ) -> None:
+        self.id = id
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self.run = run  # the plane's number for this run, sent back with the result
+        self.plane = plane  # the plane that sent it
+
+
+class TaskQueue:
+    """The one dispatch heap: higher priority first, FIFO within a priority.
+
+    Entries are ``(rank, seq, task)``; rank 0 is "critical", and ``seq`` keeps
+    equal ranks in submission order (tasks themselves are never compared).
+    ``remove()`` only marks a task: its entry is skipped when it comes up.
+    ``counts`` holds the live tasks per rank.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list = []
+        self._seq = itertools.count()
+        self.counts = [0] * len(PRIORITIES)
+
+    def push(self, task: _Task, keep_seq: bool = False) -> None:
+        """Queue a task; ``keep_seq`` puts it back where it was (a task handed
+        back or whose worker died keeps its turn)."""
+        if not keep_seq or task.seq is None:
+            task.seq = next(self._seq)
+        task.queued = True
+        heapq.heappush(self._heap, (task.rank, task.seq, task))
+        self.counts[task.rank] += 1
+
+    def pop(self) -> _Task | None:
+        heap = self._heap
+        while heap:
+            task = heapq.heappop(heap)[2]
+            if task.queued:
+                task.queued = False
+                self.counts[task.rank] -= 1
+                return task
+        return None
+
+    def remove(self, task: _Task) -> None:
+        """Take a task out of the queue (its heap entry is skipped later)."""
+        task.queued = False
+        self.counts[task.rank] -= 1
+        if len(self._heap) > 2 * len(self) + 64:  # mostly dead entries: rebuild
+            self._heap = [e for e in self._heap if e[2].queued]
+            heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __bool__(self) -> bool:
+        return any(self.counts)
+
+
+class TimerHeap:
+    """Tasks waiting for a time (a delay, a retry's backoff), soonest first.
+
+    Entries are ``(due, seq, task)``; a task taken out early (cancelled) is
+    only marked, skipped when it comes up, and the heap is rebuilt once dead
+    entries are the majority, so it does not stay referenced for long.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list = []
+        self._seq = itertools.count()
+        self.live = 0
+
+    def push(self, task: _Task, due: float) -> bool:
+        """Schedule a task; True if it is now the soonest."""
+        task.due, task.timer = due, next(self._seq)
+        heapq.heappush(self._heap, (due, task.timer, task))
+        self.live += 1
+        return self._heap[0][2] is task
+
+    def remove(self, task: _Task) -> None:
+        task.timer = None
+        self.live -= 1
+        if len(self._heap) > 2 * self.live + 64:
+            self._heap = [e for e in self._heap if e[2].timer == e[1]]
+            heapq.heapify(self._heap)
+
+    def next_due(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][2].timer != heap[0][1]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def pop_due(self, now: float) -> list[_Task]:
+        """Take every task due at ``now``, soonest first."""
+        due, heap = [], self._heap
+        while heap and heap[0][0] <= now:
+            _, seq, task = heapq.heappop(heap)
+            if task.timer == seq:
+                task.timer = None
+                self.live -= 1
+                due.append(task)
+        return due
+
+    def __len__(self) -> int:
+        return self.live
+
+
+CacheInfo = collections.namedtuple("CacheInfo", "hits misses evictions expired size max_size ttl")
+
+
+class ResultCache:
+    """An LRU of finished results with a time to live.
+
+    ``OrderedDict`` in recency order: a read moves the entry to the end, an
+    insert past ``max_size`` drops the oldest, and an entry older than ``ttl``
+    seconds is gone whether it is read or swept by ``reap()``.  Times are
+    passed in (``now``), from the plane's clock.
+    """
+
+    def __init__(self, max_size: int = DEFAULT_CACHE_SIZE, ttl: float = DEFAULT_CACHE_TTL) -> None:
+        if max_size < 0 or ttl < 0:
+            raise ValueError("result cache size and TTL must be >= 0")
+        self.max_size = max_size
+        self.ttl = ttl
+        self._data: collections.OrderedDict = collections.OrderedDict()
+        self.hits = self.misses = self.evictions = self.expired = 0
+
+    def put(self, key: str, value: Any, now: float) -> None:
+        if self.max_size == 0:
+            return
+        data = self._data
+        data[key] = (now + self.ttl, value)
+        data.move_to_end(key)
+        while len(data) > self.max_size:
+            data.popitem(last=False)
+            self.evictions += 1
+
+    def get(self, key: str, now: float) -> Any:
+        """The value, or None if it was never stored, was evicted or expired."""
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if entry[0] <= now:
+            del self._data[key]
+            self.expired += 1
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return entry[1]
+
+    def peek(self, key: str, now: float) -> Any:
+        """Like get(), but neither counts nor refreshes recency."""
+        entry = self._data.get(key)
+        return None if entry is None or entry[0] <= now else entry[1]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data  # expired but not yet reaped counts too
+
+    def reap(self, now: float) -> int:
+        """Drop every expired entry; returns how many."""
+        dead = [k for k, (expires, _) in self._data.items() if expires <= now]
+        for k in dead:
+            del self._data[k]
+        self.expired += len(dead)
+        return len(dead)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def info(self) -> CacheInfo:
+        return CacheInfo(self.hits, self.misses, self.evictions, self.expired, len(self._data), self.max_size, self.ttl)
+
+
+###############################################################################
+# Plane core ###################################################################
+###############################################################################
+#
+# Everything the plane decides happens here, and only here: the task table,
+# the priority queue and the timers, the worker registry, dispatch, retries,
+# the result cache and the counters.  PlaneCore has no sockets, no threads
+# and no clock of its own.  Each event is a method call that is given
+# ``now`` (seconds, from the plane's one clock) and returns the actions the
+# shell must perform, in order:
+#
+#   Reply(req, op, fields, items)  answer request ``req``; ``items`` are
+#                                  encoded TASK or RESULT items, if any
+#   Run(jobs)                      give jobs to the plane's own executor
+#   Publish(events)                completion events for subscribers
+#   Close(conn)                    cut a silent worker's connection
+#   Log(level, msg, args)          a line for the plane's log
+#
+# ``req`` and ``conn`` are opaque integers the shell maps to its NNG contexts
+# and pipes.  A task moves through these states, and only _move() moves it,
+# keeping every count and index that depends on its state:
+#
+#   (new) -> queued | scheduled
+#   scheduled -> queued (due) | cancelled
+#   queued -> running (dispatched) | cancelled
+#   running -> succeeded | failed | scheduled (retry after a backoff)
+#            | queued (its worker was lost and it has retries left, or the
+#              worker handed it back unfinished)
+#
+# The plane's own executor is "worker zero": a worker like the others in
+# the same dispatch (same slots, same least-loaded rule, same accounting),
+# which runs the tasks no connected worker knows.  So the accounting holds
+# at every step:  submitted == queued + scheduled + running + succeeded +
+# failed + cancelled.
+
+Reply = collections.namedtuple("Reply", "req op fields items")
+Run = collections.namedtuple("Run", "jobs")
+Publish = collections.namedtuple("Publish", "events")
+Close = collections.namedtuple("Close", "conn")
+Log = collections.namedtuple("Log", "level msg args")
+
+_NOTHING: dict = {}  # the empty fields of a reply (shared, never changed)
+
+
+class _ClientState:
+    """What the plane keeps per client: results not yet delivered and the
+    client's parked long-poll, if any."""
+
+    __slots__ = ("outbox", "poll", "deadline", "seen")
+
+    def __init__(self, now: float) -> None:
+        self.outbox: list[bytes] = []
+        self.poll: int | None = None  # request handle of its parked poll
+        self.deadline = 0.0
+        self.seen = now
+
+
+class _Fetch:
+    """A parked "fetch" request, answered when all its tasks are done."""
+
+    __slots__ = ("req", "ids", "deadline", "waiting")
+
+    def __init__(self, req: int, ids: list, deadline: float, waiting: int) -> None:
+        self.req = req
+        self.ids = ids
+        self.deadline = deadline
+        self.waiting = waiting  # watched tasks not yet finished
+
+
+class _WorkerState:
+    """A worker as the plane sees it: a connected subworker, or the plane's
+    own executor (``local``, worker zero), which is always ready for work."""
+
+    __slots__ = (
+        "id",
+        "name",
+        "host",
+        "pid",
+        "concurrency",
+        "tasks",
+        "in_flight",
+        "credit",
+        "pull",
+        "pull_deadline",
+        "conn",
+        "local",
+        "last_seen",
+        "last_heartbeat",
+        "registered_at",
+        "turn",
+        "completed",
+    )
+
+    def __init__(self, wid: str, info: dict, tasks: Any, conn: int | None, now: float) -> None:
+        self.id = wid
+        self.name = str(info.get("name") or wid)[:_MAX_ID]
+        self.host = str(info.get("host") or "?")[:_MAX_ID]
+        pid = info.get("pid")
+        self.pid = pid if type(pid) is int else 0
+        conc = info.get("concurrency")
+        self.concurrency = conc if type(conc) is int and 0 < conc <= 1_000_000 else 1
+        self.tasks = tasks  # the names it can run -> their default options
+        self.in_flight: dict[str, _Task] = {}
+        self.credit = self.concurrency  # 0 while it drains
+        self.pull: int | None = None  # request handle of its parked "pull"
+        self.pull_deadline = 0.0
+        self.conn = conn
+        self.local = conn is None
+        self.last_seen = now  # any sign of life: a pull or a heartbeat
+        self.last_heartbeat = now
+        self.registered_at = now
+        self.turn = 0  # breaks ties between equally loaded workers: least recently served first
+        self.completed = 0
+
+    def free(self) -> int:
+        """Slots it would take work for."""
+        return min(self.credit, self.concurrency) - len(self.in_flight)
+
+    def summary(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "concurrency": self.concurrency,
+            "in_flight": len(self.in_flight),
+            "load": round(len(self.in_flight) / self.concurrency, 3),
+            "completed": self.completed,
+            "last_heartbeat": self.last_heartbeat,
+            "registered_at": self.registered_at,
+            "tasks": sorted(self.tasks),
+            "state": "draining" if self.credit == 0 else "connected",
+        }
+
+
+class PlaneCore:
+    """The plane's state machine: queue, timers, registry, dispatch, retries,
+    result cache and counters, with no I/O (see the section comment).
+
+    Not thread-safe: the shell calls it under one lock.
+
+    Args:
+        plane_id: the plane's identity, stamped on its replies.
+        local_tasks: name -> TaskSpec of the tasks the plane can run itself.
+        now: the clock's time at creation.
+        concurrency: slots of the plane's own executor (worker zero).
+    """
+
+    def __init__(
+        self,
+        plane_id: str,
+        local_tasks: dict[str, TaskSpec],
+        now: float,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        result_cache_size: int = DEFAULT_CACHE_SIZE,
+        result_cache_ttl: float = DEFAULT_CACHE_TTL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+        reap_interval: float = REAP_INTERVAL,
+    ) -> None:
+        self.id = plane_id
+        self.local_tasks = local_tasks
+        self.cache = ResultCache(result_cache_size, result_cache_ttl)
+        self.heartbeat_timeout = heartbeat_timeout
+        self.retry_backoff = retry_backoff
+        self.reap_interval = reap_interval
+        self.heartbeat_address: str | None = None  # told to workers at registration (set by the shell)
+        self.subscribers = 0  # event subscribers connected (kept by the shell)
+        self.stopping = False  # no new work; running tasks may finish
+        self.timers_changed = False  # a timer came due sooner: the shell's housekeeper must wake
+        self.tasks: dict[str, _Task] = {}  # every task not yet finished, in submission order
+        self.queue = TaskQueue()
+        self.timers = TimerHeap()
+        self.clients: dict[str, _ClientState] = {}
+        self.fetches: set[_Fetch] = set()
+        self.workers: dict[str, _WorkerState] = {}  # connected subworkers by id
+        self.by_conn: dict[int, _WorkerState] = {}
+        self.catalog: dict[str, dict] = {}  # task name -> default options, over the connected subworkers
+        self._zero_known = -1  # len(local_tasks) when _zero_useful was computed (-1: never)
+        self._zero_useful = True
+        self.zero = _WorkerState("plane", {"name": "plane", "concurrency": concurrency}, local_tasks, None, now)
+        self.counts = dict.fromkeys(STATES, 0)
+        self.submitted = self.retried = self.late = 0
+        self.workers_lost = self.requeued = self.handed_back = 0
+        self.errors = {"protocol": 0, "auth": 0, "internal": 0, "send": 0}
+        self.recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)
+        self.started_at = now
+        self._turns = itertools.count(1)
+        self.zero.turn = next(self._turns)
+        self._sweep_interval = min(1.0, heartbeat_timeout / 4)
+        self._next_sweep = now + self._sweep_interval
+        self._next_reap = now + reap_interval
+        self._acts: list = []  # actions of the event at hand
+        self._ripe: set[_ClientState] = set()  # clients with a parked poll and results for it
+        self._events: list[dict] = []  # completion events of the event at hand
+
+    # -- the one place a task changes state -------------------------------------
+
+    def _move(
+        self, task: _Task, state: str, now: float, *, due: float = 0.0, worker: Any = None, keep_seq: bool = False
+    ) -> None:
+        """Move ``task`` to ``state`` and keep every count and index that
+        depends on it: the counts per state, the queue, the timers, the
+        workers' in-flight sets; a final state settles the task."""
+        old = task.state
+        counts = self.counts
+        if old is not None:
+            counts[old] -= 1
+            if old == QUEUED:
+                if task.queued:  # not popped by dispatch: cancelled
+                    self.queue.remove(task)
+            elif old == SCHEDULED:
+                if task.timer is not None:  # not come due: cancelled
+                    self.timers.remove(task)
+            elif old == RUNNING:
+                del task.holder.in_flight[task.id]
+                task.holder = None
+        counts[state] += 1
+        task.state = state
+        if state == QUEUED:
+            self.queue.push(task, keep_seq)
+        elif state == SCHEDULED:
+            if self.timers.push(task, due):
+                self.timers_changed = True
+        elif state == RUNNING:
+            task.holder = worker
+            worker.in_flight[task.id] = task
+            task.attempts += 1
+            task.runs += 1
+            task.started = now
+            task.worker = worker.name
+        else:
+            self._settle(task, now)
+
+    def _settle(self, task: _Task, now: float) -> None:
+        """A task reached its final state (``task.item`` holds its RESULT):
+        cache it and tell whoever waits for it."""
+        task.finished = now
+        del self.tasks[task.id]
+        task.args = task.kwargs = task.wire = None  # keep the outcome, not the input
+        self.cache.put(task.id, task, now)
+        self.recent.append(task)
+        cs = self.clients.get(task.client)
+        if cs is not None:
+            cs.outbox.append(task.item)
+            if cs.poll is not None:
+                self._ripe.add(cs)  # answered once the whole event is handled
+        if task.watchers:
+            for fetch in task.watchers:
+                fetch.waiting -= 1
+                if fetch.waiting == 0 and fetch in self.fetches:
+                    self.fetches.discard(fetch)
+                    self._reply(fetch.req, "results", items=self._fetch_items(fetch.ids, now))
+            task.watchers = None
+        if self.subscribers:
+            self._events.append(task.summary(now))
+
+    def _outcome(self, task: _Task, state: str, item: bytes, error: Any, now: float) -> None:
+        """The outcome of one run of a running task: retry it, or make it
+        final.  A task that raised waits 1 s, 2 s, 4 s ... (from the retry
+        backoff) before its next run; one whose worker was lost is queued
+        again at once, at its old place."""
+        err = error if type(error) is dict else None
+        if err is not None:
+            task.error = f"{err.get('type')}: {err.get('message')}"
+        kind = err.get("kind") if err is not None else None
+        if state == FAILED and kind in ("raised", "lost") and task.attempts <= task.retries:
+            self.retried += 1
+            if kind == "lost":
+                self.requeued += 1
+                self._move(task, QUEUED, now, keep_seq=True)
+            else:
+                backoff = self.retry_backoff * 2 ** min(task.attempts - 1, 30)
+                self._move(task, SCHEDULED, now, due=now + min(backoff, MAX_BACKOFF))
+            return
+        if state == SUCCEEDED:
+            task.error = None  # an earlier attempt's error is history
+        task.item = item
+        self._move(task, state, now)
+
+    # -- building actions ---------------------------------------------------------
+
+    def _reply(self, req: int, op: str, fields: dict = _NOTHING, items: list | None = None) -> None:
+        self._acts.append(Reply(req, op, fields, items))
+
+    def _log(self, level: int, msg: str, *args: Any) -> None:
+        self._acts.append(Log(level, msg, args))
+
+    def _done(self) -> list:
+        """The actions of the event at hand.  Clients' parked polls are
+        answered here, after every result of the event is in, so that they
+        all travel in one reply."""
+        if self._ripe:
+            for cs in self._ripe:
+                if cs.poll is not None and cs.outbox:
+                    self._reply(cs.poll, "results", items=self._take_results(cs))
+                    cs.poll = None
+            self._ripe.clear()
+        if self._events:
+            self._acts.append(Publish(self._events))
+            self._events = []
+        acts, self._acts = self._acts, []
+        return acts
+
+    @staticmethod
+    def _take_results(cs: _ClientState) -> list[bytes]:
+        """As many of a client's waiting results as fit one message."""
+        items, size = cs.outbox, 0
+        for n, item in enumerate(items):
+            size += len(item)
+            if size > _BATCH_BYTES and n:
+                cs.outbox = items[n:]
+                return items[:n]
+        cs.outbox = []
+        return items
+
+    # -- client events ------------------------------------------------------------
+
+    def _client(self, cid: str, now: float) -> _ClientState:
+        cs = self.clients.get(cid)
+        if cs is None:
+            cs = self.clients[cid] = _ClientState(now)
+        cs.seen = now
+        return cs
+
+    def options_of(self, name: str) -> dict | None:
+        """The default options of a task some worker can run, or None.
+        Connected subworkers run the tasks they know; the plane runs the
+        rest of its own."""
+        opts = self.catalog.get(name)
+        if opts is None:
+            spec = self.local_tasks.get(name)
+            opts = None if spec is None else spec.options
+        return opts
+
+    def submit(self, req: int, client: str, tasks: list[dict], now: float) -> list:
+        """A client submits TASK items (validated): queue or schedule each,
+        or reject it (duplicate id, unknown name); answer "accepted"."""
+        if self.stopping:
+            self._reply(req, "error", {"error": _error("unavailable", "PlaneUnavailable", "the plane is stopping")})
+            return self._done()
+        self._client(client, now)
+        rejected = []
+        for t in tasks:
+            tid = t["id"]
+            if tid in self.tasks or tid in self.cache:
+                rejected.append({"id": tid, "error": _error("protocol", "ProtocolError", "duplicate task id")})
+                continue
+            opts = self.options_of(t["name"])
+            if opts is None:
+                err = _error("unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}")
+                rejected.append({"id": tid, "error": err})
+                continue
+            retries = t.get("retries")
+            task = _Task(
+                t,
+                _RANK[t.get("priority") or opts["priority"]],
+                opts["retries"] if retries is None else retries,
+                t.get("timeout") or opts["timeout"],
+                client,
+                now,
+            )
+            self.tasks[tid] = task
+            self.submitted += 1
+            delay = t.get("delay")
+            if delay:
+                self._move(task, SCHEDULED, now, due=now + delay)
+            else:
+                self._move(task, QUEUED, now)
+        self._reply(req, "accepted", {"rejected": rejected})
+        self._dispatch(now)
+        return self._done()
+
+    def poll(self, req: int, client: str, wait: float, now: float) -> list:
+        """A client's long-poll for its results: answered at once if any
+        wait, else parked until some arrive or ``wait`` seconds pass."""
+        cs = self._client(client, now)
+        if cs.outbox or wait <= 0:
+            self._reply(req, "results", items=self._take_results(cs))
+        else:
+            if cs.poll is not None:  # the client gave up on it: it has a new one now
+                self._reply(cs.poll, "results", items=[])
+            cs.poll, cs.deadline = req, now + wait
+        return self._done()
+
+    def _fetch_items(self, ids: list, now: float) -> list[bytes]:
+        """RESULT items (or the current state) of tasks by id."""
+        items = []
+        for tid in ids:
+            task = self.tasks.get(tid)
+            if task is None:
+                task = self.cache.get(tid, now)
+            if task is None:
+                items.append(_json_bytes({"id": tid, "state": "unknown"}))
+            elif task.state in TERMINAL:
+                items.append(task.item)
+            else:
+                items.append(_json_bytes({"id": tid, "state": task.state}))
+        return items
+
+    def fetch(self, req: int, ids: list, wait: float, now: float) -> list:
+        """Results of any tasks by id, parked up to ``wait`` seconds while
+        some of them are unfinished."""
+        pending = [self.tasks[i] for i in ids if i in self.tasks]
+        if not pending or wait <= 0 or self.stopping:
+            self._reply(req, "results", items=self._fetch_items(ids, now))
+        else:
+            fetch = _Fetch(req, ids, now + wait, len(pending))
+            for task in pending:
+                if task.watchers is None:
+                    task.watchers = []
+                task.watchers.append(fetch)
+            self.fetches.add(fetch)
+        return self._done()
+
+    def _status(self, tid: str, now: float) -> dict:
+        task = self.tasks.get(tid) or self.cache.peek(tid, now)
+        return {"id": tid, "state": "unknown"} if task is None else task.summary(now)
+
+    def status(self, req: int, ids: list, now: float) -> list:
+        self._reply(req, "statuses", {"statuses": [self._status(tid, now) for tid in ids]})
+        return self._done()
+
+    def cancel(self, req: int | None, ids: list, now: float) -> list:
+        """Cancel the tasks that have not started (queued or scheduled)."""
+        cancelled = []
+        for tid in ids:
+            task = self.tasks.get(tid)
+            if task is not None and (task.state == QUEUED or task.state == SCHEDULED):
+                task.item = encode_result(tid, CANCELLED)
+                self._move(task, CANCELLED, now)
+                cancelled.append(tid)
+        if req is not None:
+            self._reply(req, "cancelled", {"ids": cancelled})
+        return self._done()
+
+    def bye(self, req: int, client: str, now: float) -> list:
+        """A client leaves: forget it (and answer its parked poll)."""
+        cs = self.clients.pop(client, None)
+        if cs is not None and cs.poll is not None:
+            self._reply(cs.poll, "results", items=[])
+        self._reply(req, "ok")
+        return self._done()
+
+    # -- worker events ------------------------------------------------------------
+
+    def pull(
+        self,
+        req: int,
+        conn: int,
+        wid: str,
+        credit: int,
+        results: list[dict],
+        returned: list[str],
+        info: dict | None,
+        now: float,
+    ) -> list:
+        """A worker's request for work.  It carries the results of earlier
+        runs and the ids of tasks it hands back; the reply carries new tasks,
+        as soon as there are any.  The first pull registers the worker.
+
+        Raises:
+            ProtocolError: the registration info is invalid (nothing changed).
+        """
+        w = self.workers.get(wid)
+        if w is None:  # a new worker, or one this plane declared dead: register it
+            self.late += len(results)
+            if info is None or self.stopping:
+                self._reply(req, "tasks", {"register": not self.stopping}, [])
+            else:
+                self._register(wid, info, conn, now)
+                interval = self.heartbeat_timeout / 5
+                self._reply(req, "tasks", {"heartbeat": self.heartbeat_address, "heartbeat_interval": interval}, [])
+            return self._done()
+        if conn != w.conn:  # it reconnected: its old connection's close must not drop it
+            self.by_conn.pop(w.conn, None)
+            w.conn = conn
+            self.by_conn[conn] = w
+        w.last_seen = now
+        for r in results:
+            task = self.tasks.get(r["id"])
+            if task is None or task.holder is not w or r.get("run", task.runs) != task.runs:
+                self.late += 1  # its worker was declared dead, or it was handed back: ignored
+                continue
+            w.completed += 1
+            self._outcome(task, r["state"], _json_bytes(r), r.get("error"), now)
+        for tid in returned:
+            task = w.in_flight.get(tid)
+            if task is not None:
+                task.attempts -= 1  # it never ran to the end: not an attempt
+                self.handed_back += 1
+                self._move(task, QUEUED, now, keep_seq=True)
+        w.credit = max(0, credit)
+        # A worker keeps at most one request parked here.  Tasks go to the
+        # parked one; a second request (it brought results) is answered at
+        # once, or takes the parked one's place once that is answered.
+        second = None
+        if w.pull is None:
+            w.pull, w.pull_deadline = req, now + PULL_WAIT
+        else:
+            second = req
+        self._dispatch(now)
+        if second is not None and w.pull is None:
+            w.pull, w.pull_deadline, second = second, now + PULL_WAIT, None
+            self._dispatch(now)
+        if w.pull is not None and w.credit == 0:  # it drains: nothing to wait for
+            self._reply(w.pull, "tasks", items=[])
+            w.pull = None
+        if second is not None:
+            self._reply(second, "tasks", items=[])
+        return self._done()
+
+    def _register(self, wid: str, info: dict, conn: int, now: float) -> None:
+        tasks = _catalog_of(info.get("tasks"))
+        w = _WorkerState(wid, info, tasks, conn, now)
+        w.turn = next(self._turns)
+        self.workers[wid] = w
+        self.by_conn[conn] = w
+        self._rebuild_catalog()
+        self._log(logging.INFO, "worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid, w.concurrency)
+
+    def _rebuild_catalog(self) -> None:
+        self.catalog = {}
+        for w in self.workers.values():
+            for name, options in w.tasks.items():
+                self.catalog.setdefault(name, options)
+        self._zero_known = -1  # whether worker zero has tasks of its own: look again
+
+    def _zero_has_work(self) -> bool:
+        """Does the plane know a task no connected worker knows?  (Then its
+        own executor takes part in dispatch.)  Recomputed when the catalog
+        or the plane's registry changes."""
+        local = self.local_tasks
+        if self._zero_known != len(local):
+            self._zero_known = len(local)
+            self._zero_useful = any(name not in self.catalog for name in local)
+        return self._zero_useful
+
+    def heartbeat(self, wid: str, now: float) -> None:
+        """A worker's heartbeat: proof of life for a worker whose connection
+        stays up while it hangs."""
+        w = self.workers.get(wid)
+        if w is not None:
+            w.last_seen = w.last_heartbeat = now
+
+    def conn_closed(self, conn: int, now: float) -> list:
+        """A connection closed: drop the worker on it, if any."""
+        w = self.by_conn.get(conn)
+        if w is not None:
+            self._drop(w, "connection closed", now)
+        return self._done()
+
+    def _drop(self, w: _WorkerState, why: str, now: float) -> None:
+        """A worker is gone: requeue or fail what it was running."""
+        if self.workers.get(w.id) is not w:
+            return
+        del self.workers[w.id]
+        self.by_conn.pop(w.conn, None)
+        self._rebuild_catalog()
+        self.workers_lost += 1
+        if w.pull is not None:
+            self._reply(w.pull, "tasks", {"register": True}, [])
+            w.pull = None
+        lost = list(w.in_flight.values())
+        err = _error("lost", "WorkerLost", f"worker {w.name} was lost ({why}) while running the task")
+        for task in lost:
+            self._outcome(task, FAILED, encode_result(task.id, FAILED, error=err), err, now)
+        self._log(logging.WARNING, "worker %s lost (%s): %d task(s) in flight", w.name, why, len(lost))
+        self._dispatch(now)
+
+    def local_done(self, finished: list[tuple], now: float) -> list:
+        """The plane's own executor (worker zero) finished runs: a list of
+        ``(task id, run, state, RESULT item, error)``."""
+        zero = self.zero
+        for tid, run, state, item, error in finished:
+            task = self.tasks.get(tid)
+            if task is None or task.holder is not zero or run != task.runs:
+                self.late += 1
+                continue
+            zero.completed += 1
+            self._outcome(task, state, item, error, now)
+        self._dispatch(now)
+        return self._done()
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        """Hand queued tasks to workers with room: each task to the
+        least-loaded worker that can run it (worker zero only takes what no
+        connected subworker knows), and each worker its share in one message."""
+        if not self.queue or self.stopping:
+            return
+        ready = []  # heap of [load, turn, worker, free slots]
+        for w in self.workers.values():
+            if w.pull is not None:
+                room = w.free()
+                if room > 0:
+                    ready.append([len(w.in_flight) / w.concurrency, w.turn, w, room])
+        zero = self.zero
+        room = zero.concurrency - len(zero.in_flight)
+        if room > 0 and self._zero_has_work():
+            ready.append([len(zero.in_flight) / zero.concurrency, zero.turn, zero, room])
+        if not ready:
+            return
+        heapq.heapify(ready)
+        catalog = self.catalog
+        batches: dict[_WorkerState, list] = {}
+        skipped = []
+        while ready and self.queue:
+            task = self.queue.pop()
+            name = task.name
+            entry, passed = None, []
+            while ready:
+                e = heapq.heappop(ready)
+                w = e[2]
+                if name in w.tasks and (w is not zero or name not in catalog):
+                    entry = e
+                    break
+                passed.append(e)
+            for e in passed:
+                heapq.heappush(ready, e)
+            if entry is None:  # no worker with room can run it: it waits for one
+                skipped.append(task)
+                if len(skipped) >= _DISPATCH_SKIP:
+                    break
+                continue
+            w = entry[2]
+            self._move(task, RUNNING, now, worker=w)
+            batches.setdefault(w, []).append(task)
+            entry[3] -= 1
+            if entry[3]:
+                entry[0] = len(w.in_flight) / w.concurrency
+                entry[1] = w.turn = next(self._turns)
+                heapq.heappush(ready, entry)
+        for task in skipped:
+            self.queue.push(task, keep_seq=True)
+        for w, tasks in batches.items():
+            w.turn = next(self._turns)
+            if w is zero:
+                self._acts.append(Run([_Job(t.id, t.name, t.args, t.kwargs, t.timeout, t.runs) for t in tasks]))
+            else:
+                items = [b'{"run":%d,' % t.runs + t.wire_bytes()[1:] for t in tasks]
+                self._reply(w.pull, "tasks", items=items)
+                w.pull = None
+
+    # -- time ---------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list:
+        """Time passed: queue tasks that came due; now and then answer
+        expired parked requests, drop silent workers and reap the cache."""
+        due = self.timers.pop_due(now)
+        for task in due:
+            self._move(task, QUEUED, now)
+        if due:
+            self._dispatch(now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+        if now >= self._next_reap:
+            self.cache.reap(now)
+            self._next_reap = now + self.reap_interval
+        return self._done()
+
+    def _sweep(self, now: float) -> None:
+        for cid, cs in list(self.clients.items()):
+            if cs.poll is not None:
+                if cs.deadline <= now:
+                    self._reply(cs.poll, "results", items=[])
+                    cs.poll = None
+            elif now - cs.seen > CLIENT_IDLE_TTL:
+                del self.clients[cid]
+        for fetch in [f for f in self.fetches if f.deadline <= now]:
+            self.fetches.discard(fetch)
+            self._reply(fetch.req, "results", items=self._fetch_items(fetch.ids, now))
+        wake = now + self._sweep_interval
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.heartbeat_timeout:
+                self._drop(w, f"no heartbeat for {now - w.last_seen:.1f} s", now)
+                self._acts.append(Close(w.conn))  # if it wakes up, it registers afresh
+                continue
+            wake = min(wake, w.last_seen + self.heartbeat_timeout + 0.001)  # when the quietest times out
+            if w.pull is not None and w.pull_deadline <= now:
+                self._reply(w.pull, "tasks", items=[])
+                w.pull = None
+        self._next_sweep = wake
+
+    def next_deadline(self) -> float:
+        """When ``tick()`` has something to do next."""
+        due = self.timers.next_due()
+        wake = min(self._next_sweep, self._next_reap)
+        return wake if due is None or due > wake else due
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def stop(self, now: float) -> list:
+        """Stop taking work: submissions are refused and nothing more is
+        dispatched; running tasks may finish and report."""
+        self.stopping = True
+        return self._done()
+
+    def close(self, now: float) -> list:
+        """The plane closes: answer every parked request, telling clients
+        that the plane is gone."""
+        self.stopping = True
+        for cs in self.clients.values():
+            if cs.poll is not None:
+                self._reply(cs.poll, "results", {"closing": True}, self._take_results(cs))
+                cs.poll = None
+        err = _error("unavailable", "PlaneUnavailable", "the plane is shutting down")
+        for fetch in self.fetches:
+            self._reply(fetch.req, "error", {"error": err})
+        self.fetches.clear()
+        for w in self.workers.values():
+            if w.pull is not None:
+                self._reply(w.pull, "tasks", items=[])
+                w.pull = None
+        return self._done()
+
+    def running_remotely(self) -> int:
+        return sum(len(w.in_flight) for w in self.workers.values())
+
+    # -- observing --------------------------------------------------------------------------
+
+    def stats(self, now: float) -> dict:
+        """Counts per state and priority, workers, the result cache."""
+        info = self.cache.info()
+        zero = self.zero
+        return {
+            "tasks": {"submitted": self.submitted, **self.counts, "retried": self.retried},
+            "queues": dict(zip(PRIORITIES, self.queue.counts, strict=True)),
+            "workers": [w.summary() for w in self.workers.values()],
+            "dispatch": {
+                "workers_lost": self.workers_lost,
+                "requeued": self.requeued,
+                "handed_back": self.handed_back,
+                "late_results": self.late,
+            },
+            "local": {"concurrency": zero.concurrency, "running": len(zero.in_flight), "completed": zero.completed},
+            "cache": {
+                "size": info.size,
+                "max_size": info.max_size,
+                "ttl": info.ttl,
+                "hits": info.hits,
+                "misses": info.misses,
+                "evictions": info.evictions,
+                "expired": info.expired,
+            },
+            "clients": len(self.clients),
+            "errors": dict(self.errors),
+        }
+
+    def recent_tasks(self, limit: int, state: str | None, now: float) -> list[dict]:
+        """Recent tasks, newest first: unfinished ones, then finished."""
+        out: list[dict] = []
+        for task in itertools.chain(reversed(self.tasks.values()), reversed(self.recent)):
+            if len(out) >= limit:
+                break
+            if state is None or task.state == state:
+                out.append(task.summary(now))
+        return out
+
+    def task_status(self, tid: str, now: float) -> dict | None:
+        status = self._status(tid, now)
+        return None if status["state"] == "unknown" else status
+
+    def task_names(self) -> list[str]:
+        return sorted(set(self.catalog) | set(self.local_tasks))
 
 
 ###############################################################################
@@ -942,6 +1838,22 @@ class _AsyncRunner:
             loop.close()
 
 
+class _Escaped(Exception):
+    """A task's KeyboardInterrupt or SystemExit, carried as an ordinary
+    exception: asyncio lets those two stop the event loop itself."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
+async def _contained(coro: Any) -> Any:
+    try:
+        return await coro
+    except (KeyboardInterrupt, SystemExit) as e:
+        raise _Escaped(e) from None
+
+
 def _failure(kind: str, exc: BaseException, skip_frames: int = 1) -> dict:
     tb = exc.__traceback__
     for _ in range(skip_frames):  # start the traceback at the task, not at us
@@ -950,55 +1862,40 @@ def _failure(kind: str, exc: BaseException, skip_frames: int = 1) -> dict:
     return _error(kind, type(exc).__name__, str(exc), text)
 
 
-def _failed(job: Any, err: dict) -> tuple[str, bytes, dict]:
-    return FAILED, encode_result(job.id, FAILED, error=err), err
-
-
-class _Job:
-    """A task as a worker runs it."""
-
-    __slots__ = ("id", "name", "args", "kwargs", "timeout", "plane")
-
-    def __init__(self, t: dict, plane: str) -> None:
-        self.id = t["id"]
-        self.name = t["name"]
-        self.args = t["args"]
-        self.kwargs = t["kwargs"]
-        self.timeout = t.get("timeout")
-        self.plane = plane
-
-
 class _Executor:
-    """Runs jobs for the plane (when it has no subworker) and for workers.
+    """Runs jobs: the plane's own (worker zero) and a subworker's.
 
-    ``concurrency`` threads take jobs with ``take()`` (None means stop) and
-    run them; ``async def`` tasks run on one event loop instead, so they hold
-    no thread.  ``take()`` hands out at most as many jobs as its owner has
-    slots (the plane counts its own; a worker gets no more than its slots).
-    Every outcome goes to ``report(job, state, item, error)``, whatever the
-    task does.  A job with a time limit runs on a thread of its own: past the
-    limit it is reported as TaskTimeout and its thread is abandoned, and if it
-    is still running ``margin`` seconds later ``on_overrun(job)`` is called.
+    ``concurrency`` threads take jobs from ``inbox`` (None stops one) and run
+    them; ``async def`` tasks run on one event loop instead, so they hold a
+    slot but no thread.  ``begin(job)``, if given, is asked before a job
+    starts (False: skip it).  Every outcome goes to ``report(job, state,
+    item, error)``, whatever the task does: a task that raises anything,
+    ``KeyboardInterrupt`` and ``SystemExit`` included, fails with its type
+    and message, and the runner goes on.  A job with a time limit runs on a
+    thread of its own: past the limit it is reported as TaskTimeout and its
+    thread is abandoned, and if it is still running ``margin`` seconds later
+    ``on_overrun(job)`` is called.
     """
 
     def __init__(
         self,
         concurrency: int,
-        take: Callable[[], Any],
-        report: Callable[[Any, str, bytes, dict | None], None],
+        report: Callable[[_Job, str, bytes, dict | None], None],
         max_size: int,
-        on_overrun: Callable[[Any], None] | None = None,
+        begin: Callable[[_Job], bool] | None = None,
+        on_overrun: Callable[[_Job], None] | None = None,
         margin: float = 1.0,
     ) -> None:
         self.concurrency = concurrency
         self.margin = margin
-        self._take = take
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # jobs not yet started; None stops a runner
         self._report = report
+        self._begin = begin
         self._max_size = max_size
         self._on_overrun = on_overrun
         self._loop = _AsyncRunner()
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()  # guards abandoned
+        self._lock = threading.Lock()  # guards abandoned and each limited job's state cell
         self.abandoned = 0  # task threads still running past their time limit
 
     def start(self, prefix: str) -> None:
@@ -1007,52 +1904,59 @@ class _Executor:
             t.start()
             self._threads.append(t)
 
-    def join(self, deadline: float) -> None:
-        """Wait until ``deadline`` for the runners, which exit once ``take()``
-        returns None, then stop the event loop."""
+    def stop(self, deadline: float) -> None:
+        """Tell every runner to exit once it is idle, wait for them until
+        ``deadline``, then stop the event loop."""
+        for _ in self._threads:
+            self.inbox.put(None)
         _join(self._threads, deadline)
         self._loop.stop(max(0.1, deadline - time.monotonic()))
 
     def _serve(self) -> None:
-        while (job := self._take()) is not None:
-            self._run(job)
+        while (job := self.inbox.get()) is not None:
+            if self._begin is None or self._begin(job):
+                self._run(job)
 
-    def _done(self, job: Any, state: str, item: bytes, error: dict | None) -> None:
+    def _done(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
         try:
             self._report(job, state, item, error)
         except Exception:
             logger.exception("could not report the outcome of task %s", job.id)
 
-    def _encode(self, job: Any, value: Any) -> tuple[str, bytes, dict | None]:
+    def _failed(self, job: _Job, err: dict) -> tuple[str, bytes, dict]:
+        return FAILED, encode_result(job.id, FAILED, error=err, run=job.run), err
+
+    def _encode(self, job: _Job, value: Any) -> tuple[str, bytes, dict | None]:
         try:
-            item = encode_result(job.id, SUCCEEDED, value)
-        except (TypeError, ValueError) as e:
+            item = encode_result(job.id, SUCCEEDED, value, run=job.run)
+        except (TypeError, ValueError, RecursionError) as e:
             err = _error("raised", "TypeError", f"the result of task {job.name!r} is not JSON-serializable: {e}")
-            return _failed(job, err)
+            return self._failed(job, err)
         if len(item) > self._max_size - 4096:
             err = _error(
                 "raised", "ValueError", f"the result of task {job.name!r} is {len(item)} bytes, over the limit"
             )
-            return _failed(job, err)
+            return self._failed(job, err)
         return SUCCEEDED, item, None
 
-    def _call(self, job: Any, spec: TaskSpec) -> tuple[str, bytes, dict | None]:
+    def _call(self, job: _Job, spec: TaskSpec) -> tuple[str, bytes, dict | None]:
         try:
             value = spec.fn(*job.args, **job.kwargs)
-        except (Exception, SystemExit) as e:
-            return _failed(job, _failure("raised", e))
+        except BaseException as e:  # noqa: B036 - a task's exception, whatever it is, is its outcome
+            return self._failed(job, _failure("raised", e))
         return self._encode(job, value)
 
-    def _run(self, job: Any) -> None:
+    def _run(self, job: _Job) -> None:
         spec = _registry.get(job.name)
         if spec is None:
             err = _error("unknown_task", "UnknownTask", f"no task named {job.name!r} is registered here")
-            self._done(job, *_failed(job, err))
+            self._done(job, *self._failed(job, err))
         elif spec.is_async:
             try:
                 coro = spec.fn(*job.args, **job.kwargs)
-            except Exception as e:  # wrong arguments fail before there is a coroutine
-                return self._done(job, *_failed(job, _failure("raised", e)))
+            except BaseException as e:  # noqa: B036 - wrong arguments fail before there is a coroutine
+                return self._done(job, *self._failed(job, _failure("raised", e)))
+            coro = _contained(coro)
             if job.timeout:
                 coro = asyncio.wait_for(coro, job.timeout)
             started = time.monotonic()
@@ -1062,31 +1966,33 @@ class _Executor:
         else:
             self._done(job, *self._call(job, spec))
 
-    def _async_done(self, job: Any, fut: concurrent.futures.Future, started: float) -> None:
+    def _async_done(self, job: _Job, fut: concurrent.futures.Future, started: float) -> None:
         try:
             outcome = self._encode(job, fut.result())
         except (asyncio.TimeoutError, TimeoutError) as e:
             if job.timeout and time.monotonic() - started >= job.timeout * 0.999:
-                outcome = _failed(job, self._overran(job))
+                outcome = self._failed(job, self._overran(job))
             else:
-                outcome = _failed(job, _failure("raised", e, 0))
+                outcome = self._failed(job, _failure("raised", e, 0))
         except (concurrent.futures.CancelledError, asyncio.CancelledError):
-            outcome = _failed(job, _error("raised", "CancelledError", "the task was cancelled at shutdown"))
-        except (Exception, SystemExit) as e:
-            outcome = _failed(job, _failure("raised", e, 0))
+            outcome = self._failed(job, _error("raised", "CancelledError", "the task was cancelled at shutdown"))
+        except _Escaped as e:
+            outcome = self._failed(job, _failure("raised", e.exc, 1))
+        except BaseException as e:  # noqa: B036 - the task's own exception
+            outcome = self._failed(job, _failure("raised", e, 0))
         self._done(job, *outcome)
 
     @staticmethod
-    def _overran(job: Any) -> dict:
+    def _overran(job: _Job) -> dict:
         return _error("timeout", "TaskTimeout", f"task {job.name!r} ran past its time limit of {job.timeout:g} s")
 
-    def _run_limited(self, job: Any, spec: TaskSpec) -> None:
-        box: list = []
+    def _run_limited(self, job: _Job, spec: TaskSpec) -> None:
+        outcome: list = []
         state = ["running"]  # -> "done", or -> "abandoned" -> "done"; guarded by self._lock
 
         def target() -> None:
             try:
-                box.append(self._call(job, spec))
+                outcome.append(self._call(job, spec))
             finally:
                 with self._lock:
                     if state[0] == "abandoned":
@@ -1095,19 +2001,124 @@ class _Executor:
 
         t = threading.Thread(target=target, name="fastworker-task", daemon=True)
         t.start()
-        t.join(job.timeout)
+        t.join(job.timeout)  # bounded by MAX_TIMEOUT, so it cannot overflow
         with self._lock:
             finished = state[0] == "done"
             if not finished:
                 state[0] = "abandoned"
                 self.abandoned += 1
-        if finished and box:
-            return self._done(job, *box[0])
-        self._done(job, *_failed(job, self._overran(job)))
+        if finished and outcome:
+            return self._done(job, *outcome[0])
+        self._done(job, *self._failed(job, self._overran(job)))
         if self._on_overrun is not None:
             t.join(self.margin)
             if t.is_alive():
                 self._on_overrun(job)
+
+
+###############################################################################
+# NNG transport ################################################################
+###############################################################################
+
+
+def _nng_ms(timeout: float | None) -> int:
+    """Seconds (None = forever) as an NNG duration in milliseconds."""
+    return -1 if timeout is None else max(0, int(timeout * 1000))
+
+
+# Why _Chan calls NNG through pynng's cffi layer (pynng.ffi, pynng.lib and
+# the private Context.context / Context._context) instead of Context.send
+# and Context.recv:
+#   * a deadline on every wait: pynng 0.9.0 has no per-context timeout (a
+#     context copies the socket's timeouts when it is made, and the option
+#     setter ignores errors), and we need a different one per call;
+#   * one aio per context, reused: Context.send/recv allocate an nng_aio on
+#     every call, which costs more than the send itself on the hot path;
+#   * the pipe a request came on, without building pynng Pipe objects under
+#     the socket lock that pynng's pipe callbacks also take.
+# This ties the module to pynng 0.9.0 (NNG 1.11), which the README and CI
+# pin; `research/pynng.md` has the measurements.  Only nng_aio_*, nng_ctx_*,
+# nng_msg_* and nng_pipe_* functions of NNG's public C API are called.
+class _Chan:
+    """One pynng context with its own aio: one request or reply at a time,
+    and a deadline on every wait.  Not shared between threads at once; it may
+    change hands (a parked request is answered by whichever thread has the
+    outcome)."""
+
+    __slots__ = ("_ctx", "_aio")
+
+    def __init__(self, sock: Any) -> None:
+        self._ctx = sock.new_context()
+        aio_p = _ffi.new("nng_aio **")
+        _check_err(_nng.nng_aio_alloc(aio_p, _ffi.NULL, _ffi.NULL))
+        self._aio = aio_p[0]
+
+    def send(self, data: bytes, timeout: float | None) -> None:
+        msg_p = _ffi.new("nng_msg **")
+        _check_err(_nng.nng_msg_alloc(msg_p, 0))
+        msg = msg_p[0]
+        _check_err(_nng.nng_msg_append(msg, data, len(data)))
+        aio = self._aio
+        _nng.nng_aio_set_msg(aio, msg)
+        _nng.nng_aio_set_timeout(aio, _nng_ms(timeout))
+        _nng.nng_ctx_send(self._ctx.context, aio)
+        _nng.nng_aio_wait(aio)
+        rv = _nng.nng_aio_result(aio)
+        if rv:
+            _nng.nng_msg_free(msg)  # NNG gives the message back on failure
+            _check_err(rv)
+
+    def recv(self, timeout: float | None) -> tuple[bytes, int]:
+        """The next message and the id of the pipe (connection) it came on."""
+        aio = self._aio
+        _nng.nng_aio_set_timeout(aio, _nng_ms(timeout))
+        _nng.nng_ctx_recv(self._ctx.context, aio)
+        _nng.nng_aio_wait(aio)
+        _check_err(_nng.nng_aio_result(aio))
+        msg = _nng.nng_aio_get_msg(aio)
+        data = bytes(_ffi.buffer(_nng.nng_msg_body(msg), _nng.nng_msg_len(msg)))
+        pipe = _nng.nng_pipe_id(_nng.nng_msg_get_pipe(msg))
+        _nng.nng_msg_free(msg)
+        return data, pipe
+
+    def close(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is None:
+            return
+        try:
+            ctx.close()
+        except (pynng.NNGException, TypeError):
+            pass  # the socket is already closed, which closed the context too
+        ctx._context = None
+        _nng.nng_aio_free(self._aio)
+
+
+def _close_pipe(pipe_id: int) -> None:
+    """Close one connection by its pipe id (cut off a silent worker)."""
+    _nng.nng_pipe_close(_ffi.new("nng_pipe *", {"id": pipe_id})[0])
+
+
+def _check_address(address: str) -> None:
+    if not isinstance(address, str) or "://" not in address:
+        raise ValueError(f"address {address!r} has no scheme: write it like tcp://127.0.0.1:5555")
+
+
+def _dial(address: str, max_message_size: int) -> Any:
+    """A REQ socket dialling ``address`` in the background, for a client or
+    a worker: it never resends a request (a resent submit would run twice)
+    and redials quickly when the plane comes back."""
+    _require_pynng()
+    _check_address(address)
+    sock = pynng.Req0(recv_max_size=max_message_size + 65536)
+    sock.resend_time = -1
+    sock.reconnect_time_min = RECONNECT_MIN_MS
+    sock.reconnect_time_max = RECONNECT_MAX_MS
+    try:
+        sock.dial(address, block=False)
+    except pynng.NNGException as e:
+        sock.close()
+        raise ValueError(f"cannot dial {address!r}: {e}") from None
+    return sock
 
 
 ###############################################################################
@@ -1129,17 +2140,29 @@ class Future(concurrent.futures.Future):
         super().__init__()
         self.task_id = task_id
         self._client = client
-        self._plane: str | None = None  # id of the plane that accepted the task
+        self._plane: str | None = None  # id of the plane that accepted it (guarded by the client's lock)
+        self._sent = False  # taken into a batch (guarded by the client's lock)
+        self._dropped = False  # cancelled before it was sent: never send it (guarded by the client's lock)
 
     def cancel(self) -> bool:
-        """Cancel the task if it is still queued; True if it was."""
+        """Cancel this future at once, without waiting for the network.
+
+        The plane is told in the background: a task that has not started yet
+        (queued or scheduled) is cancelled there too; one already running
+        runs to its end, but this future stays cancelled.  Returns False only
+        if the future was already done (with a result or an error).
+        ``Client.cancel(task_id)`` asks the plane and says what it did.
+        """
         if self.done():
             return self.cancelled()
-        return self._client._cancel_future(self)
+        self._client._forget(self)
+        return self._set_cancelled()
 
-    def _set_cancelled(self) -> None:
-        if concurrent.futures.Future.cancel(self):
-            self.set_running_or_notify_cancel()
+    def _set_cancelled(self) -> bool:
+        if not concurrent.futures.Future.cancel(self):
+            return False
+        self.set_running_or_notify_cancel()
+        return True
 
     def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
         try:
@@ -1160,9 +2183,10 @@ class Future(concurrent.futures.Future):
 class Client(concurrent.futures.Executor):
     """Submits tasks to a plane and hands back futures.
 
-    One client is safe to share between threads.  Submissions that are
-    waiting to go out travel together in one message, and results come back
-    in batches on a long-poll, so ``submit()`` returns at once.
+    One client is safe to share between threads.  Submissions go out in the
+    order ``submit`` was called, on one sender thread: what piles up while a
+    message is on its way leaves together in the next one, so ``submit()``
+    returns at once.  Results come back in batches on a long-poll.
 
     Args:
         address: the plane's address.
@@ -1181,34 +2205,27 @@ class Client(concurrent.futures.Executor):
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        _require_pynng()
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+        self._sock = _dial(address, max_message_size)
         self.address = address
         self.timeout = timeout
         self.max_message_size = max_message_size
         self._secret = _secret_bytes(secret)
         self._id = os.urandom(8).hex()
         self._ids = itertools.count(1)
-        self._sock = pynng.Req0(recv_max_size=max_message_size + 65536)
-        self._sock.resend_time = -1  # never resend: a resent submit would run twice
-        self._sock.reconnect_time_min = 50
-        self._sock.reconnect_time_max = 1000
-        try:
-            self._sock.dial(address, block=False)
-        except pynng.NNGException as e:
-            self._sock.close()
-            raise ValueError(f"cannot dial {address!r}: {e}") from None
-        self._lock = threading.Lock()  # guards _outbox, _pending, _threads and the flags
-        self._has_work = threading.Condition(self._lock)  # lanes wait for submissions
+        self._lock = threading.Lock()  # guards _outbox, _sending, _pending, _threads, _plane_id and the flags
+        self._has_work = threading.Condition(self._lock)  # the sender waits for something to send
         self._has_pending = threading.Condition(self._lock)  # the poller waits for futures
-        self._flushed = threading.Condition(self._lock)  # queries wait for submissions to land
-        self._outbox: list[tuple[bytes, Future]] = []
-        self._sending = 0  # batches sent and not yet answered
+        self._flushed = threading.Condition(self._lock)  # queries wait for what was sent before them
+        # What the sender sends, in call order: ("submit", TASK bytes, future)
+        # or ("cancel", task id, None).
+        self._outbox: list[tuple[str, Any, Future | None]] = []
+        self._sending = False  # a batch is on its way
         self._pending: dict[str, Future] = {}
         self._threads: list[threading.Thread] = []
         self._plane_id: str | None = None
-        self._closing = False  # no new submissions; lanes flush and exit
+        self._closing = False  # no new submissions; the sender flushes and exits
         self._stopping = False  # the poller exits
 
     # -- submitting -----------------------------------------------------
@@ -1257,40 +2274,51 @@ class Client(concurrent.futures.Executor):
             if not self._pending:
                 self._has_pending.notify()
             self._pending[tid] = fut
-            self._outbox.append((data, fut))
+            self._outbox.append(("submit", data, fut))
             self._has_work.notify()
         return fut
 
     def _start(self) -> None:
-        for target, name in ((self._lane, "lane"), (self._lane, "lane"), (self._poll, "poller")):
+        for target, name in ((self._send, "sender"), (self._poll, "poller")):
             t = threading.Thread(target=target, name=f"fastworker-client-{name}", daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _lane(self) -> None:
-        """Send whatever is waiting in the outbox as one message; repeat."""
+    def _send(self) -> None:
+        """Send whatever waits in the outbox, in order: a run of submissions
+        as one message (up to a size), a run of cancels as another; repeat.
+        One message at a time, so nothing overtakes what was sent before."""
         chan = _Chan(self._sock)
         try:
             while True:
                 with self._lock:
                     while not self._outbox and not self._closing:
-                        self._has_work.wait(1.0)
+                        self._has_work.wait(IDLE_WAKE)
                     if not self._outbox:
                         return
+                    kind = self._outbox[0][0]
                     batch, size = [], 0
-                    for item in self._outbox:
-                        if batch and size + len(item[0]) > _BATCH_BYTES:
+                    for entry in self._outbox:
+                        if entry[0] != kind or (batch and size + len(entry[1]) > _BATCH_BYTES):
                             break
-                        batch.append(item)
-                        size += len(item[0])
+                        batch.append(entry)
+                        size += len(entry[1])
                     del self._outbox[: len(batch)]
-                    self._sending += 1
+                    if kind == "submit":
+                        batch = [e for e in batch if not e[2]._dropped]
+                        for _, _, fut in batch:
+                            fut._sent = True
+                    self._sending = True
                 try:
-                    self._send_batch(chan, batch)
+                    if kind == "submit":
+                        if batch:
+                            self._send_batch(chan, [(data, fut) for _, data, fut in batch])
+                    else:
+                        self._send_cancels(chan, [tid for _, tid, _ in batch])
                 finally:
                     with self._lock:
-                        self._sending -= 1
-                        if not self._sending and not self._outbox:
+                        self._sending = False
+                        if not self._outbox:
                             self._flushed.notify_all()
         finally:
             chan.close()
@@ -1304,8 +2332,8 @@ class Client(concurrent.futures.Executor):
             # Nothing queued behind this batch can get through either: fail
             # it all now rather than one timeout per batch.
             with self._lock:
-                batch += self._outbox
-                self._outbox = []
+                batch += [(d, f) for kind, d, f in self._outbox if kind == "submit"]
+                self._outbox = [e for e in self._outbox if e[0] != "submit"]
             return self._fail([f for _, f in batch], self._unreachable())
         except pynng.NNGException as e:
             return self._fail([f for _, f in batch], PlaneUnavailable(f"lost the plane at {self.address}: {e}"))
@@ -1316,11 +2344,21 @@ class Client(concurrent.futures.Executor):
         if reply["op"] != "accepted":
             return self._fail([f for _, f in batch], ProtocolError(f"unexpected reply {reply['op']!r}"))
         plane = reply["plane"]
-        for _, fut in batch:
-            fut._plane = plane
+        with self._lock:
+            for _, fut in batch:
+                fut._plane = plane
         rejected = {r.get("id"): r.get("error") for r in reply["rejected"] if isinstance(r, dict)}
         if rejected:
             self._fail([f for _, f in batch if f.task_id in rejected], None, rejected)
+
+    def _send_cancels(self, chan: _Chan, ids: list[str]) -> None:
+        """Tell the plane about futures cancelled here (best effort: the
+        futures are cancelled already)."""
+        try:
+            chan.send(encode("cancel", self._secret, ids=ids), self.timeout)
+            decode(chan.recv(self.timeout)[0], self._secret)
+        except (pynng.NNGException, FastworkerError) as e:
+            logger.debug("could not tell the plane of %d cancelled task(s): %s", len(ids), e)
 
     def _unreachable(self) -> PlaneUnavailable:
         return PlaneUnavailable(f"no answer from the plane at {self.address} within {self.timeout:g} s")
@@ -1331,6 +2369,21 @@ class Client(concurrent.futures.Executor):
                 self._pending.pop(fut.task_id, None)
         for fut in futs:
             fut._settle(exc=exc if errors is None else _exception_from_wire(errors[fut.task_id]))
+
+    def _forget(self, fut: Future) -> None:
+        """A future is being cancelled here: stop waiting for it, and cancel
+        its task at the plane too (after what was sent before), or never send
+        it if it has not gone yet."""
+        with self._lock:
+            if self._pending.pop(fut.task_id, None) is None:
+                return
+            if fut._sent:
+                self._outbox.append(("cancel", fut.task_id, None))
+                if not self._threads:
+                    self._start()
+                self._has_work.notify()
+            else:
+                fut._dropped = True
 
     # -- receiving --------------------------------------------------------
 
@@ -1345,7 +2398,7 @@ class Client(concurrent.futures.Executor):
             while True:
                 with self._lock:
                     while not self._stopping and not self._pending and time.monotonic() > busy_until:
-                        self._has_pending.wait(1.0)
+                        self._has_pending.wait(IDLE_WAKE)
                     if self._stopping:
                         return
                 try:
@@ -1369,10 +2422,9 @@ class Client(concurrent.futures.Executor):
                     logger.warning("unexpected %r reply to a poll", msg["op"])
                     continue
                 plane = msg["plane"]
-                if plane != self._plane_id:
-                    if self._plane_id is not None:  # the plane restarted: its queue is gone
-                        self._fail_pending(PlaneUnavailable("the plane restarted; the task was lost"), plane)
+                if plane != self._plane_id:  # a plane restarted without a journal: its tasks are gone
                     self._plane_id = plane
+                    self._fail_pending(PlaneUnavailable("the plane restarted; the task was lost"), plane)
                 self._deliver(msg["results"])
                 if msg.get("closing"):
                     self._fail_pending(PlaneUnavailable("the plane shut down before the task finished"))
@@ -1407,8 +2459,8 @@ class Client(concurrent.futures.Executor):
     # -- requests ---------------------------------------------------------
 
     def _flush(self) -> None:
-        """Wait (up to the timeout) until this client's submissions have
-        reached the plane, so a query sees every task submitted before it."""
+        """Wait (up to the timeout) until everything this client sent before
+        has reached the plane, so a query sees every task submitted before it."""
         deadline = time.monotonic() + self.timeout
         with self._lock:
             while (self._outbox or self._sending) and time.monotonic() < deadline:
@@ -1461,7 +2513,7 @@ class Client(concurrent.futures.Executor):
                 raise _exception_from_wire(r.get("error"))
             if state == CANCELLED:
                 raise concurrent.futures.CancelledError(task_id)
-            if state not in (QUEUED, RUNNING):
+            if state not in (QUEUED, SCHEDULED, RUNNING):
                 raise ResultExpired(f"the plane holds no result for task {task_id!r} (unknown, evicted or expired)")
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"task {task_id!r} is still {state}")
@@ -1473,7 +2525,8 @@ class Client(concurrent.futures.Executor):
         return self._call("status", ids=[task_id])["statuses"][0]
 
     def cancel(self, task_id: str) -> bool:
-        """Cancel a task that is still queued; True if it was."""
+        """Cancel a task that has not started (queued or scheduled); True if
+        the plane cancelled it.  Asks the plane and waits for its answer."""
         self._flush()
         cancelled = task_id in self._call("cancel", ids=[task_id])["ids"]
         if cancelled:
@@ -1482,19 +2535,6 @@ class Client(concurrent.futures.Executor):
             if fut is not None:
                 fut._set_cancelled()
         return cancelled
-
-    def _cancel_future(self, fut: Future) -> bool:
-        with self._lock:
-            for i, (_, queued) in enumerate(self._outbox):
-                if queued is fut:  # never sent: cancel it here
-                    del self._outbox[i]
-                    self._pending.pop(fut.task_id, None)
-                    fut._set_cancelled()
-                    return True
-        try:
-            return self.cancel(fut.task_id)
-        except FastworkerError:
-            return False
 
     def stats(self) -> dict:
         """The plane's statistics, the same JSON as the dashboard's /api/stats."""
@@ -1536,20 +2576,24 @@ class Client(concurrent.futures.Executor):
         """Stop the client.  Submissions already made are sent first.  With
         ``wait`` it then waits for every pending future; without, futures
         still pending fail (their results stay fetchable with ``result()``
-        from another client).  ``cancel_futures`` cancels queued tasks."""
+        from another client).  ``cancel_futures`` cancels them first."""
         with self._lock:
-            if self._stopping:
+            if self._closing:
                 return
+            pending = list(self._pending.values())
+        if cancel_futures:
+            for fut in pending:
+                fut.cancel()
+        with self._lock:
             self._closing = True
             self._has_work.notify_all()
-            lanes = [t for t in self._threads if t.name.endswith("lane")]
-        for t in lanes:
-            t.join()  # each batch has a deadline, so this ends
-        if cancel_futures:
-            for fut in list(self._pending.values()):
-                fut.cancel()
+            senders = [t for t in self._threads if t.name.endswith("sender")]
+        for t in senders:
+            t.join()  # each message has a deadline, so this ends
         if wait:
-            concurrent.futures.wait(list(self._pending.values()))
+            with self._lock:
+                pending = list(self._pending.values())
+            concurrent.futures.wait(pending)
         with self._lock:
             self._stopping = True
             self._has_pending.notify_all()
@@ -1570,9 +2614,6 @@ class Client(concurrent.futures.Executor):
         """Send what was submitted, then stop without waiting for results."""
         self.shutdown(wait=False)
 
-    def __enter__(self) -> Client:
-        return self
-
     def __repr__(self) -> str:
         return f"<fastworker.Client {self.address}>"
 
@@ -1582,108 +2623,13 @@ class Client(concurrent.futures.Executor):
 ###############################################################################
 
 
-class _ClientState:
-    """What the plane keeps per client: results not yet delivered and the
-    client's parked long-poll, if any."""
-
-    __slots__ = ("outbox", "poll", "deadline", "seen")
-
-    def __init__(self, now: float) -> None:
-        self.outbox: list[bytes] = []
-        self.poll: _Chan | None = None
-        self.deadline = 0.0
-        self.seen = now
-
-
-class _Fetch:
-    """A parked "fetch" request, answered when all its tasks are done."""
-
-    __slots__ = ("chan", "ids", "deadline")
-
-    def __init__(self, chan: _Chan, ids: list, deadline: float) -> None:
-        self.chan = chan
-        self.ids = ids
-        self.deadline = deadline
-
-
-class _WorkerState:
-    """A connected subworker as the plane sees it."""
-
-    __slots__ = (
-        "id",
-        "name",
-        "host",
-        "pid",
-        "concurrency",
-        "tasks",
-        "in_flight",
-        "credit",
-        "pull",
-        "pull_deadline",
-        "pipe",
-        "pipe_id",
-        "last_seen",
-        "last_heartbeat",
-        "registered_at",
-        "turn",
-        "completed",
-    )
-
-    def __init__(self, wid: str, info: dict, pipe: Any, now: float) -> None:
-        self.id = wid
-        self.name = str(info.get("name") or wid)[:200]
-        self.host = str(info.get("host") or "?")[:200]
-        pid = info.get("pid")
-        self.pid = pid if _typed(pid, int) else 0
-        conc = info.get("concurrency")
-        self.concurrency = conc if _typed(conc, int) and conc > 0 else 1
-        self.tasks = _catalog_of(info.get("tasks"))
-        self.in_flight: dict[str, _Task] = {}
-        self.credit = self.concurrency
-        self.pull: _Chan | None = None  # its parked "pull" request
-        self.pull_deadline = 0.0
-        self.pipe = pipe
-        self.pipe_id = _nng.nng_pipe_id(pipe)
-        self.last_seen = now  # monotonic: any sign of life (pull or heartbeat)
-        self.last_heartbeat = time.time()
-        self.registered_at = time.time()
-        self.turn = 0  # breaks ties between equally loaded workers: least recently served first
-        self.completed = 0
-
-    def free(self) -> int:
-        return min(self.credit, self.concurrency) - len(self.in_flight)
-
-    def summary(self) -> dict:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "host": self.host,
-            "pid": self.pid,
-            "concurrency": self.concurrency,
-            "in_flight": len(self.in_flight),
-            "load": round(len(self.in_flight) / self.concurrency, 3),
-            "completed": self.completed,
-            "last_heartbeat": self.last_heartbeat,
-            "registered_at": self.registered_at,
-            "tasks": sorted(self.tasks),
-            "state": "draining" if self.credit == 0 else "connected",
-        }
-
-
-def _catalog_of(tasks: Any) -> dict:
-    """Task defaults as a worker announced them, cleaned up."""
-    out = {}
-    if not isinstance(tasks, dict):
-        return out
-    for name, d in tasks.items():
-        d = d if isinstance(d, dict) else {}
-        p, r, t = d.get("priority"), d.get("retries"), d.get("timeout")
-        out[str(name)] = {
-            "priority": p if p in _RANK else "normal",
-            "retries": r if _typed(r, int) and r >= 0 else 0,
-            "timeout": t if _typed(t, _NUM) and t > 0 else None,
-        }
-    return out
+def _sibling_address(address: str, suffix: str) -> str:
+    """Where the plane's extra sockets listen: the same host, any port."""
+    scheme, rest = address.split("://", 1)
+    if scheme in ("tcp", "tls+tcp", "ws"):
+        host = rest.rsplit(":", 1)[0]
+        return f"{scheme}://{host}:0"
+    return f"{address}.{suffix}"
 
 
 class Plane(_Role):
@@ -1691,22 +2637,30 @@ class Plane(_Role):
 
     ``Plane(...).start()`` serves in background threads of this process
     (``stop()`` ends it; it is also a context manager);
-    ``python fastworker.py plane`` runs one as a process.  With no subworker
-    connected it runs tasks itself on ``concurrency`` threads; with one or
-    more, it dispatches every task to the least-loaded one.
+    ``python fastworker.py plane`` runs one as a process.  It runs tasks
+    itself on ``concurrency`` slots when no connected subworker knows them,
+    and dispatches every other task to the least-loaded subworker.
+
+    This class is the I/O shell around ``PlaneCore``: its threads receive
+    and decode messages, call the core under one lock, and send what the
+    core answers.
 
     Args:
         listen: address clients and workers connect to (port 0 picks one;
             ``address`` has the real one after ``start()``).
         dashboard: ``"host:port"`` for the web dashboard, or None for none.
-        concurrency: threads that run tasks in the plane itself.
+        concurrency: slots for the tasks the plane runs itself.
         result_cache_size, result_cache_ttl: how many finished results are
             kept, and for how many seconds.
         heartbeat_timeout: seconds of silence after which a worker is dead.
         max_message_size: largest message accepted, in bytes.
         retry_backoff: seconds before the first retry; doubles each time.
+        reap_interval: seconds between sweeps of expired results.
         secret: shared secret for message tags (default FASTWORKER_SECRET).
         insecure: allow a non-loopback address without a secret.
+        receivers: threads receiving requests.
+        clock: the plane's one clock, seconds since the epoch (default
+            ``time.time``); every time the core sees comes from it.
     """
 
     def __init__(
@@ -1724,65 +2678,73 @@ class Plane(_Role):
         secret: str | bytes | None = None,
         insecure: bool = False,
         receivers: int = 2,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if max_message_size < 65536:
             raise ValueError("max_message_size must be >= 65536")
-        if heartbeat_timeout <= 0 or retry_backoff < 0 or reap_interval <= 0:
+        if not (0 < heartbeat_timeout <= MAX_TIMEOUT and 0 <= retry_backoff <= MAX_BACKOFF and reap_interval > 0):
             raise ValueError("heartbeat_timeout and reap_interval must be > 0, retry_backoff >= 0")
+        _check_address(listen)
         self.listen = listen
         self.dashboard = dashboard
         self.concurrency = concurrency
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
-        self.retry_backoff = retry_backoff
-        self.reap_interval = reap_interval
         self.insecure = insecure
         self.id = os.urandom(8).hex()
-        self.cache = ResultCache(result_cache_size, result_cache_ttl)
         self.address: str | None = None  # the real addresses, set by start()
         self.dashboard_url: str | None = None
         self.events_address: str | None = None
         self.heartbeat_address: str | None = None
+        self._clock = clock or time.time
         self._secret = _secret_bytes(secret)
         self._receivers = receivers
+        self.core = PlaneCore(
+            self.id,
+            _registry,
+            self._clock(),
+            concurrency=concurrency,
+            result_cache_size=result_cache_size,
+            result_cache_ttl=result_cache_ttl,
+            heartbeat_timeout=heartbeat_timeout,
+            retry_backoff=retry_backoff,
+            reap_interval=reap_interval,
+        )
+        self._lock = threading.Lock()  # guards the core: every call into it, and nothing else
+        self._tick = threading.Condition(self._lock)  # the housekeeper waits for the core's next deadline
+        self._drained = threading.Condition(self._lock)  # stop() waits for running tasks to report
         # the empty replies never change: encode them once
         self._no_results = encode_batch("results", "results", [], self._secret, plane=self.id)
         self._no_tasks = encode_batch("tasks", "tasks", [], self._secret, plane=self.id)
-        self._lock = threading.Lock()  # guards every task, queue, client, worker and counter below
-        self._work = threading.Condition(self._lock)  # local runners wait for queued tasks
-        self._tick = threading.Condition(self._lock)  # the housekeeper waits for its next deadline
-        self._drained = threading.Condition(self._lock)  # stop() waits for local runs to end
-        self._tasks: dict[str, _Task] = {}  # every task not yet finished
-        self._queue = TaskQueue()
-        self._timers: list = []  # heap of (due, seq, task): delayed tasks and retries
-        self._timer_seq = itertools.count()
-        self._clients: dict[str, _ClientState] = {}
-        self._fetches: set[_Fetch] = set()
-        self._ripe: set[_ClientState] = set()  # clients with a parked poll and results for it
-        self._workers: dict[str, _WorkerState] = {}
-        self._pipe_workers: dict[int, _WorkerState] = {}
-        self._catalog: dict[str, dict] = {}  # task name -> defaults, over all connected workers
-        self._turns = itertools.count(1)
-        self._counts = dict.fromkeys(STATES, 0)
-        self._submitted = self._retried = self._scheduled = self._late = 0
-        self._workers_lost = self._requeued = self._handed_back = 0
-        self._errors = {"protocol": 0, "auth": 0, "internal": 0, "send": 0}
-        self._recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)
-        self._local_running = 0
-        self._started_at = time.time()
+        self._handlers = {
+            "submit": self._on_submit,
+            "poll": self._on_poll,
+            "fetch": self._on_fetch,
+            "status": self._on_status,
+            "cancel": self._on_cancel,
+            "stats": self._on_stats,
+            "hello": self._on_hello,
+            "bye": self._on_bye,
+            "pull": self._on_pull,
+        }
+        # Request handles the core knows -> their contexts, until answered.
+        # Single dict operations are atomic, so no lock: a handle is added
+        # before the core can hear of it and popped by the one who answers.
+        self._chans: dict[int, _Chan] = {}
+        self._handles = itertools.count(1)
+        self._free: collections.deque = collections.deque()  # idle _Chans (deque ops are atomic)
+        self._gone: queue.SimpleQueue = queue.SimpleQueue()  # ids of pipes that closed
+        self._executor = _Executor(concurrency, self._local_done, max_message_size)
+        self._finished: collections.deque = collections.deque()  # runs the executor finished, not yet reported
+        self._reporter = threading.Lock()  # held by the one runner taking _finished to the core (never across I/O)
         self._stopping = False  # no new work; running tasks may finish
         self._closed = False  # threads exit
         self._threads: list[threading.Thread] = []
-        self._free: collections.deque = collections.deque()  # idle _Chans (deque ops are atomic)
-        self._gone: queue.SimpleQueue = queue.SimpleQueue()  # ids of pipes that closed
-        self._executor = _Executor(concurrency, self._take_local, self._report_local, max_message_size)
         self._sock: Any = None
         self._pub: Any = None
         self._hb: Any = None
-        self._subs = 0  # event subscribers connected (guarded by _subs_lock)
-        self._subs_lock = threading.Lock()
         self._http: Any = None  # the dashboard's ThreadingHTTPServer
 
     # -- lifetime ---------------------------------------------------------
@@ -1803,11 +2765,11 @@ class Plane(_Role):
             self.address = _real_address(sock, self.listen)
             self._pub = pub = pynng.Pub0()
             opened.append(pub)
-            pub.add_post_pipe_connect_cb(lambda pipe: self._count_subs(1))
-            pub.add_post_pipe_remove_cb(lambda pipe: self._count_subs(-1))
+            pub.add_post_pipe_connect_cb(lambda pipe: self._count_subscriber(1))
+            pub.add_post_pipe_remove_cb(lambda pipe: self._count_subscriber(-1))
             pub.listen(_sibling_address(self.address, "events"))
             self.events_address = _real_address(pub, _sibling_address(self.address, "events"))
-            self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=1024 * 1024)
+            self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=HEARTBEAT_MAX_SIZE)
             opened.append(hb)
             hb.subscribe(b"")
             hb.listen(_sibling_address(self.address, "heartbeat"))
@@ -1820,6 +2782,8 @@ class Plane(_Role):
             for s in opened:
                 s.close()
             raise
+        with self._lock:
+            self.core.heartbeat_address = self.heartbeat_address
         self._sock = sock
         spawn = [(self._serve, "receiver")] * self._receivers
         spawn += [(self._housekeep, "housekeeper"), (self._heartbeats, "heartbeats"), (self._watch_pipes, "pipes")]
@@ -1840,26 +2804,14 @@ class Plane(_Role):
             if self._stopping or self._sock is None:
                 return
             self._stopping = True
-            self._work.notify_all()
-            deadline = time.monotonic() + grace
-            while (self._local_running or any(w.in_flight for w in self._workers.values())) and (
-                time.monotonic() < deadline
-            ):
+            acts = self.core.stop(self._clock())
+        self._perform(acts)
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while self.core.counts[RUNNING] and time.monotonic() < deadline:
                 self._drained.wait(deadline - time.monotonic())
-            sends = []
-            bye = encode_batch("results", "results", [], self._secret, plane=self.id, closing=True)
-            for cs in self._clients.values():
-                if cs.poll is not None:
-                    sends.append((cs.poll, bye))
-                    cs.poll = None
-            gone = self._encode_error(_error("unavailable", "PlaneUnavailable", "the plane is shutting down"))
-            sends += [(f.chan, gone) for f in self._fetches]
-            self._fetches.clear()
-            for w in self._workers.values():
-                if w.pull is not None:
-                    sends.append((w.pull, self._no_tasks))
-                    w.pull = None
-        self._send_all(sends)
+            acts = self.core.close(self._clock())
+        self._perform(acts)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -1869,39 +2821,101 @@ class Plane(_Role):
         self._gone.put(None)
         for s in (self._sock, self._pub, self._hb):
             s.close()  # wakes every receiver
-        self._executor.join(time.monotonic() + 1.0)
+        self._executor.stop(time.monotonic() + 1.0)
         _join(self._threads, time.monotonic() + grace)
         while self._free:
             self._free.pop().close()
+        for chan in list(self._chans.values()):  # requests that came too late to be answered
+            chan.close()
+        self._chans.clear()
         logger.info("plane %s stopped", self.id)
+
+    # -- calling the core and performing its actions ------------------------
+
+    def _call(self, event: Callable[..., list], *args: Any) -> list:
+        """Call the core with the clock's time, under the lock."""
+        with self._lock:
+            core = self.core
+            acts = event(*args, self._clock())
+            if core.timers_changed:
+                core.timers_changed = False
+                self._tick.notify()
+            if self._stopping and not core.counts[RUNNING]:
+                self._drained.notify_all()
+        return acts
+
+    def _perform(self, acts: list) -> None:
+        """Carry out the core's actions, in order, with no lock held."""
+        for act in acts:
+            kind = type(act)
+            if kind is Reply:
+                chan = self._chans.pop(act.req, None)
+                if chan is not None:
+                    self._send(chan, self._encode_reply(act))
+            elif kind is Run:
+                put = self._executor.inbox.put
+                for job in act.jobs:
+                    put(job)
+            elif kind is Publish:
+                try:
+                    self._pub.send(encode("events", self._secret, events=act.events))
+                except pynng.NNGException:
+                    pass  # events are best effort
+            elif kind is Close:
+                _close_pipe(act.conn)
+            elif kind is Log:
+                logger.log(act.level, act.msg, *act.args)
+
+    def _encode_reply(self, r: Reply) -> bytes:
+        if r.items is None:
+            return encode(r.op, self._secret, plane=self.id, **r.fields)
+        if not r.items and not r.fields:
+            return self._no_results if r.op == "results" else self._no_tasks
+        return encode_batch(r.op, r.op, r.items, self._secret, plane=self.id, **r.fields)
+
+    def _send(self, chan: _Chan, data: bytes) -> None:
+        """Answer a request (from any thread) and recycle its context."""
+        try:
+            chan.send(data, 1.0 if self._stopping else 5.0)
+        except pynng.NNGException:
+            self._count_error("send")
+            chan.close()
+            return
+        if len(self._free) < 64 and not self._closed:
+            self._free.append(chan)
+        else:
+            chan.close()
+
+    def _count_error(self, kind: str) -> None:
+        with self._lock:
+            self.core.errors[kind] += 1
+
+    def _count_subscriber(self, delta: int) -> None:
+        with self._lock:
+            self.core.subscribers += delta
 
     # -- receiving requests -------------------------------------------------
 
     def _serve(self) -> None:
-        """Receive requests on a context; answer at once or park it."""
+        """Receive requests on contexts; each is answered by whoever the core
+        tells to (at once, or later if it parks it)."""
+        free, chans = self._free, self._chans
         chan = None
         try:
             while not self._closed:
-                if chan is None:
-                    try:
-                        chan = self._free.pop()
-                    except IndexError:
-                        chan = _Chan(self._sock)
+                try:
+                    chan = free.pop()
+                except IndexError:
+                    chan = _Chan(self._sock)
                 try:
                     data, pipe = chan.recv(1.0)
                 except pynng.Timeout:
+                    free.append(chan)
                     continue
-                reply = self._handle(data, chan, pipe)
-                if reply is None:
-                    chan = None  # parked: whoever answers it recycles it
-                    continue
-                try:
-                    chan.send(reply, self._send_timeout())
-                except pynng.NNGException:
-                    with self._lock:
-                        self._errors["send"] += 1
-                    chan.close()
-                    chan = None
+                h = next(self._handles)
+                chans[h] = chan
+                chan = None
+                self._handle(h, data, pipe)
         except pynng.Closed:
             pass
         except pynng.NNGException:
@@ -1911,36 +2925,17 @@ class Plane(_Role):
             if chan is not None:
                 chan.close()
 
-    def _send_timeout(self) -> float:
-        return 1.0 if self._stopping else 5.0
-
-    def _answer(self, chan: _Chan, data: bytes) -> None:
-        """Answer a parked request (from any thread) and recycle its context."""
-        try:
-            chan.send(data, self._send_timeout())
-        except pynng.NNGException:
-            with self._lock:
-                self._errors["send"] += 1
-            chan.close()
-            return
-        if len(self._free) < 64 and not self._closed:
-            self._free.append(chan)
-        else:
-            chan.close()
-
-    def _encode_error(self, err: dict) -> bytes:
-        return encode("error", self._secret, error=err)
-
-    def _handle(self, data: bytes, chan: _Chan, pipe: Any) -> bytes | None:
-        """One request -> its reply, or None when the request is parked."""
+    def _handle(self, h: int, data: bytes, pipe: int) -> None:
+        """One request: decode it, give it to the core, perform the outcome;
+        a bad one gets an error reply and is counted."""
         try:
             if len(data) > self.max_message_size:
                 raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_size}")
             msg = decode(data, self._secret)
-            handler = getattr(self, "_op_" + msg["op"], None)
+            handler = self._handlers.get(msg["op"])
             if handler is None:
                 raise ProtocolError(f"op {msg['op']!r} is not a request the plane serves")
-            return handler(msg, chan, pipe)
+            acts = handler(h, msg, pipe)
         except AuthenticationError as e:
             kind, err = "auth", _error("auth", "AuthenticationError", str(e))
         except ProtocolError as e:
@@ -1948,373 +2943,68 @@ class Plane(_Role):
         except Exception as e:
             logger.exception("internal error while serving a request")
             kind, err = "internal", _error("internal", type(e).__name__, str(e))
-        with self._lock:
-            self._errors[kind] += 1
-        return self._encode_error(err)
-
-    # -- client ops ------------------------------------------------------------
-
-    def _known(self, name: str) -> dict | None:
-        """The defaults of a task that will run, or None (lock held).  With
-        subworkers connected, they run everything, so only their tasks count."""
-        if self._workers:
-            return self._catalog.get(name)
-        spec = _registry.get(name)
-        return None if spec is None else spec.defaults()
-
-    def _op_submit(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
-        rejected = []
-        sends: list = []
-        now = time.monotonic()
-        with self._lock:
-            if self._stopping:
-                return self._encode_error(_error("unavailable", "PlaneUnavailable", "the plane is shutting down"))
-            client = msg["client"]
-            self._client(client, now)
-            ready = 0
-            for t in msg["tasks"]:
-                tid = t["id"]
-                if tid in self._tasks or tid in self.cache:
-                    rejected.append({"id": tid, "error": _error("protocol", "ProtocolError", "duplicate task id")})
-                    continue
-                spec = self._known(t["name"])
-                if spec is None:
-                    err = _error(
-                        "unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}"
-                    )
-                    rejected.append({"id": tid, "error": err})
-                    continue
-                retries = t.get("retries")
-                task = _Task(
-                    t,
-                    _RANK[t.get("priority") or spec["priority"]],
-                    spec["retries"] if retries is None else retries,
-                    t.get("timeout") or spec["timeout"],
-                    client,
-                )
-                self._tasks[tid] = task
-                self._submitted += 1
-                self._counts[QUEUED] += 1
-                delay = t.get("delay")
-                if delay:
-                    self._schedule(task, delay, now)
-                else:
-                    self._queue.push(task)
-                    ready += 1
-            if ready:
-                self._ready(ready, sends)
-        self._send_all(sends)
-        return encode("accepted", self._secret, plane=self.id, rejected=rejected)
-
-    def _ready(self, n: int, sends: list) -> None:
-        """``n`` tasks were queued: wake local runners or dispatch (lock held)."""
-        if self._workers:
-            self._dispatch(sends)
         else:
-            self._work.notify(n)
+            return self._perform(acts)
+        self._count_error(kind)
+        self._perform([Reply(h, "error", {"error": err}, None)])
 
-    def _client(self, cid: str, now: float) -> _ClientState:
-        cs = self._clients.get(cid)
-        if cs is None:
-            cs = self._clients[cid] = _ClientState(now)
-        cs.seen = now
-        return cs
+    def _on_submit(self, h: int, msg: dict, pipe: int) -> list:
+        return self._call(self.core.submit, h, msg["client"], msg["tasks"])
 
-    def _schedule(self, task: _Task, delay: float, now: float) -> None:
-        """Queue a task after ``delay`` seconds (lock held)."""
-        due = now + delay
-        if not self._timers or due < self._timers[0][0]:
-            self._tick.notify()
-        heapq.heappush(self._timers, (due, next(self._timer_seq), task))
-        self._scheduled += 1
+    def _on_poll(self, h: int, msg: dict, pipe: int) -> list:
+        return self._call(self.core.poll, h, msg["client"], msg["wait"])
 
-    def _take_results(self, cs: _ClientState, closing: bool = False) -> bytes:
-        """Encode as many of a client's waiting results as fit one message."""
-        items, size = cs.outbox, 0
-        for n, item in enumerate(items):
-            size += len(item)
-            if size > _BATCH_BYTES and n:
-                cs.outbox = items[n:]
-                items = items[:n]
-                break
-        else:
-            cs.outbox = []
-        extra = {"closing": True} if closing else {}
-        return encode_batch("results", "results", items, self._secret, plane=self.id, **extra)
+    def _on_fetch(self, h: int, msg: dict, pipe: int) -> list:
+        return self._call(self.core.fetch, h, msg["ids"], msg["wait"])
 
-    def _op_poll(self, msg: dict, chan: _Chan, pipe: Any) -> bytes | None:
-        wait = min(max(float(msg["wait"]), 0.0), 60.0)
-        now = time.monotonic()
+    def _on_status(self, h: int, msg: dict, pipe: int) -> list:
+        return self._call(self.core.status, h, msg["ids"])
+
+    def _on_cancel(self, h: int, msg: dict, pipe: int) -> list:
+        return self._call(self.core.cancel, h, msg["ids"])
+
+    def _on_bye(self, h: int, msg: dict, pipe: int) -> list:
+        return self._call(self.core.bye, h, msg["client"])
+
+    def _on_pull(self, h: int, msg: dict, pipe: int) -> list:
+        returned = msg.get("returned") or []
+        info = msg.get("info")
+        return self._call(self.core.pull, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, info)
+
+    def _on_stats(self, h: int, msg: dict, pipe: int) -> list:
+        return [Reply(h, "report", {"stats": self.stats()}, None)]
+
+    def _on_hello(self, h: int, msg: dict, pipe: int) -> list:
         with self._lock:
-            cs = self._client(msg["client"], now)
-            if cs.outbox or wait == 0 or self._stopping:
-                return self._take_results(cs, closing=self._stopping)
-            old, cs.poll, cs.deadline = cs.poll, chan, now + wait
-        if old is not None:  # the client gave up on it; it has a new one now
-            self._answer(old, self._no_results)
-        return None
+            names = self.core.task_names()
+        fields = {"version": __version__, "events": self.events_address, "tasks": names}
+        return [Reply(h, "welcome", fields, None)]
 
-    def _fetch_reply(self, ids: list) -> bytes:
-        """RESULT items (or the current state) of tasks by id (lock held)."""
-        items = []
-        for tid in ids:
-            task = self._tasks.get(tid)
-            if task is None:
-                task = self.cache.get(tid)
-            if task is None:
-                items.append(_json_bytes({"id": tid, "state": "unknown"}))
-            elif task.state in TERMINAL:
-                items.append(task.item)
-            else:
-                items.append(_json_bytes({"id": tid, "state": task.state}))
-        return encode_batch("results", "results", items, self._secret, plane=self.id)
+    # -- the other threads ---------------------------------------------------
 
-    def _op_fetch(self, msg: dict, chan: _Chan, pipe: Any) -> bytes | None:
-        ids = msg["ids"]
-        wait = min(max(float(msg["wait"]), 0.0), 60.0)
-        with self._lock:
-            pending = [self._tasks[i] for i in ids if i in self._tasks]
-            if not pending or wait == 0 or self._stopping:
-                return self._fetch_reply(ids)
-            fetch = _Fetch(chan, ids, time.monotonic() + wait)
-            for task in pending:
-                if task.watchers is None:
-                    task.watchers = []
-                task.watchers.append(fetch)
-            self._fetches.add(fetch)
-        return None
-
-    def _op_status(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
-        with self._lock:
-            statuses = [self._status(tid) for tid in msg["ids"]]
-        return encode("statuses", self._secret, statuses=statuses)
-
-    def _status(self, tid: str) -> dict:
-        task = self._tasks.get(tid) or self.cache.peek(tid)
-        return {"id": tid, "state": "unknown"} if task is None else task.summary()
-
-    def _op_cancel(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
-        cancelled, sends = [], []
-        with self._lock:
-            for tid in msg["ids"]:
-                task = self._tasks.get(tid)
-                if task is None or task.state != QUEUED:
-                    continue
-                if not self._unschedule(task):
-                    self._queue.discard(task)
-                self._terminal(task, CANCELLED, encode_result(tid, CANCELLED), None, sends)
-                cancelled.append(tid)
-        self._send_all(sends)
-        return encode("cancelled", self._secret, ids=cancelled)
-
-    def _unschedule(self, task: _Task) -> bool:
-        """Is the task waiting in the timer heap?  It is skipped there once it
-        leaves the queued state (lock held)."""
-        for entry in self._timers:
-            if entry[2] is task:
-                self._scheduled -= 1
-                return True
-        return False
-
-    def _op_stats(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
-        return encode("report", self._secret, stats=self.stats())
-
-    def _op_hello(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
-        with self._lock:
-            names = sorted(self._catalog if self._workers else _registry)
-        return encode(
-            "welcome",
-            self._secret,
-            plane=self.id,
-            version=__version__,
-            events=self.events_address,
-            heartbeat=self.heartbeat_address,
-            tasks=names,
-        )
-
-    def _op_bye(self, msg: dict, chan: _Chan, pipe: Any) -> bytes:
-        with self._lock:
-            cs = self._clients.pop(msg["client"], None)
-        if cs is not None and cs.poll is not None:
-            self._answer(cs.poll, self._no_results)
-        return encode("ok", self._secret)
-
-    # -- subworkers --------------------------------------------------------------
-
-    def _tasks_reply(self, items: list, **extra: Any) -> bytes:
-        return encode_batch("tasks", "tasks", items, self._secret, plane=self.id, **extra)
-
-    def _op_pull(self, msg: dict, chan: _Chan, pipe: Any) -> bytes | None:
-        """A worker's request for work.  It carries the results of earlier
-        tasks; the reply carries new tasks, as soon as there are any."""
-        wid = msg["worker"]
-        now = time.monotonic()
-        sends: list = []
-        with self._lock:
-            w = self._workers.get(wid)
-            if w is None:  # a new worker, or one this plane declared dead: register it
-                self._late += len(msg["results"])
-                info = msg.get("info")
-                if not isinstance(info, dict) or self._stopping:
-                    return self._tasks_reply([], register=not self._stopping)
-                self._register(wid, info, pipe, now)
-                return self._tasks_reply(
-                    [], heartbeat=self.heartbeat_address, heartbeat_interval=self.heartbeat_timeout / 5
-                )
-            pipe_id = _nng.nng_pipe_id(pipe)
-            if pipe_id != w.pipe_id:  # it reconnected: its old pipe's removal must not drop it
-                self._pipe_workers.pop(w.pipe_id, None)
-                w.pipe, w.pipe_id = pipe, pipe_id
-                self._pipe_workers[pipe_id] = w
-            w.last_seen = now
-            for r in msg["results"]:
-                task = w.in_flight.pop(r["id"], None)
-                if task is None or task.state != RUNNING:
-                    self._late += 1  # its worker was declared dead, or it was handed back
-                    continue
-                w.completed += 1
-                self._settle(task, r["state"], _json_bytes(r), r.get("error"), sends)
-            returned = msg.get("returned")
-            if isinstance(returned, list):
-                for tid in returned:
-                    task = w.in_flight.pop(tid, None) if isinstance(tid, str) else None
-                    if task is not None:
-                        task.attempts -= 1  # it never ran to the end: not an attempt
-                        self._requeue(task)
-                        self._handed_back += 1
-            credit = msg["credit"]
-            w.credit = credit if credit >= 0 else 0
-            # A worker keeps at most one request parked here.  Tasks go to the
-            # parked one; a second request (it brought results) is answered
-            # at once, or takes the parked one's place once that is answered.
-            if w.pull is None:
-                w.pull, w.pull_deadline = chan, now + PULL_WAIT
-                chan = None
-            self._dispatch(sends)
-            if w.pull is None and chan is not None:
-                w.pull, w.pull_deadline, chan = chan, now + PULL_WAIT, None
-                self._dispatch(sends)
-            if w.free() <= 0 or self._stopping:  # nothing to wait for: answer now
-                if w.pull is not None:
-                    sends.append((w.pull, self._no_tasks))
-                    w.pull = None
-            if chan is not None:
-                sends.append((chan, self._no_tasks))
-            if self._stopping and not w.in_flight:
-                self._drained.notify_all()  # stop() waits for work in flight
-        self._send_all(sends)
-        return None
-
-    def _register(self, wid: str, info: dict, pipe: Any, now: float) -> _WorkerState:
-        """A new worker connected (lock held)."""
-        w = _WorkerState(wid, info, pipe, now)
-        w.turn = next(self._turns)
-        self._workers[wid] = w
-        self._pipe_workers[w.pipe_id] = w
-        self._rebuild_catalog()
-        logger.info("worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid, w.concurrency)
-        return w
-
-    def _rebuild_catalog(self) -> None:
-        """The tasks the connected workers can run (lock held)."""
-        self._catalog = {}
-        for w in self._workers.values():
-            for name, spec in w.tasks.items():
-                self._catalog.setdefault(name, spec)
-
-    def _dispatch(self, sends: list) -> None:
-        """Hand queued tasks to workers with parked requests and free slots,
-        each to the least-loaded worker that knows the task, and each worker
-        its share in one message (lock held)."""
-        if not self._queue or self._stopping:
-            return
-        ready = []  # heap of [load, turn, worker, free slots]
-        for w in self._workers.values():
-            if w.pull is not None:
-                room = min(w.credit, w.concurrency) - len(w.in_flight)
-                if room > 0:
-                    ready.append([len(w.in_flight) / w.concurrency, w.turn, w, room])
-        if not ready:
-            return
-        heapq.heapify(ready)
-        batches: dict[_WorkerState, list] = {}
-        skipped = []
-        while ready and self._queue:
-            task = self._queue.pop()
-            passed = []
-            while ready:
-                entry = heapq.heappop(ready)
-                if task.name in entry[2].tasks:
-                    break
-                passed.append(entry)
-            else:
-                entry = None
-            for e in passed:
-                heapq.heappush(ready, e)
-            if entry is None:  # no free worker knows it: it waits for one
-                skipped.append(task)
-                if len(skipped) >= 64:
-                    break
-                continue
-            w = entry[2]
-            self._start(task, w.name, w.id)
-            w.in_flight[task.id] = task
-            batches.setdefault(w, []).append(task.wire())
-            entry[3] -= 1
-            if entry[3]:
-                entry[0] = len(w.in_flight) / w.concurrency
-                entry[1] = w.turn = next(self._turns)
-                heapq.heappush(ready, entry)
-        for task in skipped:
-            self._queue.push(task, keep_seq=True)
-        for w, items in batches.items():
-            w.turn = next(self._turns)
-            sends.append((w.pull, encode("tasks", self._secret, plane=self.id, tasks=items)))
-            w.pull = None
-
-    def _requeue(self, task: _Task) -> None:
-        """Put a running task back at its place in the queue (lock held)."""
-        self._counts[RUNNING] -= 1
-        self._counts[QUEUED] += 1
-        task.state = QUEUED
-        task.assigned = None
-        self._queue.push(task, keep_seq=True)
-        self._requeued += 1
-
-    def _drop_worker(self, w: _WorkerState, why: str, sends: list) -> None:
-        """A worker is gone: requeue or fail what it was running (lock held)."""
-        if self._workers.get(w.id) is not w:
-            return
-        del self._workers[w.id]
-        self._pipe_workers.pop(w.pipe_id, None)
-        self._rebuild_catalog()
-        self._workers_lost += 1
-        if w.pull is not None:
-            sends.append((w.pull, self._tasks_reply([], register=True)))
-            w.pull = None
-        lost = list(w.in_flight.values())
-        w.in_flight.clear()
-        err = _error("lost", "WorkerLost", f"worker {w.name} was lost ({why}) while running the task")
-        for task in lost:
-            self._settle(task, FAILED, encode_result(task.id, FAILED, error=err), err, sends)
-        logger.warning("worker %s lost (%s): %d task(s) in flight", w.name, why, len(lost))
-        if not self._workers:
-            self._work.notify_all()  # the plane runs tasks itself again
-            self._drained.notify_all()
-        self._dispatch(sends)
+    def _local_done(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
+        """The plane's own executor finished a run (on a runner thread).
+        Runners do not queue up for the lock one by one: whoever finds the
+        reporter's token free takes everything finished so far to the core
+        in one call, and the others leave their outcome for it."""
+        finished = self._finished
+        finished.append((job.id, job.run, state, item, error))
+        while finished:
+            if not self._reporter.acquire(blocking=False):
+                return  # the reporter will find ours: it looks again after it lets go
+            try:
+                batch = []
+                while finished:
+                    batch.append(finished.popleft())
+                acts = self._call(self.core.local_done, batch)
+            finally:
+                self._reporter.release()
+            self._perform(acts)
 
     def _watch_pipes(self) -> None:
         """Drop a worker the moment its connection closes."""
-        while True:
-            pipe_id = self._gone.get()
-            if pipe_id is None:
-                return
-            sends: list = []
-            with self._lock:
-                w = self._pipe_workers.get(pipe_id)
-                if w is not None:
-                    self._drop_worker(w, "connection closed", sends)
-            self._send_all(sends)
+        while (pipe_id := self._gone.get()) is not None:
+            self._perform(self._call(self.core.conn_closed, pipe_id))
 
     def _heartbeats(self) -> None:
         """Receive workers' heartbeats (PUB/SUB): proof of life for workers
@@ -2324,264 +3014,62 @@ class Plane(_Role):
                 data = self._hb.recv()
             except pynng.Timeout:
                 continue
-            except pynng.NNGException:
+            except pynng.Closed:
                 return
+            except Exception:  # pynng raises RuntimeError on an empty message
+                self._count_error("protocol")
+                continue
             try:
                 msg = decode(data, self._secret)
                 if msg["op"] != "heartbeat":
                     raise ProtocolError("not a heartbeat")
             except FastworkerError as e:
-                with self._lock:
-                    self._errors["auth" if isinstance(e, AuthenticationError) else "protocol"] += 1
+                self._count_error("auth" if isinstance(e, AuthenticationError) else "protocol")
                 continue
-            wid = msg["worker"].get("id")
-            with self._lock:
-                w = self._workers.get(wid)
-                if w is not None:
-                    w.last_seen = time.monotonic()
-                    w.last_heartbeat = time.time()
-
-    # -- running and finishing tasks ------------------------------------------
-
-    def _take_local(self) -> _Task | None:
-        """The next task for a local runner, while no subworker is connected;
-        None when the plane stops."""
-        with self._lock:
-            while not self._stopping and (self._workers or not self._queue or self._local_running >= self.concurrency):
-                self._work.wait(1.0)
-            if self._stopping:
-                return None
-            task = self._queue.pop()
-            self._start(task, "plane", None)
-            self._local_running += 1
-            return task
-
-    def _report_local(self, task: _Task, state: str, item: bytes, error: dict | None) -> None:
-        sends: list = []
-        with self._lock:
-            self._local_running -= 1
-            if self._stopping and not self._local_running:
-                self._drained.notify_all()
-            if self._queue and self._local_running == self.concurrency - 1:
-                self._work.notify()  # a runner may wait for this slot (async tasks hold slots, not threads)
-            if task.state == RUNNING:
-                self._settle(task, state, item, error, sends)
-        self._send_all(sends)
-
-    def _start(self, task: _Task, worker: str, assigned: str | None) -> None:
-        """Mark a task as running (lock held)."""
-        self._counts[QUEUED] -= 1
-        self._counts[RUNNING] += 1
-        task.state = RUNNING
-        task.attempts += 1
-        task.started = time.time()
-        task.worker = worker
-        task.assigned = assigned
-
-    def _settle(self, task: _Task, state: str, item: bytes, error: dict | None, sends: list) -> None:
-        """Record the outcome of one run: retry it, or make it final (lock
-        held; the task is running).  A task that raised waits 1 s, 2 s, 4 s ...
-        before its next run; one whose worker was lost is requeued at once."""
-        if state == FAILED and error and error.get("kind") in ("raised", "lost") and task.attempts <= task.retries:
-            task.error = f"{error.get('type')}: {error.get('message')}"
-            self._retried += 1
-            if error["kind"] == "lost":
-                self._requeue(task)
-                self._ready(1, sends)
-                return
-            self._counts[RUNNING] -= 1
-            self._counts[QUEUED] += 1
-            task.state = QUEUED
-            self._schedule(task, self.retry_backoff * 2 ** (task.attempts - 1), time.monotonic())
-            return
-        self._terminal(task, state, item, error, sends)
-
-    def _terminal(self, task: _Task, state: str, item: bytes, error: dict | None, sends: list) -> None:
-        """Give a task its final state and tell whoever waits (lock held);
-        replies to send go to ``sends``."""
-        self._counts[task.state] -= 1
-        self._counts[state] += 1
-        task.state = state
-        task.finished = time.time()
-        task.item = item
-        if error is not None:
-            task.error = f"{error.get('type')}: {error.get('message')}"
-        del self._tasks[task.id]
-        self.cache.put(task.id, task)
-        self._recent.append(task)
-        cs = self._clients.get(task.client)
-        if cs is not None:
-            cs.outbox.append(item)
-            if cs.poll is not None:
-                self._ripe.add(cs)  # answered once the whole batch is settled
-        if task.watchers:
-            for fetch in task.watchers:
-                if fetch in self._fetches and not any(i in self._tasks for i in fetch.ids):
-                    self._fetches.discard(fetch)
-                    sends.append((fetch.chan, self._fetch_reply(fetch.ids)))
-            task.watchers = None
-        if self._subs:
-            sends.append((None, task))
-
-    def _send_all(self, sends: list) -> None:
-        """Send replies collected under the lock; publish completion events.
-        Clients' parked polls are answered here, after every result of the
-        message at hand is in, so that they all travel in one reply."""
-        if self._ripe:
-            with self._lock:
-                for cs in self._ripe:
-                    if cs.poll is not None and cs.outbox:
-                        sends.append((cs.poll, self._take_results(cs)))
-                        cs.poll = None
-                self._ripe.clear()
-        events = []
-        for chan, data in sends:
-            if chan is None:
-                events.append(data.summary())
-            else:
-                self._answer(chan, data)
-        if events:
-            try:
-                self._pub.send(encode("events", self._secret, events=events))
-            except pynng.NNGException:
-                pass  # events are best effort
-
-    def _count_subs(self, delta: int) -> None:
-        with self._subs_lock:
-            self._subs += delta
-
-    # -- housekeeping -------------------------------------------------------
+            self._call(self.core.heartbeat, msg["worker"]["id"])
 
     def _housekeep(self) -> None:
-        """Move due timers to the queue, answer expired parked requests, drop
-        silent workers, reap the result cache, forget idle clients."""
-        next_reap = time.monotonic() + self.reap_interval
-        tick = min(1.0, self.heartbeat_timeout / 4)
+        """Tick the core at its next deadline: due timers, expired parked
+        requests, silent workers, the cache's sweep."""
         while True:
-            sends: list = []
-            silent: list = []
             with self._lock:
                 if self._closed:
                     return
-                now = time.monotonic()
-                ready = 0
-                while self._timers and self._timers[0][0] <= now:
-                    task = heapq.heappop(self._timers)[2]
-                    if task.state == QUEUED:
-                        self._scheduled -= 1
-                        self._queue.push(task)
-                        ready += 1
-                if ready:
-                    self._ready(ready, sends)
-                for cid, cs in list(self._clients.items()):
-                    if cs.poll is not None:
-                        if cs.deadline <= now:
-                            sends.append((cs.poll, self._no_results))
-                            cs.poll = None
-                    elif now - cs.seen > CLIENT_IDLE_TTL:
-                        del self._clients[cid]
-                for fetch in [f for f in self._fetches if f.deadline <= now]:
-                    self._fetches.discard(fetch)
-                    sends.append((fetch.chan, self._fetch_reply(fetch.ids)))
-                for w in list(self._workers.values()):
-                    if now - w.last_seen > self.heartbeat_timeout:
-                        self._drop_worker(w, f"no heartbeat for {now - w.last_seen:.1f} s", sends)
-                        silent.append(w.pipe)
-                    elif w.pull is not None and w.pull_deadline <= now:
-                        sends.append((w.pull, self._no_tasks))
-                        w.pull = None
-                if now >= next_reap:
-                    self.cache.reap()
-                    next_reap = now + self.reap_interval
-                if not sends and not silent:
-                    wake = min(next_reap, now + tick)
-                    if self._timers:
-                        wake = min(wake, self._timers[0][0])
-                    for w in self._workers.values():  # the moment the quietest worker times out
-                        wake = min(wake, w.last_seen + self.heartbeat_timeout + 0.001)
-                    self._tick.wait(max(0.0, wake - now))
+                now = self._clock()
+                acts = self.core.tick(now)
+                if not acts:
+                    self.core.timers_changed = False
+                    self._tick.wait(min(max(0.0, self.core.next_deadline() - now), MAX_SLEEP))
                     continue
-            self._send_all(sends)
-            for pipe in silent:  # cut it off: if it wakes up, it registers afresh
-                _nng.nng_pipe_close(pipe)
+            self._perform(acts)
 
     # -- observing ------------------------------------------------------------
 
     def stats(self) -> dict:
         """Counts per state and priority, workers and the result cache."""
         with self._lock:
-            counts = dict(self._counts)
-            tasks = {"submitted": self._submitted, **counts, "retried": self._retried}
-            queues = dict(zip(PRIORITIES, self._queue.counts, strict=True))
-            errors = dict(self._errors)
-            scheduled = self._scheduled
-            clients = len(self._clients)
-            local = {
-                "concurrency": self.concurrency,
-                "running": self._local_running,
-                "abandoned": self._executor.abandoned,
-            }
-            workers = [w.summary() for w in self._workers.values()]
-            dispatch = {
-                "workers_lost": self._workers_lost,
-                "requeued": self._requeued,
-                "handed_back": self._handed_back,
-                "late_results": self._late,
-            }
-        info = self.cache.info()
-        return {
-            "plane": {
-                "id": self.id,
-                "version": __version__,
-                "address": self.address,
-                "pid": os.getpid(),
-                "uptime": round(time.time() - self._started_at, 3),
-                "rss_mb": _memory()[0],
-            },
-            "tasks": tasks,
-            "queues": queues,
-            "scheduled": scheduled,
-            "workers": workers,
-            "dispatch": dispatch,
-            "local": local,
-            "cache": {
-                "size": info.size,
-                "max_size": info.max_size,
-                "ttl": info.ttl,
-                "hits": info.hits,
-                "misses": info.misses,
-                "evictions": info.evictions,
-                "expired": info.expired,
-            },
-            "clients": clients,
-            "errors": errors,
+            now = self._clock()
+            core = self.core.stats(now)
+        plane = {
+            "id": self.id,
+            "version": __version__,
+            "address": self.address,
+            "pid": os.getpid(),
+            "uptime": round(now - self.core.started_at, 3),
+            "rss_mb": _memory()[0],
         }
+        core["local"]["abandoned"] = self._executor.abandoned
+        return {"plane": plane, **core}
 
     def tasks(self, limit: int = 50, state: str | None = None) -> list[dict]:
-        """Recent tasks, newest first: running and queued ones, then finished."""
-        out: list[dict] = []
+        """Recent tasks, newest first: unfinished ones, then finished."""
         with self._lock:
-            for task in itertools.chain(reversed(self._tasks.values()), reversed(self._recent)):
-                if len(out) >= limit:
-                    break
-                if state is None or task.state == state:
-                    out.append(task.summary())
-        return out
+            return self.core.recent_tasks(limit, state, self._clock())
 
     def task(self, task_id: str) -> dict | None:
         """The status of one task, or None if the plane does not know it."""
         with self._lock:
-            status = self._status(task_id)
-        return None if status["state"] == "unknown" else status
-
-
-def _sibling_address(address: str, suffix: str) -> str:
-    """Where the plane's extra sockets listen: the same host, any port."""
-    scheme, rest = address.split("://", 1)
-    if scheme in ("tcp", "tls+tcp", "ws"):
-        host = rest.rsplit(":", 1)[0]
-        return f"{scheme}://{host}:0"
-    return f"{address}.{suffix}"
+            return self.core.task_status(task_id, self._clock())
 
 
 ###############################################################################
@@ -2624,6 +3112,7 @@ class Worker(_Role):
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        _check_address(plane)
         self.plane = plane
         self.concurrency = concurrency
         self.host = socket.gethostname()
@@ -2634,11 +3123,10 @@ class Worker(_Role):
         self.registered = threading.Event()  # set once a plane has accepted this worker
         self.replace = threading.Event()  # set when a task overran its limit by the margin
         self._secret = _secret_bytes(secret)
-        self._lock = threading.Lock()  # guards the job lists, counters and flags below
+        self._lock = threading.Lock()  # guards the job lists, counters, flags and the dialer below
         self._wake = threading.Condition(self._lock)  # lanes wait for something to send
         self._idle = threading.Condition(self._lock)  # stop() waits for running jobs
         self._beat = threading.Condition(self._lock)  # the heartbeat thread waits for its next beat
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # received, not started (None: stop)
         self._running: dict[str, _Job] = {}
         self._done: list[bytes] = []  # RESULT items not yet sent
         self._returned: list[str] = []  # ids of tasks handed back, not yet sent
@@ -2648,29 +3136,24 @@ class Worker(_Role):
         self._registered = False
         self._draining = False  # take no more work
         self._stopped = False
+        self._refused = False  # the plane refused our messages (told once, at ERROR)
+        self._backoff = RETRY_PAUSE  # pause before retrying a plane that failed us; doubles
         self._hb_address: str | None = None
         self._hb_interval = HEARTBEAT_INTERVAL
         self._sock: Any = None
         self._dialer: Any = None
         self._threads: list[threading.Thread] = []
         self._executor = _Executor(
-            concurrency, self._take, self._report, max_message_size, on_overrun=self._overrun, margin=overrun_margin
+            concurrency, self._report, max_message_size, self._begin, on_overrun=self._overrun, margin=overrun_margin
         )
+        self._inbox = self._executor.inbox  # received, not started
 
     def start(self) -> Worker:
         """Connect to the plane (in the background) and start working."""
         if self._sock is not None:
             raise RuntimeError("the worker is already started")
-        _require_pynng()
-        sock = pynng.Req0(recv_max_size=self.max_message_size + 65536)
-        sock.resend_time = -1  # a resent request could run tasks twice
-        sock.reconnect_time_min = 50
-        sock.reconnect_time_max = 1000
-        try:
-            self._dialer = sock.dial(self.plane, block=False)
-        except pynng.NNGException as e:
-            sock.close()
-            raise ValueError(f"cannot dial {self.plane!r}: {e}") from None
+        sock = _dial(self.plane, self.max_message_size)
+        self._dialer = sock.dialers[-1]
         self._sock = sock
         for target, name in ((self._lane, "lane"), (self._lane, "lane"), (self._heartbeat, "heartbeat")):
             t = threading.Thread(target=target, name=f"fastworker-worker-{name}", daemon=True)
@@ -2694,11 +3177,9 @@ class Worker(_Role):
             self._stopped = True
             self._wake.notify_all()
             self._beat.notify_all()
-            for _ in range(self.concurrency):
-                self._inbox.put(None)  # wake every idle runner: nothing more comes
         # Idle runners exit at once; one still busy past the grace is left
         # behind (its task is handed back below, its result will be dropped).
-        self._executor.join(time.monotonic() + 0.2)
+        self._executor.stop(time.monotonic() + 0.2)
         with self._lock:
             returned = self._returned + [job.id for job in self._drain_inbox()] + list(self._running)
             results, registered = self._done, self._registered
@@ -2711,8 +3192,8 @@ class Worker(_Role):
                     data = encode_batch(
                         "pull", "results", results, self._secret, worker=self.id, credit=0, returned=returned
                     )
-                    chan.send(data, min(2.0, self.timeout))
-                    chan.recv(min(2.0, self.timeout))
+                    chan.send(data, self.timeout)
+                    chan.recv(self.timeout)
                 finally:
                     chan.close()
             except pynng.NNGException:
@@ -2729,7 +3210,7 @@ class Worker(_Role):
             "pid": os.getpid(),
             "concurrency": self.concurrency,
             "version": __version__,
-            "tasks": {name: spec.defaults() for name, spec in _registry.items()},
+            "tasks": {name: spec.options for name, spec in _registry.items()},
         }
 
     # -- talking to the plane ---------------------------------------------------
@@ -2772,37 +3253,56 @@ class Worker(_Role):
                         hung = True
                 except pynng.Closed:
                     return
+                except (AuthenticationError, ProtocolError) as e:
+                    self._refuse(f"the plane at {self.plane} sent an answer this worker cannot read ({e})")
                 except (pynng.NNGException, FastworkerError) as e:
                     logger.debug("request for work failed: %s", e)
+                if reply is not None and reply["op"] == "error":
+                    self._refuse(f"the plane at {self.plane} refused this worker: {reply['error'].get('message')}")
                 if hung:  # the plane holds our request and says nothing: start afresh
-                    logger.warning("the plane at %s stopped answering; reconnecting", self.plane)
                     self._redial()
                 with self._lock:
                     self._pulls -= 1
                     if reply is not None and reply["op"] == "tasks":
+                        self._backoff = RETRY_PAUSE
                         self._accept(reply)
                         if self._draining:
                             self._idle.notify_all()
                     else:  # not delivered, or delivered to a plane that is gone: keep it for the next one
-                        if reply is not None and reply["op"] == "error":
-                            logger.error("the plane refused this worker: %s", reply["error"].get("message"))
                         self._done[:0] = results
                         self._returned[:0] = returned
                         self._registered = False
-                        if not self._stopped:
-                            self._wake.wait(0.1)  # brief pause: do not hammer a plane that is away
+                        if not self._stopped:  # pause, longer each time: do not hammer a plane that is away
+                            self._wake.wait(self._backoff)
+                            self._backoff = min(2 * self._backoff, MAX_RETRY_PAUSE)
                     self._wake.notify()
         finally:
             chan.close()
 
+    def _refuse(self, why: str) -> None:
+        """The plane cannot read us or we cannot read it: a configuration
+        error (most likely the secret).  Say so at ERROR, once."""
+        if not self._refused:
+            self._refused = True
+            logger.error("%s; check that --secret (or FASTWORKER_SECRET) matches the plane's", why)
+
     def _redial(self) -> None:
         """Close the connection and dial again, so the plane sees this worker
-        go (and requeues what it had sent it) and then register anew."""
+        go (and requeues what it had sent it) and then register anew.  When
+        both lanes find the plane hung, one of them redials."""
+        with self._lock:
+            old, self._dialer = self._dialer, None
+        if old is None:
+            return
+        logger.warning("the plane at %s stopped answering; reconnecting", self.plane)
+        new = None
         try:
-            self._dialer.close()
-            self._dialer = self._sock.dial(self.plane, block=False)
+            old.close()
+            new = self._sock.dial(self.plane, block=False)
         except pynng.NNGException as e:
             logger.warning("could not redial %s: %s", self.plane, e)
+        with self._lock:
+            self._dialer = new or old
 
     def _accept(self, reply: dict) -> None:
         """Take a plane's reply (lock held)."""
@@ -2826,7 +3326,7 @@ class Worker(_Role):
             self._beat.notify_all()  # announce ourselves on the new address now
             self.registered.set()
         for t in reply["tasks"]:
-            job = _Job(t, plane)
+            job = _Job(t["id"], t["name"], t["args"], t["kwargs"], t.get("timeout"), t.get("run"), plane)
             if self._draining:
                 self._returned.append(job.id)  # hand it straight back
             else:
@@ -2841,8 +3341,7 @@ class Worker(_Role):
                     if self._stopped:
                         return
                     want, interval = self._hb_address, self._hb_interval
-                    info = self._info()
-                    info["in_flight"] = len(self._running) + self._inbox.qsize()
+                    info = {"id": self.id, "name": self.name, "in_flight": len(self._running) + self._inbox.qsize()}
                 if want != address:
                     if pub is not None:
                         pub.close()
@@ -2862,21 +3361,15 @@ class Worker(_Role):
 
     # -- running tasks ------------------------------------------------------------
 
-    def _take(self) -> _Job | None:
-        while True:
-            try:
-                job = self._inbox.get(timeout=1.0)
-            except queue.Empty:
-                if self._draining:
-                    return None
-                continue
-            with self._lock:
-                if job is None or self._draining:
-                    if job is not None:
-                        self._returned.append(job.id)  # too late to start: hand it back
-                    return None
-                self._running[job.id] = job
-                return job
+    def _begin(self, job: _Job) -> bool:
+        """A runner is about to start a job: too late if we are draining."""
+        with self._lock:
+            if self._draining:
+                self._returned.append(job.id)  # hand it back
+                self._wake.notify()
+                return False
+            self._running[job.id] = job
+            return True
 
     def _drain_inbox(self) -> list[_Job]:
         """Take every job not yet started (lock held)."""
@@ -2967,7 +3460,7 @@ async function refresh() {
     last = {done: done, t: now};
     const c = s.cache, reads = c.hits + c.misses;
     const cards = [["submitted", s.tasks.submitted], ["queued", s.tasks.queued],
-      ["running", s.tasks.running], ["succeeded", s.tasks.succeeded], ["failed", s.tasks.failed],
+      ["scheduled", s.tasks.scheduled], ["running", s.tasks.running], ["succeeded", s.tasks.succeeded], ["failed", s.tasks.failed],
       ["cancelled", s.tasks.cancelled], ["tasks/s", rate.toFixed(1)],
       ["cache", c.size + " / " + c.max_size],
       ["hit rate", reads ? (100 * c.hits / reads).toFixed(1) + " %" : "-"]];
@@ -3018,7 +3511,8 @@ def _metrics(stats: dict) -> str:
         [({"state": s}, t[s]) for s in (SUCCEEDED, FAILED, CANCELLED)],
     )
     metric("tasks_retried_total", "counter", "Runs retried after a failure.", [({}, t["retried"])])
-    metric("tasks", "gauge", "Tasks queued or running now.", [({"state": s}, t[s]) for s in (QUEUED, RUNNING)])
+    unfinished = (QUEUED, SCHEDULED, RUNNING)
+    metric("tasks", "gauge", "Tasks not finished yet.", [({"state": s}, t[s]) for s in unfinished])
     metric(
         "queue_depth", "gauge", "Queued tasks per priority.", [({"priority": p}, n) for p, n in stats["queues"].items()]
     )
@@ -3542,7 +4036,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
+    # Stop on Ctrl-C and SIGTERM alike, even if we were started with SIGINT
+    # ignored (as a non-interactive shell starts background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with Client(args.plane, secret=args.secret, timeout=args.timeout) as client:
         try:
             for event in client.events():
@@ -3740,45 +4237,60 @@ def _build_parser() -> _Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``python fastworker.py COMMAND ...``."""
+    """The command line: ``python fastworker.py COMMAND ...``.  Returns the
+    exit status: 0, 1 after an error (one line on stderr), 2 for bad usage."""
     # A task module's "import fastworker" must find this very module, even
     # when it runs as __main__, so that both share one task registry.
     sys.modules.setdefault("fastworker", sys.modules[__name__])
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    errors: tuple = (FastworkerError, ValueError, OSError, ImportError, RuntimeError)
+    expected: tuple = (FastworkerError, _StartupError, ValueError, OSError, RuntimeError)
     if pynng is not None:
-        errors += (pynng.NNGException,)
+        expected += (pynng.NNGException,)
     try:
         return args.func(args)
-    except errors as e:
-        print(f"fastworker {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        logger.debug("fastworker %s failed", args.command, exc_info=True)
+        text = str(e) if isinstance(e, expected) else f"{type(e).__name__}: {e} (--log-level debug shows where)"
+        print(f"fastworker {args.command}: error: {text}", file=sys.stderr)
+        return 1
 
 
 def _script() -> None:
     """``python fastworker.py ...``.  Python keeps a script's syntax tree
     until the script's top level returns, about 7 MB for this file, so the
     long-running commands run on a thread of their own and the top level
-    returns at once; the main thread then only receives signals."""
+    returns at once; the main thread then only receives signals.  The
+    role's exit status is applied by the last of the exit handlers, after
+    the others (the task modules' ``atexit`` handlers, logging) have run."""
     sys.modules.setdefault("fastworker", sys.modules["__main__"])
     if len(sys.argv) < 2 or sys.argv[1] not in ("plane", "worker", "demo"):
         sys.exit(main())
     _stop_event()  # signal handlers can only be installed by the main thread
+    status: list = [1]  # the role's exit status, once its thread ends
 
     def run() -> None:
         try:
-            code = main()
+            status[0] = main()
         except SystemExit as e:  # --help and usage errors
-            code = e.code
+            status[0] = e.code
+        except BaseException:  # noqa: B036 - whatever ends the role ends it with status 1
+            traceback.print_exc()
+
+    def finish() -> None:  # registered first, so it runs last
+        code = status[0]
         if isinstance(code, str):
             print(code, file=sys.stderr)
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        # os._exit, not a normal exit: NNG's threads must not see the
+        # interpreter tear down under them.
         os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
+    atexit.register(finish)
     threading.Thread(target=run, name="fastworker-main").start()
 
 

@@ -6,10 +6,14 @@ deadline); every process and thread a test starts is gone when it ends.
 """
 
 import asyncio
+import collections
 import concurrent.futures
+import itertools
 import json
+import logging
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -175,9 +179,16 @@ def pid():
     return os.getpid()
 
 
+def mark(path):
+    if path:
+        open(path, "w").close()
+
+
 @task
-def wait_file(path, timeout=20):
-    \"\"\"Holds a slot until the test creates ``path`` (a gate between processes).\"\"\"
+def wait_file(path, timeout=20, started=None):
+    \"\"\"Holds a slot until the test creates ``path`` (a gate between processes);
+    creates ``started`` first, to say it runs.\"\"\"
+    mark(started)
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() > deadline:
@@ -187,7 +198,8 @@ def wait_file(path, timeout=20):
 
 
 @task
-async def async_wait_file(path, timeout=20):
+async def async_wait_file(path, timeout=20, started=None):
+    mark(started)
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() > deadline:
@@ -201,6 +213,18 @@ def record(path, tag):
     with open(path, "a") as f:
         f.write(tag + "\\n")
     return tag
+
+
+@task
+def mark_and_sleep(started, seconds):
+    mark(started)
+    time.sleep(seconds)
+    return seconds
+
+
+@task
+def raise_base(kind):
+    raise {"interrupt": KeyboardInterrupt, "exit": SystemExit}[kind]("stop it")
 
 
 @task(timeout=0.3)
@@ -336,11 +360,53 @@ def test_encode_task_refuses_what_json_cannot_carry():
         fw.encode_task("i", "add", retries=-1)
 
 
+BAD_OPTIONS = [
+    ("timeout", True),
+    ("timeout", 0),
+    ("timeout", float("nan")),
+    ("timeout", float("inf")),
+    ("timeout", 1e10),
+    ("delay", float("nan")),
+    ("delay", 10**400),
+    ("delay", -1),
+    ("retries", True),
+    ("retries", -1),
+    ("retries", 2.0),
+    ("priority", ["high"]),
+    ("priority", "urgent"),
+]
+
+
+@pytest.mark.parametrize("option, value", BAD_OPTIONS)
+def test_one_validator_refuses_a_bad_option_wherever_it_comes_from(option, value):
+    with pytest.raises(ValueError, match=option):  # submit_with / encode_task
+        fw.encode_task("i-1", "add", **{option: value})
+    with pytest.raises(fw.ProtocolError, match=option):  # a TASK on the wire
+        fw._check_task({"id": "i-1", "name": "add", option: value})
+    with pytest.raises(fw.ProtocolError, match=option):  # a worker's catalog
+        fw._catalog_of({"add": {option: value}})
+    if option != "delay":
+        with pytest.raises(ValueError, match=option):  # @task
+            fw.task(name="never.registered", **{option: value})(lambda: None)
+
+
+def test_decode_wants_version_1_exactly_and_finite_waits():
+    for v in (b"true", b"1.0", b'"1"'):
+        with pytest.raises(fw.ProtocolError, match="version"):
+            fw.decode(b'{"v": %s, "op": "stats"}' % v)
+    for wait in (b"NaN", b"Infinity", b"-1", b"1e400"):
+        with pytest.raises(fw.ProtocolError, match="wait"):
+            fw.decode(b'{"v": 1, "op": "poll", "client": "c", "wait": %s}' % wait)
+    assert fw.decode(b'{"v": 1, "op": "poll", "client": "c", "wait": 600}')["wait"] == fw.MAX_WAIT
+    with pytest.raises(fw.ProtocolError, match="id"):
+        fw.decode(b'{"v": 1, "op": "heartbeat", "worker": {"id": ["x"]}}')
+
+
 # -- data structures -----------------------------------------------------------------
 
 
 def make_task(tid, priority):
-    return fw._Task({"id": tid, "name": "n", "args": [], "kwargs": {}}, fw._RANK[priority], 0, None, "c")
+    return fw._Task({"id": tid, "name": "n", "args": [], "kwargs": {}}, fw._RANK[priority], 0, None, "c", 0.0)
 
 
 def test_task_queue_runs_higher_priority_first_and_fifo_within_a_level():
@@ -358,8 +424,7 @@ def test_task_queue_skips_cancelled_tasks():
     a, b = make_task("a", "high"), make_task("b", "low")
     q.push(a)
     q.push(b)
-    a.state = fw.CANCELLED
-    q.discard(a)
+    q.remove(a)
     assert len(q) == 1
     assert q.pop() is b and q.pop() is None
 
@@ -463,6 +528,488 @@ def test_task_names_are_unique_and_options_checked():
         fw.task(priority="urgent")(other)
     with pytest.raises(ValueError, match="retries"):
         fw.task(retries=-2)(other)
+
+
+# -- the plane's core: no sockets, no threads, a fake clock -------------------------------
+
+
+def spec(name, **options):
+    return fw.TaskSpec(lambda *a, **k: None, name, **options)
+
+
+def check_invariant(core):
+    """The accounting of SPEC §5, and every index agreeing with every state."""
+    c = core.counts
+    assert core.submitted == sum(c.values()), c
+    assert sum(core.queue.counts) == c["queued"]
+    assert core.timers.live == c["scheduled"]
+    workers = [core.zero, *core.workers.values()]
+    assert sum(len(w.in_flight) for w in workers) == c["running"]
+    assert len(core.tasks) == c["queued"] + c["scheduled"] + c["running"]
+    for t in core.tasks.values():
+        if t.state == "queued":
+            assert t.queued and t.holder is None
+        elif t.state == "scheduled":
+            assert t.timer is not None and not t.queued
+        else:
+            assert t.state == "running" and t.holder.in_flight[t.id] is t
+    for w in workers:
+        assert len(w.in_flight) <= w.concurrency  # never beyond its slots
+
+
+class Core:
+    """A PlaneCore driven by hand: a fake clock, request handles that must
+    each be answered at most once, worker zero's jobs, and what each client
+    received."""
+
+    def __init__(self, local=("a", "b"), **kw):
+        self.now = 1000.0
+        kw.setdefault("concurrency", 2)
+        kw.setdefault("retry_backoff", 1.0)
+        self.core = fw.PlaneCore("plane-1", {n: spec(n) for n in local}, self.now, **kw)
+        self.handles = itertools.count(1)
+        self.open = set()  # requests sent and not answered
+        self.replies = {}  # request -> its Reply
+        self.polls = {}  # poll request -> client
+        self.jobs = []  # given to worker zero, not finished
+        self.delivered = collections.defaultdict(list)  # task id -> RESULTs its client received
+        self.closed = []  # connections the core cut
+
+    def request(self):
+        h = next(self.handles)
+        self.open.add(h)
+        return h
+
+    def apply(self, acts):
+        for a in acts or ():
+            if type(a) is fw.Reply:
+                assert a.req in self.open, f"request {a.req} answered twice, or never made"
+                self.open.discard(a.req)
+                self.replies[a.req] = a
+                if a.req in self.polls:
+                    for item in a.items:
+                        r = json.loads(item)
+                        self.delivered[r["id"]].append(r)
+            elif type(a) is fw.Run:
+                self.jobs.extend(a.jobs)
+            elif type(a) is fw.Close:
+                self.closed.append(a.conn)
+        check_invariant(self.core)
+        return acts
+
+    def submit(self, client, *tasks):
+        h = self.request()
+        self.apply(self.core.submit(h, client, [dict(t) for t in tasks], self.now))
+        return self.replies[h].fields["rejected"]
+
+    def poll(self, client, wait=5.0):
+        h = self.request()
+        self.polls[h] = client
+        self.apply(self.core.poll(h, client, wait, self.now))
+        return h
+
+    def finish(self, job, state="succeeded", value=None, error=None):
+        self.jobs.remove(job)
+        item = fw.encode_result(job.id, state, value, error, run=job.run)
+        self.apply(self.core.local_done([(job.id, job.run, state, item, error)], self.now))
+
+    def tick(self, dt=0.0):
+        self.now += dt
+        return self.apply(self.core.tick(self.now))
+
+    def reply(self, h):
+        return self.replies.get(h)
+
+
+def item(tid, name="a", **options):
+    return {"id": tid, "name": name, "args": [], "kwargs": {}, **options}
+
+
+def raised(message="boom"):
+    return fw._error("raised", "ValueError", message)
+
+
+class FakeWorker:
+    """A subworker as the core sees it: pulls (each a request) on a connection."""
+
+    def __init__(self, h, wid, tasks, concurrency=2, conn=None):
+        self.h, self.id, self.concurrency = h, wid, concurrency
+        self.tasks = {name: {} for name in tasks}
+        self.conn = conn if conn is not None else 100_000 + next(h.handles)
+        self.running = {}  # task id -> run
+        self.pulls = []  # requests outstanding
+
+    def pull(self, results=(), returned=(), credit=None, info=False):
+        h = self.h.request()
+        self.pulls.append(h)
+        info = {"name": self.id, "concurrency": self.concurrency, "tasks": self.tasks} if info else None
+        credit = self.concurrency if credit is None else credit
+        acts = self.h.core.pull(h, self.conn, self.id, credit, list(results), list(returned), info, self.h.now)
+        self.h.apply(acts)
+        self.collect()
+        return h
+
+    def collect(self):
+        for h in list(self.pulls):
+            r = self.h.replies.get(h)
+            if r is not None:
+                self.pulls.remove(h)
+                for t in r.items or ():
+                    t = json.loads(t)
+                    self.running[t["id"]] = t["run"]
+        return self
+
+    def register(self):
+        """Register, then park a request for work (its handle)."""
+        self.pull(info=True)
+        return self.pull()
+
+    def park(self):
+        """Keep a request parked, as a real worker does while it has room."""
+        if not self.pulls:
+            self.pull()
+        return self
+
+    def result(self, tid, state="succeeded", value=None, error=None, run=None):
+        run = self.running.pop(tid) if run is None else run
+        r = {"id": tid, "state": state, "run": run}
+        if error is not None:
+            r["error"] = error
+        elif state == "succeeded":
+            r["result"] = value
+        return r
+
+
+def test_core_runs_a_task_on_worker_zero_and_answers_the_parked_poll():
+    h = Core()
+    poll = h.poll("c1")
+    assert h.reply(poll) is None  # parked: nothing to deliver yet
+    assert h.submit("c1", item("c1-1", args=[1])) == []
+    [job] = h.jobs
+    assert (job.id, job.name, job.run) == ("c1-1", "a", 1)
+    assert h.core.counts["running"] == 1 and h.core.tasks["c1-1"].worker == "plane"
+    h.finish(job, value=42)
+    assert [r["result"] for r in h.delivered["c1-1"]] == [42]
+    assert h.core.counts["succeeded"] == 1 and h.core.cache.peek("c1-1", h.now).state == "succeeded"
+
+
+def test_core_orders_the_queue_by_priority_then_first_in_first_out():
+    h = Core(concurrency=1)
+    h.submit("c", item("block"))
+    order = [("l1", "low"), ("n1", "normal"), ("c1", "critical"), ("h1", "high"), ("n2", "normal"), ("c2", "critical")]
+    h.submit("c", *[item(tid, priority=p) for tid, p in order[:3]])
+    h.submit("c", *[item(tid, priority=p) for tid, p in order[3:]])
+    ran = []
+    while h.jobs:
+        job = h.jobs[0]
+        ran.append(job.id)
+        h.finish(job)
+    assert ran == ["block", "c1", "c2", "h1", "n1", "n2", "l1"]
+
+
+def test_core_retries_wait_their_backoff_then_run_again():
+    h = Core()
+    h.submit("c", item("t", retries=2))
+    h.finish(h.jobs[0], "failed", error=raised("first"))
+    task = h.core.tasks["t"]
+    assert task.state == "scheduled" and task.due == h.now + 1.0 and task.error == "ValueError: first"
+    assert h.core.timers.next_due() == h.now + 1.0 and h.core.next_deadline() <= h.now + 1.0
+    h.tick(0.999)
+    assert not h.jobs
+    h.tick(0.001)
+    assert [j.run for j in h.jobs] == [2]
+    h.finish(h.jobs[0], "failed", error=raised("second"))
+    assert h.core.tasks["t"].due == h.now + 2.0  # doubles
+    h.tick(2.0)
+    h.finish(h.jobs[0], value="ok")
+    status = h.core.task_status("t", h.now)
+    assert (status["state"], status["attempts"], status["error"]) == ("succeeded", 3, None)
+    assert h.core.retried == 2
+
+
+def test_core_a_timeout_or_a_final_failure_is_not_retried():
+    h = Core()
+    poll = h.poll("c")
+    h.submit("c", item("t1", retries=3), item("t2"))
+    h.finish(h.jobs[0], "failed", error=fw._error("timeout", "TaskTimeout", "too slow"))
+    h.finish(h.jobs[0], "failed", error=raised())
+    assert h.reply(poll) is not None
+    assert [r["error"]["kind"] for r in h.delivered["t1"]] == ["timeout"]
+    assert h.core.counts["failed"] == 2 and h.core.retried == 0
+
+
+def test_core_delayed_task_runs_at_its_time_and_a_cancel_frees_it():
+    h = Core()
+    h.submit("c", item("later", delay=10), item("never", delay=5))
+    assert h.core.counts["scheduled"] == 2 and not h.jobs
+    assert h.core.timers.next_due() == h.now + 5
+    h.apply(h.core.cancel(h.request(), ["never"], h.now))
+    assert h.core.counts["cancelled"] == 1 and h.core.timers.live == 1
+    h.tick(5)
+    assert not h.jobs
+    h.tick(5)
+    assert [j.id for j in h.jobs] == ["later"]
+    cancelled = h.request()
+    h.apply(h.core.cancel(cancelled, ["later"], h.now))  # running: not cancelled
+    assert h.reply(cancelled).fields["ids"] == []
+
+
+def test_core_refuses_duplicate_ids_unknown_names_and_submissions_while_stopping():
+    h = Core()
+    assert h.submit("c", item("x")) == []
+    rejected = h.submit("c", item("x"), item("y", name="nobody"))
+    assert [(r["id"], r["error"]["kind"]) for r in rejected] == [("x", "protocol"), ("y", "unknown_task")]
+    h.finish(h.jobs[0])
+    assert [r["id"] for r in h.submit("c", item("x"))] == ["x"]  # still in the result cache
+    h.apply(h.core.stop(h.now))
+    r = h.request()
+    h.apply(h.core.submit(r, "c", [item("z")], h.now))
+    assert h.reply(r).op == "error" and "stopping" in h.reply(r).fields["error"]["message"]
+    assert h.core.submitted == 1
+
+
+def test_core_parked_fetch_is_answered_on_completion_or_at_its_deadline():
+    h = Core()
+    h.submit("c", item("t1"), item("t2"))
+    f = h.request()
+    h.apply(h.core.fetch(f, ["t1", "t2"], 30.0, h.now))
+    h.finish(h.jobs[0], value=1)
+    assert h.reply(f) is None  # t2 still runs
+    h.finish(h.jobs[0], value=2)
+    assert [json.loads(i)["result"] for i in h.reply(f).items] == [1, 2]
+    h.submit("c", item("t3", delay=100))
+    g = h.request()
+    h.apply(h.core.fetch(g, ["t3", "nope"], 2.0, h.now))
+    h.tick(1.0)
+    assert h.reply(g) is None
+    h.tick(1.5)
+    assert [json.loads(i)["state"] for i in h.reply(g).items] == ["scheduled", "unknown"]
+
+
+def test_core_dispatch_is_least_loaded_and_never_beyond_a_workers_slots():
+    h = Core(local=())
+    ws = [FakeWorker(h, f"w{i}", ["job"], concurrency=2) for i in range(3)]
+    for w in ws:
+        w.register()
+    h.submit("c", *[item(f"t{i}", "job") for i in range(4)])
+    for w in ws:
+        w.collect().park()
+    assert sorted(len(w.running) for w in ws) == [1, 1, 2]  # spread before doubling up
+    h.submit("c", *[item(f"u{i}", "job") for i in range(4)])
+    for w in ws:
+        w.collect().park()
+    assert [len(w.running) for w in ws] == [2, 2, 2] and h.core.counts["queued"] == 2
+    busy = ws[1]
+    tid = next(iter(busy.running))
+    busy.pull(results=[busy.result(tid)])  # a slot frees: that worker gets the next task
+    for w in ws:
+        w.collect()
+    assert [len(w.running) for w in ws] == [2, 2, 2] and h.core.counts["queued"] == 1
+
+
+def test_core_a_full_workers_request_is_parked_not_answered():
+    h = Core(local=())
+    w = FakeWorker(h, "w", ["job"], concurrency=1)
+    w.register()
+    h.submit("c", item("t1", "job"), item("t2", "job"))
+    w.collect()
+    parked = w.pull()
+    assert h.reply(parked) is None  # no answer until there is room and work: no busy loop
+    w.pull(results=[w.result("t1")])  # a second request carrying the result
+    assert h.reply(parked).items  # the parked one takes t2
+    assert list(w.collect().running) == ["t2"]
+
+
+def test_core_worker_zero_runs_what_no_connected_worker_knows():
+    h = Core(local=("a", "both"))
+    w = FakeWorker(h, "w", ["w.only", "both"])
+    w.register()
+    assert h.submit("c", item("1", "a"), item("2", "w.only"), item("3", "both")) == []
+    w.collect()
+    assert [j.id for j in h.jobs] == ["1"]  # the plane's own task runs while a worker is connected
+    assert sorted(w.running) == ["2", "3"]  # the worker runs the tasks it knows
+    assert h.core.tasks["1"].worker == "plane" and h.core.tasks["2"].worker == "w"
+
+
+def test_core_a_lost_worker_requeues_at_once_or_fails_with_worker_lost():
+    h = Core(local=())
+    poll = h.poll("c")
+    w = FakeWorker(h, "w", ["job"], concurrency=2)
+    w.register()
+    h.submit("c", item("keep", "job", retries=1), item("lose", "job"))
+    w.collect()
+    h.apply(h.core.conn_closed(w.conn, h.now))
+    assert h.reply(poll) is not None
+    assert [r["error"]["kind"] for r in h.delivered["lose"]] == ["lost"]
+    assert h.core.tasks["keep"].state == "queued" and h.core.requeued == 1 and h.core.workers_lost == 1
+    again = FakeWorker(h, "w2", ["job"])
+    again.register()
+    assert list(again.collect().running) == ["keep"]
+    assert h.core.tasks["keep"].attempts == 2
+
+
+def test_core_heartbeat_expiry_drops_a_silent_worker_and_cuts_it_off():
+    h = Core(local=(), heartbeat_timeout=5.0)
+    w = FakeWorker(h, "w", ["job"])
+    w.register()
+    h.now += 3
+    h.core.heartbeat("w", h.now)
+    assert h.core.next_deadline() <= h.now + 5.001
+    h.tick(4.9)
+    assert "w" in h.core.workers and not h.closed
+    h.tick(0.2)
+    assert "w" not in h.core.workers and h.closed == [w.conn]
+
+
+def test_core_late_and_stale_results_are_ignored_so_a_task_completes_once():
+    h = Core(local=(), heartbeat_timeout=5.0)
+    h.poll("c")
+    w = FakeWorker(h, "w", ["job"], concurrency=1)
+    w.register()
+    h.submit("c", item("t", "job", retries=2))
+    w.collect()
+    run = w.running["t"]
+    w.pull(results=[w.result("t", run=run + 7)])  # not the run the plane sent: ignored
+    assert h.core.late == 1 and h.core.tasks["t"].state == "running"
+    h.tick(6)  # silent: dropped, the task goes back to the queue
+    other = FakeWorker(h, "w2", ["job"], conn=99)
+    other.register()
+    w.pull(results=[w.result("t", run=run)])  # the zombie's copy arrives: it registered afresh
+    assert h.core.late >= 2
+    other.pull(results=[other.result("t", value="done")])
+    assert [r["state"] for r in h.delivered["t"]] == []  # the client has not polled again yet
+    h.poll("c")
+    assert [r.get("result") for r in h.delivered["t"]] == ["done"]
+
+
+def test_core_hand_back_keeps_the_tasks_place_and_its_attempt_count():
+    h = Core(local=())
+    w = FakeWorker(h, "w", ["job"], concurrency=1)
+    w.register()
+    h.submit("c", item("first", "job"), item("second", "job"))
+    w.collect()
+    w.pull(returned=["first"], credit=0)
+    assert h.core.handed_back == 1 and h.core.tasks["first"].attempts == 0
+    other = FakeWorker(h, "w2", ["job"], concurrency=1)
+    other.register()
+    assert list(other.collect().running) == ["first"]  # it kept its place ahead of "second"
+
+
+def test_core_close_answers_every_parked_request():
+    h = Core(local=("a",))
+    poll = h.poll("c")
+    w = FakeWorker(h, "w", ["job"])
+    parked = w.register()
+    h.submit("c", item("t", "a", delay=50))
+    f = h.request()
+    h.apply(h.core.fetch(f, ["t"], 30, h.now))
+    h.apply(h.core.stop(h.now))
+    h.apply(h.core.close(h.now))
+    assert h.reply(poll).fields == {"closing": True}
+    assert h.reply(parked).op == "tasks" and h.reply(f).op == "error"
+    assert not h.open
+
+
+def run_random_sequence(seed, steps=40):
+    """Random events thrown at the core; the invariant is checked after each
+    (``Core.apply``).  Then everything is driven to its end, and every task
+    the core accepted must have reached its client exactly once."""
+    rng = random.Random(seed)
+    h = Core(local=("a", "b", "both"), concurrency=rng.randint(1, 3), heartbeat_timeout=5.0)
+    clients = ["c1", "c2"]
+    accepted = {}  # task id -> client
+    workers = []
+    names = ["a", "b", "both", "w", "both", "a", "nobody"]
+    n = itertools.count()
+    for _ in range(steps):
+        event = rng.random()
+        if event < 0.25:
+            client = rng.choice(clients)
+            tasks = []
+            for _ in range(rng.randint(1, 4)):
+                tid = f"{client}-{next(n)}" if rng.random() > 0.05 or not accepted else rng.choice(list(accepted))
+                options = {"priority": rng.choice(fw.PRIORITIES), "retries": rng.randint(0, 2)}
+                if rng.random() < 0.3:
+                    options["delay"] = rng.choice([0, 0.5, 3.0])
+                tasks.append(item(tid, rng.choice(names), **options))
+            h.submit(client, *tasks)
+            for t in tasks:
+                if t["id"] not in accepted and t["id"] in h.core.tasks:
+                    accepted[t["id"]] = client
+        elif event < 0.35:
+            h.poll(rng.choice(clients), wait=rng.choice([0, 5.0]))
+        elif event < 0.45 and h.jobs:
+            job = rng.choice(h.jobs)
+            outcome = rng.random()
+            if outcome < 0.6:
+                h.finish(job, value=job.id)
+            elif outcome < 0.9:
+                h.finish(job, "failed", error=raised())
+            else:
+                h.finish(job, "failed", error=fw._error("timeout", "TaskTimeout", "late"))
+        elif event < 0.52:
+            ids = rng.sample(list(accepted), min(len(accepted), rng.randint(1, 3))) if accepted else ["nope"]
+            h.apply(h.core.cancel(h.request(), ids, h.now))
+        elif event < 0.58 and len(workers) < 3:
+            w = FakeWorker(h, f"w{next(n)}", rng.choice([["w", "both"], ["w"], ["both", "a"]]), rng.randint(1, 3))
+            w.register()
+            workers.append(w)
+        elif event < 0.75 and workers:
+            w = rng.choice(workers)
+            w.collect()
+            if len(w.pulls) >= 2:
+                continue
+            results, returned = [], []
+            for tid in list(w.running):
+                roll = rng.random()
+                if roll < 0.5:
+                    results.append(w.result(tid, value=tid))
+                elif roll < 0.6:
+                    results.append(w.result(tid, "failed", error=raised()))
+                elif roll < 0.65:
+                    returned.append(tid)
+                    w.running.pop(tid)
+            w.pull(results=results, returned=returned)
+        elif event < 0.8 and workers:
+            w = workers.pop(rng.randrange(len(workers)))
+            h.apply(h.core.conn_closed(w.conn, h.now))
+        elif event < 0.85 and accepted:
+            ids = rng.sample(list(accepted), min(len(accepted), 2))
+            h.apply(h.core.fetch(h.request(), ids, rng.choice([0, 2.0]), h.now))
+        else:
+            for w in workers:
+                if rng.random() < 0.8:
+                    h.core.heartbeat(w.id, h.now)
+            h.tick(rng.choice([0.0, 0.3, 1.0, 2.5]))
+            workers = [w for w in workers if w.id in h.core.workers]
+    # The end: a worker that knows everything, every run finishes, time passes.
+    finisher = FakeWorker(h, "finisher", ["a", "b", "both", "w", "nobody"], concurrency=8, conn=10**9)
+    finisher.register()
+    for _ in range(200):
+        if not h.core.tasks:
+            break
+        while h.jobs:
+            h.finish(h.jobs[0], value="end")
+        for w in [*workers, finisher]:
+            if len(w.collect().pulls) < 2:
+                w.pull(results=[w.result(tid, value="end") for tid in list(w.running)])
+            h.core.heartbeat(w.id, h.now)
+        for client in clients:
+            h.poll(client, wait=0)
+        h.tick(1.0)
+    assert not h.core.tasks, f"seed {seed}: tasks never finished: {list(h.core.tasks)}"
+    for client in clients:
+        h.poll(client, wait=0)
+    for tid in accepted:
+        got = h.delivered.get(tid, [])
+        assert len(got) == 1, f"seed {seed}: task {tid} reached its client {len(got)} times: {got}"
+        assert got[0]["state"] in fw.TERMINAL
+    assert h.core.submitted == len(accepted)
+
+
+def test_core_random_event_sequences_keep_the_accounting_and_end_every_task_once():
+    for seed in range(1500):
+        run_random_sequence(seed)
 
 
 # -- in-process plane and client ---------------------------------------------------------
@@ -583,6 +1130,10 @@ def test_result_status_and_cancel_by_id_from_another_client(plane, client):
         assert other.status("nobody-knows")["state"] == "unknown"
         with pytest.raises(fw.ResultExpired):
             other.result("nobody-knows", timeout=1)
+        later = client.submit_with("t.add", (1, 1), delay=60)
+        client.status(later.task_id)  # it is at the plane
+        assert other.cancel(later.task_id) is True and other.cancel(later.task_id) is False
+        wait_until(later.cancelled, 5, "the submitter's future to learn of the cancel")
 
 
 def test_cancel_only_cancels_queued_tasks():
@@ -597,7 +1148,7 @@ def test_cancel_only_cancels_queued_tasks():
             assert queued2.cancelled() and c.status(queued2.task_id)["state"] == "cancelled"
             with pytest.raises(concurrent.futures.CancelledError):
                 queued.result(timeout=1)
-            assert running.cancel() is False and c.cancel(running.task_id) is False
+            assert c.cancel(running.task_id) is False  # it runs: the plane cannot cancel it
         finally:
             gate("c1").set()
         assert running.result(timeout=5) == "c1"
@@ -628,7 +1179,7 @@ def test_priority_orders_the_queue_with_one_busy_slot():
 def test_delay_holds_a_task_back(client):
     t0 = time.monotonic()
     fut = client.submit_with("t.add", (1, 2), delay=0.3)
-    assert client.status(fut.task_id)["state"] == "queued" and client.stats()["scheduled"] == 1
+    assert client.status(fut.task_id)["state"] == "scheduled" and client.stats()["tasks"]["scheduled"] == 1
     assert fut.result(timeout=5) == 3
     assert time.monotonic() - t0 >= 0.3
 
@@ -638,13 +1189,13 @@ def test_stats_shape_and_accounting_invariant(client):
     with pytest.raises(fw.TaskError):
         client.submit("t.fail", "x").result(timeout=5)
     s = client.stats()
-    assert set(s["tasks"]) >= {"submitted", "queued", "running", "succeeded", "failed", "cancelled"}
+    assert set(s["tasks"]) >= {"submitted", "queued", "scheduled", "running", "succeeded", "failed", "cancelled"}
     assert set(s["queues"]) == {"critical", "high", "normal", "low"}
     assert s["workers"] == []
     assert set(s["cache"]) >= {"size", "max_size", "ttl", "hits", "misses", "evictions"}
     t = s["tasks"]
     assert t["submitted"] == 2 and (t["succeeded"], t["failed"]) == (1, 1)
-    assert t["submitted"] == t["queued"] + t["running"] + t["succeeded"] + t["failed"] + t["cancelled"]
+    assert t["submitted"] == sum(t[state] for state in fw.STATES)
     assert all(isinstance(v, int) for v in list(t.values()) + list(s["queues"].values()))
     assert (s["cache"]["max_size"], s["cache"]["ttl"], s["cache"]["size"]) == (10_000, 3600.0, 2)
 
@@ -728,6 +1279,115 @@ def test_non_loopback_address_refused_without_a_secret():
         fw.Plane("tcp://0.0.0.0:0").start()
     with pytest.raises(ValueError, match="secret"):
         fw.Plane("tcp://127.0.0.1:0", dashboard="0.0.0.0:0").start()
+
+
+def test_one_clients_submissions_run_in_the_order_submit_was_called():
+    """A blocker, then 3,000 tasks of one priority from one thread, to a plane
+    with one slot: they run in submission order, every time."""
+    for trial in range(5):
+        RECORD.clear()
+        key = f"order{trial}"
+        with fw.Plane("tcp://127.0.0.1:0", concurrency=1).start() as plane, fw.Client(plane.address, timeout=10) as c:
+            try:
+                c.submit("t.block", key)
+                futs = [c.submit("t.record", i) for i in range(3000)]
+                assert c.stats()["tasks"]["queued"] >= 2999  # all at the plane, waiting
+            finally:
+                gate(key).set()
+            concurrent.futures.wait(futs, timeout=30)
+        assert RECORD == list(range(3000)), f"trial {trial}: out of order"
+    GATES.clear()
+
+
+@fw.task(name="t.raise_base")
+def t_raise_base(kind):
+    raise {"interrupt": KeyboardInterrupt, "exit": SystemExit}[kind]("stop it")
+
+
+@fw.task(name="t.async_raise_base")
+async def t_async_raise_base(kind):
+    await asyncio.sleep(0)
+    raise {"interrupt": KeyboardInterrupt, "exit": SystemExit}[kind]("stop it")
+
+
+def test_a_task_raising_keyboardinterrupt_or_systemexit_fails_and_its_runner_survives():
+    with fw.Plane("tcp://127.0.0.1:0", concurrency=1).start() as plane, fw.Client(plane.address, timeout=5) as c:
+        for name in ("t.raise_base", "t.async_raise_base"):
+            for kind, exc in (("interrupt", "KeyboardInterrupt"), ("exit", "SystemExit")):
+                with pytest.raises(fw.TaskError) as info:
+                    c.submit(name, kind).result(timeout=5)
+                assert (info.value.type, info.value.message) == (exc, "stop it")
+                assert "stop it" in info.value.traceback
+        assert c.submit("t.add", 1, 2).result(timeout=5) == 3  # the one runner lives
+        assert c.submit("t.async_add", 1, 2).result(timeout=5) == 3  # and so does the event loop
+        s = c.stats()
+        assert (s["local"]["running"], s["tasks"]["running"], s["tasks"]["failed"]) == (0, 0, 4)
+
+
+def test_future_cancel_never_blocks_even_on_an_event_loop():
+    with fw.Plane("tcp://127.0.0.1:0", concurrency=1).start() as plane, fw.Client(plane.address, timeout=5) as c:
+        try:
+            blocker = c.submit("t.block", "fc1")
+            wait_until(lambda: c.status(blocker.task_id)["state"] == "running", 5, "the blocker to run")
+            queued = [c.submit("t.add", i, i) for i in range(2)]
+            assert c.stats()["tasks"]["queued"] == 2
+            with plane._lock:  # the plane can answer nothing now: a network call would wait
+                t0 = time.monotonic()
+                assert queued[0].cancel() is True and queued[0].cancelled()
+                assert time.monotonic() - t0 < 0.5
+
+                async def main():
+                    gaps, last = [], time.monotonic()
+
+                    async def ticker():
+                        nonlocal last
+                        while True:
+                            await asyncio.sleep(0.01)
+                            gaps.append(time.monotonic() - last)
+                            last = time.monotonic()
+
+                    tick = asyncio.ensure_future(ticker())
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(queued[1], 0.1)  # cancels the future on the loop's thread
+                    await asyncio.sleep(0.05)
+                    tick.cancel()
+                    return max(gaps)
+
+                assert asyncio.run(main()) < 0.5  # the loop never stalled on the cancel
+            assert queued[1].cancelled()
+            wait_until(lambda: c.stats()["tasks"]["cancelled"] == 2, 5, "the plane to cancel both in the background")
+        finally:
+            gate("fc1").set()
+        assert blocker.result(timeout=5) == "fc1"
+    GATES.clear()
+
+
+def test_future_cancel_of_a_running_task_leaves_it_running_at_the_plane():
+    with fw.Plane("tcp://127.0.0.1:0", concurrency=1).start() as plane, fw.Client(plane.address, timeout=5) as c:
+        try:
+            running = c.submit("t.block", "fc2")
+            wait_until(lambda: c.status(running.task_id)["state"] == "running", 5, "the task to run")
+            assert running.cancel() is True and running.cancelled()
+            with pytest.raises(concurrent.futures.CancelledError):
+                running.result(timeout=1)
+        finally:
+            gate("fc2").set()
+        wait_until(lambda: c.status(running.task_id)["state"] == "succeeded", 5, "the task to finish at the plane")
+        assert c.result(running.task_id, timeout=5) == "fc2"
+    GATES.clear()
+
+
+def test_a_worker_with_the_wrong_secret_says_so_once_at_error_and_backs_off(caplog):
+    with fw.Plane("tcp://127.0.0.1:0", secret="right").start() as plane:
+        with caplog.at_level(logging.INFO, logger="fastworker"):
+            with fw.Worker(plane.address, secret="wrong", concurrency=1) as worker:
+                t0 = time.monotonic()
+                wait_until(lambda: plane.stats()["errors"]["auth"] >= 6, 20, "six refused requests")
+                elapsed = time.monotonic() - t0
+                assert not worker.registered.is_set()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "secret" in errors[0].getMessage(), [r.getMessage() for r in errors]
+    assert elapsed >= 0.7  # 0.1 s, 0.2 s, 0.4 s ... between tries, not 0.1 s for ever
 
 
 # -- the plane as a process ----------------------------------------------------------------
@@ -862,6 +1522,17 @@ def test_worker_takes_over_and_the_plane_resumes_when_it_leaves(plane_proc, work
         assert c.submit("pid").result(timeout=5) == plane_pid
 
 
+def test_the_plane_runs_the_tasks_only_it_knows_while_workers_are_connected(plane_proc, procs):
+    ready = plane_proc()
+    bare = procs("worker", "--plane", ready["listen"])  # built-in tasks only, no --tasks
+    bare_pid = bare.ready()["pid"]
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert c.submit("pid").result(timeout=5) == ready["pid"]  # only the plane knows "pid"
+        echo = c.submit("fastworker.echo", 7)
+        assert echo.result(timeout=5) == 7 and c.status(echo.task_id)["worker"] != "plane"
+        assert [w["pid"] for w in c.stats()["workers"]] == [bare_pid]
+
+
 def test_dispatch_is_least_loaded_and_never_beyond_concurrency(plane_proc, worker_proc, tmp_path):
     ready = plane_proc()
     for name in ("a", "b"):
@@ -967,9 +1638,11 @@ def test_worker_runs_concurrency_threads_and_async_tasks(plane_proc, worker_proc
     ready = plane_proc()
     worker_proc(ready["listen"], "--concurrency", "6")
     gate = str(tmp_path / "gate")
+    marks = [str(tmp_path / f"started-{i}") for i in range(6)]
     with fw.Client(ready["listen"], timeout=5) as c:
-        futs = [c.submit("wait_file", gate) for _ in range(3)] + [c.submit("async_wait_file", gate) for _ in range(3)]
-        running_on(c, futs)  # six at once: three threads, three coroutines
+        futs = [c.submit("wait_file", gate, started=m) for m in marks[:3]]
+        futs += [c.submit("async_wait_file", gate, started=m) for m in marks[3:]]
+        wait_until(lambda: all(os.path.exists(m) for m in marks), 10, "six tasks running at once")
         open(gate, "w").close()
         assert len({f.result(timeout=10) for f in futs}) == 1
 
@@ -988,15 +1661,15 @@ def test_worker_reconnects_when_its_plane_comes_back(plane_proc, worker_proc):
 
 def test_worker_sigterm_finishes_or_hands_back_its_tasks(plane_proc, worker_proc, tmp_path):
     ready = plane_proc()
-    w = worker_proc(ready["listen"], "--concurrency", "2", "--shutdown-grace", "0.5")
-    gate = str(tmp_path / "gate")
+    w = worker_proc(ready["listen"], "--concurrency", "2", "--shutdown-grace", "1.0")
+    gate, started = str(tmp_path / "gate"), [str(tmp_path / "quick"), str(tmp_path / "slow")]
     with fw.Client(ready["listen"], timeout=5) as c:
-        quick = c.submit("sleepy", 0.2)
-        slow = c.submit_with("wait_file", (gate,), retries=0)
-        running_on(c, [quick, slow])
+        quick = c.submit("mark_and_sleep", started[0], 0.2)
+        slow = c.submit_with("wait_file", (gate,), {"started": started[1]}, retries=0)
+        wait_until(lambda: all(os.path.exists(m) for m in started), 10, "both tasks to start on the worker")
         t0 = time.monotonic()
         assert w["proc"].stop(signal.SIGTERM) == 0
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 5
         assert quick.result(timeout=5) == 0.2 and c.status(quick.task_id)["worker"] != "plane"
         assert running_on(c, [slow]) == ["plane"]  # handed back, not lost
         open(gate, "w").close()
@@ -1161,6 +1834,33 @@ def test_cli_errors_are_one_line_and_non_zero():
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no answer" in r.stderr
     r = run_cli("plane", "--tasks", "no_such_module_here", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off")
     assert r.returncode == 1 and "no_such_module_here" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "body, what",
+    [
+        ("import os\n\nraise RuntimeError('config missing')\n", "RuntimeError: config missing at "),
+        ("def broken(:\n    pass\n", "SyntaxError: "),
+    ],
+)
+def test_a_role_whose_task_module_fails_exits_1_with_one_line_naming_it(tmp_path, body, what):
+    (tmp_path / "badtasks.py").write_text(body)
+    line = "3" if "raise" in body else "1"
+    for role in (["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off"], ["worker"]):
+        r = run_cli(*role, "--tasks", "badtasks", cwd=str(tmp_path))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (role, r.returncode, r.stderr)
+        assert "task module 'badtasks'" in lines[0] and what in lines[0] and f"badtasks.py:{line}" in lines[0]
+
+
+def test_exit_handlers_of_task_modules_run_when_a_role_stops(tmp_path, procs):
+    (tmp_path / "exittasks.py").write_text(
+        "import atexit\n\n\n@atexit.register\ndef bye():\n    open('exited.marker', 'w').close()\n"
+    )
+    p = procs("plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--tasks", "exittasks", cwd=str(tmp_path))
+    p.ready()
+    assert p.stop(signal.SIGTERM) == 0
+    assert (tmp_path / "exited.marker").exists()
 
 
 @pytest.mark.parametrize(
