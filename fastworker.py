@@ -47,6 +47,7 @@ __all__ = [
     "UnknownTask",
     "ResultExpired",
     "ProtocolError",
+    "JournalError",
     "AuthenticationError",
     "PlaneUnavailable",
     "PRIORITIES",
@@ -147,6 +148,9 @@ RETRY_PAUSE = 0.1  # a worker's first pause after a failed request to its plane.
 MAX_RETRY_PAUSE = 5.0  # ...doubling up to this
 MAX_SLEEP = 5.0  # the housekeeper wakes at least this often (in case the clock jumps)
 IDLE_WAKE = 5.0  # an idle thread waiting for work wakes this often to look again
+LINGER = 1.0  # seconds a stopping plane waits for clients to collect their last results
+ZERO_JOURNAL_DEPTH = 4  # with a journal, the plane's executor holds up to this many times its slots
+JOURNAL_RETRY = 0.5  # seconds between attempts to commit to a journal that failed
 _DISPATCH_SKIP = 64  # queued tasks one dispatch round passes over when no free worker can run them
 
 ###############################################################################
@@ -198,6 +202,11 @@ class AuthenticationError(FastworkerError):
 
 class PlaneUnavailable(FastworkerError, ConnectionError):
     """The plane could not be reached in time, or went away."""
+
+
+class JournalError(FastworkerError):
+    """The plane's journal file cannot be used (not a journal, corrupt,
+    written by a newer version, in use by another plane) or written."""
 
 
 # The "kind" of an error on the wire picks the exception the client raises.
@@ -344,7 +353,10 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #   submit     client -> plane   client:str, tasks:[TASK]
 #   accepted   plane -> client   plane:str, rejected:[{id, error:ERROR}]
 #   poll       client -> plane   client:str, wait:num   (held until results)
-#   results    plane -> client   plane:str, results:[RESULT], closing?:bool
+#   results    plane -> client   plane:str, boot:str (new each time the plane
+#                                process starts), results:[RESULT], closing?:bool,
+#                                lost?:[[id, state]] (a closing plane's tasks
+#                                of this client that will not finish)
 #   fetch      client -> plane   ids:[str], wait:num    (results of any task)
 #   status     client -> plane   ids:[str]
 #   statuses   plane -> client   statuses:[{id, state, ...}]
@@ -375,7 +387,8 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #             without a result; a worker's result names the run it is from)
 #   ERROR  = {kind:str, type:str, message:str, traceback:str}
 #   WORKER = {id, name, host, pid, concurrency, version, in_flight?,
-#             tasks:{name: {priority?, retries?, timeout?}}}
+#             tasks:{name: {priority?, retries?, timeout?}},
+#             holding?:[str] (ids of the tasks it has and has not reported)}
 #
 # A malformed message, an unknown op or version, or a missing or mistyped
 # field is a ProtocolError: a REQ/REP peer gets an "error" reply and the
@@ -596,6 +609,11 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
             run = r.get("run")
             if run is not None and type(run) is not int:
                 raise ProtocolError("result field 'run' must be an integer")
+        lost = msg.get("lost")
+        if lost is not None and (
+            type(lost) is not list or not all(type(x) is list and len(x) == 2 and type(x[0]) is str for x in lost)
+        ):
+            raise ProtocolError("field 'lost' must be a list of [task id, state]")
         if op == "pull":
             returned = msg.get("returned")
             if returned is not None and (type(returned) is not list or not all(type(i) is str for i in returned)):
@@ -791,6 +809,7 @@ class _Task:
         "due",
         "timer",
         "wire",
+        "crashes",
     )
 
     def __init__(self, t: dict, rank: int, retries: int, timeout: float | None, client: str, now: float) -> None:
@@ -818,6 +837,7 @@ class _Task:
         self.due = None  # when a scheduled task becomes due
         self.timer = None  # its live entry in the timer heap
         self.wire = None  # the TASK item a worker receives, encoded once
+        self.crashes = 0  # plane crashes it was running through (journal)
 
     def wire_bytes(self) -> bytes:
         """The TASK item for a worker, without the attempt number."""
@@ -850,10 +870,19 @@ class _Task:
 class _Job:
     """One run of a task, as the process that runs it sees it."""
 
-    __slots__ = ("id", "name", "args", "kwargs", "timeout", "run", "plane")
+    __slots__ = ("id", "name", "args", "kwargs", "timeout", "run", "plane", "rank", "seq")
 
     def __init__(
-        self, id: str, name: str, args: list, kwargs: dict, timeout: float | None, run: int | None, plane: str = ""
+        self,
+        id: str,
+        name: str,
+        args: list,
+        kwargs: dict,
+        timeout: float | None,
+        run: int | None,
+        plane: str = "",
+        rank: int = 0,
+        seq: int = 0,
     ) -> None:
         self.id = id
         self.name = name
@@ -862,6 +891,7 @@ class _Job:
         self.timeout = timeout
         self.run = run  # the plane's number for this run, sent back with the result
         self.plane = plane  # the plane that sent it
+        self.rank, self.seq = rank, seq  # its place in the plane's queue
 
 
 class TaskQueue:
@@ -896,6 +926,11 @@ class TaskQueue:
                 self.counts[task.rank] -= 1
                 return task
         return None
+
+    def resume_after(self, seq: int) -> None:
+        """Number new tasks after ``seq`` (tasks restored from a journal keep
+        their own numbers, and so their order)."""
+        self._seq = itertools.count(seq + 1)
 
     def remove(self, task: _Task) -> None:
         """Take a task out of the queue (its heap entry is skipped later)."""
@@ -979,16 +1014,22 @@ class ResultCache:
         self.ttl = ttl
         self._data: collections.OrderedDict = collections.OrderedDict()
         self.hits = self.misses = self.evictions = self.expired = 0
+        self.dropped: list | None = None  # when a list: the keys dropped, for whoever keeps a copy
 
     def put(self, key: str, value: Any, now: float) -> None:
+        """Store ``value``; it expires ``ttl`` seconds after ``now``."""
         if self.max_size == 0:
+            if self.dropped is not None:
+                self.dropped.append(key)
             return
         data = self._data
         data[key] = (now + self.ttl, value)
         data.move_to_end(key)
         while len(data) > self.max_size:
-            data.popitem(last=False)
+            old = data.popitem(last=False)[0]
             self.evictions += 1
+            if self.dropped is not None:
+                self.dropped.append(old)
 
     def get(self, key: str, now: float) -> Any:
         """The value, or None if it was never stored, was evicted or expired."""
@@ -1000,6 +1041,8 @@ class ResultCache:
             del self._data[key]
             self.expired += 1
             self.misses += 1
+            if self.dropped is not None:
+                self.dropped.append(key)
             return None
         self._data.move_to_end(key)
         self.hits += 1
@@ -1019,6 +1062,8 @@ class ResultCache:
         for k in dead:
             del self._data[k]
         self.expired += len(dead)
+        if self.dropped is not None:
+            self.dropped.extend(dead)
         return len(dead)
 
     def __len__(self) -> int:
@@ -1045,6 +1090,8 @@ class ResultCache:
 #   Publish(events)                completion events for subscribers
 #   Close(conn)                    cut a silent worker's connection
 #   Log(level, msg, args)          a line for the plane's log
+#   Journal(records, counters)     (first, with a journal) what changed, to
+#                                  commit before any other action is done
 #
 # ``req`` and ``conn`` are opaque integers the shell maps to its NNG contexts
 # and pipes.  A task moves through these states, and only _move() moves it,
@@ -1068,8 +1115,10 @@ Run = collections.namedtuple("Run", "jobs")
 Publish = collections.namedtuple("Publish", "events")
 Close = collections.namedtuple("Close", "conn")
 Log = collections.namedtuple("Log", "level msg args")
+Journal = collections.namedtuple("Journal", "records counters")
 
 _NOTHING: dict = {}  # the empty fields of a reply (shared, never changed)
+_NO_ACTIONS: list = []  # (shared, never changed)
 
 
 class _ClientState:
@@ -1114,6 +1163,7 @@ class _WorkerState:
         "pull_deadline",
         "conn",
         "local",
+        "ghost",
         "last_seen",
         "last_heartbeat",
         "registered_at",
@@ -1136,6 +1186,7 @@ class _WorkerState:
         self.pull_deadline = 0.0
         self.conn = conn
         self.local = conn is None
+        self.ghost = False  # known from the journal only: it ran tasks before the plane restarted
         self.last_seen = now  # any sign of life: a pull or a heartbeat
         self.last_heartbeat = now
         self.registered_at = now
@@ -1159,7 +1210,7 @@ class _WorkerState:
             "last_heartbeat": self.last_heartbeat,
             "registered_at": self.registered_at,
             "tasks": sorted(self.tasks),
-            "state": "draining" if self.credit == 0 else "connected",
+            "state": "reconnecting" if self.ghost else "draining" if self.credit == 0 else "connected",
         }
 
 
@@ -1188,6 +1239,7 @@ class PlaneCore:
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         retry_backoff: float = DEFAULT_RETRY_BACKOFF,
         reap_interval: float = REAP_INTERVAL,
+        journaling: bool = False,
     ) -> None:
         self.id = plane_id
         self.local_tasks = local_tasks
@@ -1198,6 +1250,8 @@ class PlaneCore:
         self.heartbeat_address: str | None = None  # told to workers at registration (set by the shell)
         self.subscribers = 0  # event subscribers connected (kept by the shell)
         self.stopping = False  # no new work; running tasks may finish
+        self.closed = False  # stopped: clients collect their last results and learn what will not finish
+        self.journaling = journaling  # say what changed, in Journal actions
         self.timers_changed = False  # a timer came due sooner: the shell's housekeeper must wake
         self.tasks: dict[str, _Task] = {}  # every task not yet finished, in submission order
         self.queue = TaskQueue()
@@ -1222,6 +1276,15 @@ class PlaneCore:
         self._next_sweep = now + self._sweep_interval
         self._next_reap = now + reap_interval
         self._acts: list = []  # actions of the event at hand
+        self._touched: dict[str, tuple] = {}  # with a journal: tasks the event at hand changed, (task, new)
+        # With a journal, a run of the plane's own starts only once it is
+        # committed as running; so that commits carry more than a slot's
+        # worth, the plane's executor holds up to this many times its slots
+        # (runs wait in its inbox, still in priority order).
+        self._zero_depth = ZERO_JOURNAL_DEPTH if journaling else 1
+        self._lost: dict[str, list] = {}  # once closed: client -> [[task id, state]] that will not finish
+        if journaling:
+            self.cache.dropped = []
         self._ripe: set[_ClientState] = set()  # clients with a parked poll and results for it
         self._events: list[dict] = []  # completion events of the event at hand
 
@@ -1262,6 +1325,27 @@ class PlaneCore:
             task.worker = worker.name
         else:
             self._settle(task, now)
+        if self.journaling and task.id not in self._touched:
+            self._touched[task.id] = (task, old is None)
+
+    @staticmethod
+    def _row(t: _Task, new: bool) -> list:
+        """A journal record: the task's row (see _JOURNAL_SCHEMA) as it is
+        now; its body (the part that never changes) only if it is new."""
+        body = [t.name, t.args, t.kwargs, t.rank, t.retries, t.timeout, t.client, t.submitted] if new else None
+        return [t.id, body, t.seq, t.state, t.attempts, t.runs, t.due if t.state == SCHEDULED else None, t.started,
+                t.finished, t.worker, None if t.holder is None else t.holder.id, t.error, t.item, t.crashes]  # fmt: skip
+
+    def _counters(self) -> dict:
+        return {
+            "submitted": self.submitted,
+            "counts": dict(self.counts),
+            "retried": self.retried,
+            "late": self.late,
+            "workers_lost": self.workers_lost,
+            "requeued": self.requeued,
+            "handed_back": self.handed_back,
+        }
 
     def _settle(self, task: _Task, now: float) -> None:
         """A task reached its final state (``task.item`` holds its RESULT):
@@ -1331,7 +1415,20 @@ class PlaneCore:
             self._acts.append(Publish(self._events))
             self._events = []
         acts, self._acts = self._acts, []
+        if self.journaling and (self._touched or self.cache.dropped):
+            acts.insert(0, Journal(self._journal_records(), self._counters()))
         return acts
+
+    def _journal_records(self) -> list:
+        """What the event at hand changed, for the journal: each task it
+        touched once, as it is now, and the results the cache dropped."""
+        records = [self._row(task, new) for task, new in self._touched.values()]
+        self._touched.clear()
+        dropped = self.cache.dropped
+        if dropped:
+            records.extend([key] for key in dropped)
+            dropped.clear()
+        return records
 
     @staticmethod
     def _take_results(cs: _ClientState) -> list[bytes]:
@@ -1370,12 +1467,18 @@ class PlaneCore:
         if self.stopping:
             self._reply(req, "error", {"error": _error("unavailable", "PlaneUnavailable", "the plane is stopping")})
             return self._done()
-        self._client(client, now)
+        cs = self._client(client, now)
         rejected = []
         for t in tasks:
             tid = t["id"]
-            if tid in self.tasks or tid in self.cache:
-                rejected.append({"id": tid, "error": _error("protocol", "ProtocolError", "duplicate task id")})
+            known = self.tasks.get(tid) or self.cache.peek(tid, now)
+            if known is not None:
+                if known.client != client:
+                    rejected.append({"id": tid, "error": _error("protocol", "ProtocolError", "duplicate task id")})
+                elif known.state in TERMINAL:  # sent again after its reply was lost, and done since: deliver it
+                    cs.outbox.append(known.item)
+                    if cs.poll is not None:
+                        self._ripe.add(cs)
                 continue
             opts = self.options_of(t["name"])
             if opts is None:
@@ -1398,15 +1501,17 @@ class PlaneCore:
                 self._move(task, SCHEDULED, now, due=now + delay)
             else:
                 self._move(task, QUEUED, now)
+        self._dispatch(now)  # the work goes out first: it is what takes time
         self._reply(req, "accepted", {"rejected": rejected})
-        self._dispatch(now)
         return self._done()
 
     def poll(self, req: int, client: str, wait: float, now: float) -> list:
         """A client's long-poll for its results: answered at once if any
         wait, else parked until some arrive or ``wait`` seconds pass."""
         cs = self._client(client, now)
-        if cs.outbox or wait <= 0:
+        if self.closed:
+            self._last_word(req, client, cs)
+        elif cs.outbox or wait <= 0:
             self._reply(req, "results", items=self._take_results(cs))
         else:
             if cs.poll is not None:  # the client gave up on it: it has a new one now
@@ -1488,22 +1593,23 @@ class PlaneCore:
     ) -> list:
         """A worker's request for work.  It carries the results of earlier
         runs and the ids of tasks it hands back; the reply carries new tasks,
-        as soon as there are any.  The first pull registers the worker.
+        as soon as there are any.  The first pull (with ``info``) registers
+        the worker; one that ran tasks for this plane before it restarted
+        (a journal) registers again and reports them.
 
         Raises:
             ProtocolError: the registration info is invalid (nothing changed).
         """
         w = self.workers.get(wid)
-        if w is None:  # a new worker, or one this plane declared dead: register it
-            self.late += len(results)
-            if info is None or self.stopping:
+        registered = False
+        if w is None or info is not None:
+            if info is None or self.stopping:  # unknown here (a plane that restarted, or dropped it): say so
+                self.late += len(results)
                 self._reply(req, "tasks", {"register": not self.stopping}, [])
-            else:
-                self._register(wid, info, conn, now)
-                interval = self.heartbeat_timeout / 5
-                self._reply(req, "tasks", {"heartbeat": self.heartbeat_address, "heartbeat_interval": interval}, [])
-            return self._done()
-        if conn != w.conn:  # it reconnected: its old connection's close must not drop it
+                return self._done()
+            w = self._register(wid, info, conn, {r["id"] for r in results}, now)
+            registered = True
+        elif conn != w.conn:  # it reconnected: its old connection's close must not drop it
             self.by_conn.pop(w.conn, None)
             w.conn = conn
             self.by_conn[conn] = w
@@ -1521,6 +1627,11 @@ class PlaneCore:
                 task.attempts -= 1  # it never ran to the end: not an attempt
                 self.handed_back += 1
                 self._move(task, QUEUED, now, keep_seq=True)
+        if registered or w.ghost:
+            fields = {"register": True} if w.ghost else self._welcome_worker
+            self._reply(req, "tasks", fields, [])
+            self._dispatch(now)
+            return self._done()
         w.credit = max(0, credit)
         # A worker keeps at most one request parked here.  Tasks go to the
         # parked one; a second request (it brought results) is answered at
@@ -1541,14 +1652,41 @@ class PlaneCore:
             self._reply(second, "tasks", items=[])
         return self._done()
 
-    def _register(self, wid: str, info: dict, conn: int, now: float) -> None:
+    @property
+    def _welcome_worker(self) -> dict:
+        """What a worker learns when it registers."""
+        return {"heartbeat": self.heartbeat_address, "heartbeat_interval": self.heartbeat_timeout / 5}
+
+    def _register(self, wid: str, info: dict, conn: int, reported: set, now: float) -> _WorkerState:
+        """A worker registers.  One this plane knows already keeps what it
+        runs.  One back after the plane restarted (a ghost) keeps only the
+        tasks it says it holds or reports: the others never reached it (the
+        plane died with their dispatch on its way) and are queued again."""
         tasks = _catalog_of(info.get("tasks"))
+        held = info.get("holding")
+        if held is not None and (type(held) is not list or not all(type(tid) is str for tid in held)):
+            raise ProtocolError("a worker's 'holding' must be a list of task ids")
+        if wid == self.zero.id:
+            raise ProtocolError(f"worker id {wid!r} is reserved for the plane itself")
         w = _WorkerState(wid, info, tasks, conn, now)
+        old = self.workers.get(wid)
+        if old is not None:
+            keep = None if held is None or not old.ghost else set(held) | reported
+            for task in list(old.in_flight.values()):
+                if keep is not None and task.id not in keep:
+                    self._run_again(task, now)
+            w.in_flight = old.in_flight
+            for task in w.in_flight.values():
+                task.holder = w
+            if old.conn is not None and old.conn != conn:
+                self.by_conn.pop(old.conn, None)
+            self._log(logging.INFO, "worker %s is back: %d task(s) it was running", w.name, len(w.in_flight))
         w.turn = next(self._turns)
         self.workers[wid] = w
         self.by_conn[conn] = w
         self._rebuild_catalog()
         self._log(logging.INFO, "worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid, w.concurrency)
+        return w
 
     def _rebuild_catalog(self) -> None:
         self.catalog = {}
@@ -1567,12 +1705,13 @@ class PlaneCore:
             self._zero_useful = any(name not in self.catalog for name in local)
         return self._zero_useful
 
-    def heartbeat(self, wid: str, now: float) -> None:
+    def heartbeat(self, wid: str, now: float) -> list:
         """A worker's heartbeat: proof of life for a worker whose connection
         stays up while it hangs."""
         w = self.workers.get(wid)
         if w is not None:
             w.last_seen = w.last_heartbeat = now
+        return _NO_ACTIONS
 
     def conn_closed(self, conn: int, now: float) -> list:
         """A connection closed: drop the worker on it, if any."""
@@ -1588,16 +1727,35 @@ class PlaneCore:
         del self.workers[w.id]
         self.by_conn.pop(w.conn, None)
         self._rebuild_catalog()
-        self.workers_lost += 1
         if w.pull is not None:
             self._reply(w.pull, "tasks", {"register": True}, [])
             w.pull = None
         lost = list(w.in_flight.values())
-        err = _error("lost", "WorkerLost", f"worker {w.name} was lost ({why}) while running the task")
-        for task in lost:
-            self._outcome(task, FAILED, encode_result(task.id, FAILED, error=err), err, now)
-        self._log(logging.WARNING, "worker %s lost (%s): %d task(s) in flight", w.name, why, len(lost))
+        if w.ghost:  # its runs died with the plane, not by the task's fault
+            for task in lost:
+                self._run_again(task, now)
+            self._log(logging.WARNING, "worker %s did not come back: %d task(s) queued again", w.name, len(lost))
+        else:
+            self.workers_lost += 1
+            err = _error("lost", "WorkerLost", f"worker {w.name} was lost ({why}) while running the task")
+            for task in lost:
+                self._outcome(task, FAILED, encode_result(task.id, FAILED, error=err), err, now)
+            self._log(logging.WARNING, "worker %s lost (%s): %d task(s) in flight", w.name, why, len(lost))
         self._dispatch(now)
+
+    def _run_again(self, task: _Task, now: float) -> None:
+        """A run that died with the plane (a crash, or a stop past its grace)
+        is queued again without counting as an attempt, unless the task was
+        running at two plane crashes already: then it fails, so that a task
+        that crashes the plane cannot crash it for ever."""
+        if task.crashes >= 2:
+            err = _error("lost", "WorkerLost", "the task was running when the plane crashed, twice; not run again")
+            task.error = f"{err['type']}: {err['message']}"
+            task.item = encode_result(task.id, FAILED, error=err)
+            self._move(task, FAILED, now)
+        else:
+            task.attempts -= 1
+            self._move(task, QUEUED, now, keep_seq=True)
 
     def local_done(self, finished: list[tuple], now: float) -> list:
         """The plane's own executor (worker zero) finished runs: a list of
@@ -1628,7 +1786,7 @@ class PlaneCore:
                 if room > 0:
                     ready.append([len(w.in_flight) / w.concurrency, w.turn, w, room])
         zero = self.zero
-        room = zero.concurrency - len(zero.in_flight)
+        room = zero.concurrency * self._zero_depth - len(zero.in_flight)
         if room > 0 and self._zero_has_work():
             ready.append([len(zero.in_flight) / zero.concurrency, zero.turn, zero, room])
         if not ready:
@@ -1668,7 +1826,8 @@ class PlaneCore:
         for w, tasks in batches.items():
             w.turn = next(self._turns)
             if w is zero:
-                self._acts.append(Run([_Job(t.id, t.name, t.args, t.kwargs, t.timeout, t.runs) for t in tasks]))
+                jobs = [_Job(t.id, t.name, t.args, t.kwargs, t.timeout, t.runs, "", t.rank, t.seq) for t in tasks]
+                self._acts.append(Run(jobs))
             else:
                 items = [b'{"run":%d,' % t.runs + t.wire_bytes()[1:] for t in tasks]
                 self._reply(w.pull, "tasks", items=items)
@@ -1706,7 +1865,8 @@ class PlaneCore:
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout:
                 self._drop(w, f"no heartbeat for {now - w.last_seen:.1f} s", now)
-                self._acts.append(Close(w.conn))  # if it wakes up, it registers afresh
+                if w.conn is not None:
+                    self._acts.append(Close(w.conn))  # if it wakes up, it registers afresh
                 continue
             wake = min(wake, w.last_seen + self.heartbeat_timeout + 0.001)  # when the quietest times out
             if w.pull is not None and w.pull_deadline <= now:
@@ -1724,17 +1884,27 @@ class PlaneCore:
 
     def stop(self, now: float) -> list:
         """Stop taking work: submissions are refused and nothing more is
-        dispatched; running tasks may finish and report."""
+        dispatched; running tasks may finish and report, and their results
+        reach their clients as usual."""
         self.stopping = True
         return self._done()
 
     def close(self, now: float) -> list:
-        """The plane closes: answer every parked request, telling clients
-        that the plane is gone."""
-        self.stopping = True
-        for cs in self.clients.values():
+        """The plane closes: every client gets its last results and the list
+        of its tasks that will not finish.  With a journal nothing is lost:
+        unfinished tasks wait in it for the next plane (a run of the plane's
+        own that is cut short runs again then)."""
+        self.stopping = self.closed = True
+        if self.journaling:
+            for task in list(self.zero.in_flight.values()):
+                task.attempts -= 1
+                self._move(task, QUEUED, now, keep_seq=True)
+        else:
+            for task in self.tasks.values():
+                self._lost.setdefault(task.client, []).append([task.id, task.state])
+        for cid, cs in self.clients.items():
             if cs.poll is not None:
-                self._reply(cs.poll, "results", {"closing": True}, self._take_results(cs))
+                self._last_word(cs.poll, cid, cs)
                 cs.poll = None
         err = _error("unavailable", "PlaneUnavailable", "the plane is shutting down")
         for fetch in self.fetches:
@@ -1746,8 +1916,110 @@ class PlaneCore:
                 w.pull = None
         return self._done()
 
-    def running_remotely(self) -> int:
-        return sum(len(w.in_flight) for w in self.workers.values())
+    def _last_word(self, req: int, cid: str, cs: _ClientState) -> None:
+        """A closed plane's answer to a poll: results, and the tasks that
+        will not finish."""
+        self._reply(req, "results", {"closing": True, "lost": self._lost.pop(cid, [])}, self._take_results(cs))
+
+    def undelivered(self) -> int:
+        """Clients that have not collected their last word from a closed plane."""
+        return len(self._lost) + sum(1 for cs in self.clients.values() if cs.outbox)
+
+    # -- restarting from a journal ---------------------------------------------------
+
+    def restore(self, saved: dict, now: float) -> list:
+        """Take back the state a journal holds (``_Journal.open``): the
+        plane's id and counters, unfinished tasks (queued in their old order,
+        scheduled for their old times) and cached results.  A task that was
+        running stays running on its worker, which has until the heartbeat
+        timeout to come back and report; one the plane itself ran is queued
+        again, or fails if it was running at the crash before too.
+
+        Raises:
+            JournalError: a row is malformed (nothing is taken back).
+        """
+        rows = saved["rows"]
+        tasks, finished, running, last_seq = {}, [], [], -1
+        try:
+            for row in rows:
+                tid, body, seq, state, attempts, runs, due, started, ended, worker, holder, error, item, crashes = row
+                name, args, kwargs, rank, retries, timeout, client, submitted = _loads(body)
+                task = _Task({"id": tid, "name": name, "args": args, "kwargs": kwargs}, rank, retries, timeout, client,
+                             submitted)  # fmt: skip
+                task.state, task.seq, task.attempts, task.runs, task.crashes = state, seq, attempts, runs, crashes
+                task.started, task.finished, task.worker, task.error = started, ended, worker, error
+                if state not in STATES or (seq is not None and type(seq) is not int) or not 0 <= rank < len(PRIORITIES):
+                    raise ValueError(f"state {state!r}, seq {seq!r}, rank {rank!r}")
+                if state in TERMINAL:
+                    if type(item) is not bytes:
+                        raise ValueError("a final task without its result")
+                    task.item, task.args, task.kwargs = item, None, None
+                    finished.append(task)
+                else:
+                    tasks[tid] = task
+                    task.due = due if state == SCHEDULED else None
+                    if state == SCHEDULED and type(due) is not float:
+                        raise ValueError("a scheduled task without its time")
+                    if state == RUNNING:
+                        running.append((task, holder))
+                if seq is not None:
+                    last_seq = max(last_seq, seq)
+        except (ValueError, TypeError) as e:
+            raise JournalError(f"the journal holds a malformed task row ({e})") from None
+        self.id = saved["plane"]
+        counters = saved.get("counters") or {}
+        self.counts.update(counters.get("counts") or {})
+        for state in (QUEUED, SCHEDULED, RUNNING):
+            self.counts[state] = 0
+        for key in ("retried", "late", "workers_lost", "requeued", "handed_back"):
+            setattr(self, key, counters.get(key, 0))
+        for task in tasks.values():
+            self.tasks[task.id] = task
+            self.counts[task.state] += 1
+            if task.state == QUEUED:
+                self.queue.push(task, keep_seq=True)
+            elif task.state == SCHEDULED:
+                self.timers.push(task, task.due)
+        self.submitted = sum(self.counts.values())  # the accounting holds whatever the counters said
+        self.queue.resume_after(last_seq)
+        for task in sorted(finished, key=lambda t: t.finished or 0.0):
+            self.cache.put(task.id, task, task.finished or now)
+            self.recent.append(task)
+        for task, holder in running:
+            task.crashes += 1
+            w = self.zero if holder == self.zero.id else self._ghost(holder, task.worker, now)
+            task.holder = w
+            w.in_flight[task.id] = task
+            w.concurrency = max(w.concurrency, len(w.in_flight))  # a ghost's slots: at least what it holds
+            if w is self.zero:  # its run died with the plane
+                self._run_again(task, now)
+            elif self.journaling:
+                self._touched.setdefault(task.id, (task, False))  # it was running at this crash
+        self._log(
+            logging.INFO,
+            "plane %s restored from its journal: %d queued, %d scheduled, %d running, %d results",
+            self.id,
+            self.counts[QUEUED],
+            self.counts[SCHEDULED],
+            self.counts[RUNNING],
+            len(self.cache),
+        )
+        self._dispatch(now)
+        return self._done()
+
+    def _ghost(self, wid: str | None, name: str | None, now: float) -> _WorkerState:
+        """A worker that ran tasks before the plane restarted, not back yet."""
+        wid = wid or "?"
+        w = self.workers.get(wid)
+        if w is None:
+            w = self.workers[wid] = _WorkerState(wid, {"name": name or wid}, {}, None, now)
+            w.local, w.ghost, w.turn = False, True, next(self._turns)
+        return w
+
+    def running_on_ghosts(self) -> int:
+        """Tasks held by workers that have not come back since a restart (a
+        stopping plane does not wait for them)."""
+        return sum(len(w.in_flight) for w in self.workers.values() if w.ghost)
 
     # -- observing --------------------------------------------------------------------------
 
@@ -1885,10 +2157,15 @@ class _Executor:
         begin: Callable[[_Job], bool] | None = None,
         on_overrun: Callable[[_Job], None] | None = None,
         margin: float = 1.0,
+        prioritized: bool = False,
     ) -> None:
         self.concurrency = concurrency
         self.margin = margin
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # jobs not yet started; None stops a runner
+        # Jobs not yet started: first come first served in ``inbox`` (None
+        # stops a runner), or, ``prioritized``, one queue per priority with a
+        # token per job in ``inbox``: a runner takes a token, then the best job.
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ranks = [queue.SimpleQueue() for _ in PRIORITIES] if prioritized else None
         self._report = report
         self._begin = begin
         self._max_size = max_size
@@ -1913,9 +2190,23 @@ class _Executor:
         self._loop.stop(max(0.1, deadline - time.monotonic()))
 
     def _serve(self) -> None:
-        while (job := self.inbox.get()) is not None:
+        get, ranks = self.inbox.get, self._ranks
+        while (job := get()) is not None:
+            if ranks is not None:  # a token: the most urgent job waiting (there is one per token)
+                for q in ranks:
+                    try:
+                        job = q.get_nowait()
+                        break
+                    except queue.Empty:
+                        continue  # empty, or another runner was quicker
             if self._begin is None or self._begin(job):
                 self._run(job)
+
+    def put(self, job: _Job) -> None:
+        if self._ranks is not None:
+            self._ranks[job.rank].put(job)
+            job = True  # its token
+        self.inbox.put(job)
 
     def _done(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
         try:
@@ -2122,6 +2413,326 @@ def _dial(address: str, max_message_size: int) -> Any:
 
 
 ###############################################################################
+# Journal ######################################################################
+###############################################################################
+#
+# With --journal PATH the plane keeps a write-ahead journal in one SQLite
+# file (WAL mode): a row per task it has not forgotten (unfinished, or its
+# result still in the cache) and a few facts in "meta" (format, version, the
+# plane's id, its counters).  The core says what changed (Journal actions);
+# the shell hands the records over under its lock, so they keep the core's
+# order, and performs the actions that depend on them only once they are
+# committed.  Commits are grouped: whoever needs a commit while none is in
+# flight commits everything that has accumulated, in one transaction, and
+# whoever arrives meanwhile waits for the next one.  No timers.
+
+_JOURNAL_FORMAT = "fastworker-journal"
+_JOURNAL_VERSION = 1
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_JOURNAL_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY,  -- "" is the row of the plane's counters (JSON in body)
+    body TEXT NOT NULL,   -- [name, args, kwargs, rank, retries, timeout, client, submitted]
+    seq INTEGER,          -- its place in the queue (none until first queued)
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    runs INTEGER NOT NULL,
+    due REAL,
+    started REAL,
+    finished REAL,
+    worker TEXT,
+    holder TEXT,          -- id of the worker running it
+    error TEXT,
+    item BLOB,            -- its RESULT, once final
+    crashes INTEGER NOT NULL  -- plane crashes it was running through
+) WITHOUT ROWID;
+"""
+
+# A group commit is one statement: each task's row as it is at the end of
+# the group (a row's body is written when the task is new and kept after),
+# and the counters' row.  One statement is one transaction and one trip
+# through SQLite, which matters: every trip gives up and takes back the GIL.
+_SQL_ROWS = "INSERT INTO tasks VALUES {} ON CONFLICT(id) DO UPDATE SET " + ", ".join(
+    ["body=CASE WHEN excluded.body != '' THEN excluded.body ELSE body END"]
+    + [
+        f"{c}=excluded.{c}"
+        for c in "seq state attempts runs due started finished worker holder error item crashes".split()
+    ]
+)
+_SQL_ROW = "(" + ",".join("?" * 14) + ")"
+_SQL_DELETE = "DELETE FROM tasks WHERE id IN ({})"
+_ROWS_PER_STATEMENT = 2000  # 14 values each, under SQLite's 32,766 variables
+_DELETE_BATCH = 256  # forgotten tasks leave the file this many at a time
+
+
+class _Journal:
+    """The plane's journal file: open and check it, hold it against a second
+    plane, load what it holds, and commit records in groups."""
+
+    def __init__(self, path: str, sync: str = "normal") -> None:
+        if sync not in ("normal", "full"):
+            raise ValueError(f"journal sync must be normal or full, not {sync!r}")
+        self.path = os.path.abspath(path)
+        self.sync = sync
+        self._fd: int | None = None  # held open: its flock keeps a second plane out
+        self._db: Any = None
+        self.perform: Callable[[list], None] = lambda acts: None  # carries out actions (set by the plane)
+        self.collect: Callable[[], bool] = lambda: False  # hands over what waits to be handed over (the plane)
+        self._lock = threading.Lock()  # guards the fields below (never held across I/O)
+        self._committed_cv = threading.Condition(self._lock)  # flush(wait=True) waits for the writer
+        self._pending: list = []  # records not yet committed, in the core's order
+        self._queued: list[list] = []  # the actions of each hand-over, waiting for its records
+        self._counters: Any = None  # the core's counters as of the last records
+        self._added = 0  # hand-overs so far
+        self._performed = 0  # ... committed and performed
+        self._committing = False  # a thread is the writer: it owns the connection (and _dels)
+        self._dels: set[str] = set()  # tasks forgotten, not yet deleted from the file
+        self.commits = 0
+        self.error: str | None = None  # the last write error, until a commit succeeds
+        self.closed = False
+
+    # -- opening ------------------------------------------------------------------
+
+    def open(self) -> dict:
+        """Check and lock the file (creating it if new) and load it.
+
+        Returns:
+            ``{"plane": id or None, "counters": dict or None, "rows": [...]}``.
+
+        Raises:
+            JournalError: the file is not a journal, is corrupt, was written
+                by a newer version, or another plane holds it; a file that is
+                refused is left exactly as it was.
+        """
+        import fcntl
+        import sqlite3
+
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            raise JournalError(f"journal {self.path}: the directory {folder} does not exist")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise JournalError(f"journal {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise JournalError(f"journal {self.path} is in use by another plane") from None
+        self._fd = fd
+        try:
+            new = os.fstat(fd).st_size == 0
+            if not new:
+                self._check(sqlite3)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db = db
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.sync.upper()}")
+            db.execute("PRAGMA journal_size_limit=67108864")  # a WAL file shrinks back to 64 MB after a checkpoint
+            if new:
+                plane = os.urandom(8).hex()
+                db.executescript(_JOURNAL_SCHEMA)
+                db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("format", _JOURNAL_FORMAT), ("version", str(_JOURNAL_VERSION)), ("plane", plane)],
+                )
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # so a later check finds all this in the file itself
+                return {"plane": plane, "counters": None, "rows": []}
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            rows = db.execute("SELECT * FROM tasks WHERE id != ''").fetchall()
+            counters = db.execute("SELECT body FROM tasks WHERE id = ''").fetchone()
+            return {"plane": meta["plane"], "counters": _loads(counters[0]) if counters else None, "rows": rows}
+        except (sqlite3.Error, ValueError, KeyError) as e:
+            self.close()
+            raise JournalError(f"journal {self.path} cannot be read: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, sqlite3: Any) -> None:
+        """Is the file a journal of ours, readable, not from a newer version?
+        Read without side effects: no -wal or -shm file is made, nothing
+        is written."""
+        with open(self.path, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+        if head != _SQLITE_MAGIC:
+            raise JournalError(f"journal {self.path} is not a fastworker journal (not an SQLite file)")
+        from urllib.parse import quote
+
+        uri = "file:" + quote(self.path) + "?immutable=1"
+        try:
+            db = sqlite3.connect(uri, uri=True)
+            try:
+                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    raise JournalError(f"journal {self.path} is corrupt (SQLite's quick_check failed)")
+                try:
+                    meta = dict(db.execute("SELECT key, value FROM meta"))
+                except sqlite3.Error:
+                    meta = {}
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as e:
+            raise JournalError(f"journal {self.path} is corrupt: {e}") from None
+        if meta.get("format") != _JOURNAL_FORMAT:
+            raise JournalError(f"journal {self.path} is an SQLite file but not a fastworker journal")
+        version = meta.get("version", "")
+        if not version.isdigit() or int(version) > _JOURNAL_VERSION:
+            raise JournalError(
+                f"journal {self.path} was written by a newer fastworker (journal version {version}, "
+                f"this one reads {_JOURNAL_VERSION})"
+            )
+
+    # -- writing --------------------------------------------------------------------
+
+    def add(self, records: list, counters: dict, acts: list) -> None:
+        """Hand over a core call's records and the actions that must wait
+        for them (the plane's lock is held, so everything keeps the core's
+        order).  ``flush()`` then commits and performs them."""
+        with self._lock:
+            self._pending.extend(records)
+            if counters is not None:
+                self._counters = counters
+            self._queued.append(acts)
+            self._added += 1
+
+    def idle(self) -> bool:
+        """Nothing handed over is waiting: actions that need no record may go
+        out at once (the plane's lock is held)."""
+        with self._lock:
+            return not self._queued and not self._committing
+
+    def flush(self, wait: bool = False) -> None:
+        """Commit what was handed over and perform its actions, unless a
+        commit is in flight: then its thread does that (it looks again after
+        each commit), and this returns at once, or once everything handed
+        over before has been performed if ``wait``.  So there is one writer
+        at a time, and it commits whatever accumulated while the previous
+        commit was in flight, in one transaction; a lone record commits at
+        once.  No timers.  Before each commit the writer collects what the
+        plane has waiting (the runs its executor finished)."""
+        while True:
+            with self._lock:
+                target = self._added
+                if self._committing:
+                    while wait and self._performed < target and not self.closed:
+                        self._committed_cv.wait(IDLE_WAKE)
+                    return
+                self._committing = True
+            try:
+                self._write_all()
+            finally:
+                with self._lock:
+                    self._committing = False
+                    self._committed_cv.notify_all()
+            if not self.collect():  # nothing came in while this thread was the writer
+                return
+
+    def _write_all(self) -> None:
+        """The writer's loop: collect, commit, perform, until nothing waits."""
+        while True:
+            self.collect()
+            with self._lock:
+                if not self._queued or self.closed:
+                    return
+                batch, counters, queued, upto = self._pending, self._counters, self._queued, self._added
+                self._pending, self._queued = [], []
+            while not self._write_batch(batch, counters):
+                time.sleep(JOURNAL_RETRY)  # the plane answers nothing that is not on disk
+                if self.closed:
+                    return
+            for acts in queued:
+                self.perform(acts)
+            with self._lock:
+                self._performed = upto
+                self._committed_cv.notify_all()
+
+    def _write_batch(self, batch: list, counters: Any) -> bool:
+        """Commit a group: each task's last word only (a task new in the
+        group is written as it is at its end), then the counters, in one
+        statement.  Forgotten tasks are deleted a few hundred at a time.
+        False (said once at ERROR) if it failed."""
+        rows: dict[str, list] = {}
+        dels = self._dels
+        for r in batch:
+            tid = r[0]
+            if len(r) == 1:  # forgotten
+                rows.pop(tid, None)
+                dels.add(tid)
+                continue
+            if r[1] is not None:
+                dels.discard(tid)  # new: its id is in use again
+            else:
+                earlier = rows.get(tid)
+                if earlier is not None:
+                    r[1] = earlier[1]  # the body of a task new in this group
+            rows[tid] = r
+        if counters is not None:
+            rows[""] = ["", counters, None, "counters", 0, 0, None, None, None, None, None, None, None, 0]
+        for row in rows.values():
+            row[1] = "" if row[1] is None else _dumps(row[1])
+        params = list(rows.values())
+        db = self._db
+        try:
+            if len(params) <= _ROWS_PER_STATEMENT:
+                self._upsert(db, params)  # autocommit: one statement, one transaction
+            else:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for k in range(0, len(params), _ROWS_PER_STATEMENT):
+                        self._upsert(db, params[k : k + _ROWS_PER_STATEMENT])
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            if len(dels) >= _DELETE_BATCH:
+                self._delete(db, dels)
+        except Exception as e:
+            if self.error is None:
+                logger.error("cannot write the journal %s (retrying; the plane waits): %s", self.path, e)
+            self.error = str(e)
+            return False
+        self.commits += 1
+        self.error = None
+        return True
+
+    @staticmethod
+    def _upsert(db: Any, rows: list) -> None:
+        if rows:
+            db.execute(_SQL_ROWS.format(",".join([_SQL_ROW] * len(rows))), [v for row in rows for v in row])
+
+    @staticmethod
+    def _delete(db: Any, dels: set) -> None:
+        ids = list(dels)
+        for k in range(0, len(ids), _ROWS_PER_STATEMENT):
+            chunk = ids[k : k + _ROWS_PER_STATEMENT]
+            db.execute(_SQL_DELETE.format(",".join("?" * len(chunk))), chunk)
+        dels.clear()
+
+    def close(self) -> None:
+        """Checkpoint and close (what is still pending is dropped: only a
+        run past the shutdown grace can still report now)."""
+        with self._lock:
+            self.closed = True
+            while self._committing:
+                self._committed_cv.wait(IDLE_WAKE)
+            self._pending, self._queued = [], []
+        if self._db is not None:
+            try:
+                if self._dels:
+                    self._delete(self._db, self._dels)
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except Exception as e:
+                logger.warning("journal %s: the last checkpoint failed: %s", self.path, e)
+            self._db.close()
+            self._db = None
+        if self._fd is not None:  # closed last: SQLite's own locks live on the same file
+            os.close(self._fd)
+            self._fd = None
+
+
+###############################################################################
 # Client #######################################################################
 ###############################################################################
 
@@ -2224,7 +2835,8 @@ class Client(concurrent.futures.Executor):
         self._sending = False  # a batch is on its way
         self._pending: dict[str, Future] = {}
         self._threads: list[threading.Thread] = []
-        self._plane_id: str | None = None
+        self._plane_id: str | None = None  # the plane that answers (read and written by the poller only)
+        self._boot: str | None = None  # ... and its process (the poller only)
         self._closing = False  # no new submissions; the sender flushes and exits
         self._stopping = False  # the poller exits
 
@@ -2325,9 +2937,19 @@ class Client(concurrent.futures.Executor):
 
     def _send_batch(self, chan: _Chan, batch: list[tuple[bytes, Future]]) -> None:
         data = encode_batch("submit", "tasks", [d for d, _ in batch], self._secret, client=self._id)
+        deadline = time.monotonic() + self.timeout
         try:
-            chan.send(data, self.timeout)
-            reply = decode(chan.recv(self.timeout)[0], self._secret)
+            while True:
+                try:
+                    chan.send(data, max(0.0, deadline - time.monotonic()))
+                    reply = decode(chan.recv(max(0.0, deadline - time.monotonic()))[0], self._secret)
+                    break
+                except pynng.ConnectionReset:
+                    # The connection dropped with the batch on its way: the
+                    # plane may have it or not.  Send it again once it is
+                    # back; a plane accepts a task its client sends twice once.
+                    if time.monotonic() >= deadline:
+                        raise pynng.Timeout("no answer", 0) from None
         except pynng.Timeout:
             # Nothing queued behind this batch can get through either: fail
             # it all now rather than one timeout per batch.
@@ -2404,6 +3026,19 @@ class Client(concurrent.futures.Executor):
                 try:
                     chan.send(poll, self.timeout)
                     msg = decode(chan.recv(POLL_WAIT + self.timeout)[0], self._secret)
+                    if msg["op"] != "results":
+                        raise ProtocolError(f"unexpected {msg['op']!r} reply to a poll")
+                    plane = msg["plane"]
+                    if plane != self._plane_id:  # a plane restarted without its journal: its tasks are gone
+                        self._plane_id = plane
+                        self._fail_pending(PlaneUnavailable("the plane restarted; the task was lost"), plane)
+                    self._deliver(msg["results"])
+                    boot, self._boot = self._boot, msg.get("boot")
+                    if msg.get("closing"):
+                        self._fail_lost(msg.get("lost") or [])
+                    elif lost_at is not None or boot not in (None, self._boot):
+                        self._resync(chan, plane)  # back after a break, or the plane restarted: what did we miss?
+                    lost_at = None
                 except pynng.Closed:
                     return
                 except (pynng.NNGException, FastworkerError) as e:
@@ -2417,17 +3052,6 @@ class Client(concurrent.futures.Executor):
                     with self._lock:  # brief pause so a dead plane is not hammered
                         self._has_pending.wait(0.05)
                     continue
-                lost_at = None
-                if msg["op"] != "results":
-                    logger.warning("unexpected %r reply to a poll", msg["op"])
-                    continue
-                plane = msg["plane"]
-                if plane != self._plane_id:  # a plane restarted without a journal: its tasks are gone
-                    self._plane_id = plane
-                    self._fail_pending(PlaneUnavailable("the plane restarted; the task was lost"), plane)
-                self._deliver(msg["results"])
-                if msg.get("closing"):
-                    self._fail_pending(PlaneUnavailable("the plane shut down before the task finished"))
                 busy_until = time.monotonic() + POLL_WAIT
         finally:
             chan.close()
@@ -2445,6 +3069,35 @@ class Client(concurrent.futures.Executor):
                 fut._set_cancelled()
             else:
                 fut._settle(exc=_exception_from_wire(r.get("error")))
+
+    def _fail_lost(self, lost: list) -> None:
+        """A plane that stopped named this client's tasks that will not finish."""
+        state = dict(lost)
+        with self._lock:
+            futs = [self._pending.pop(tid) for tid in state if tid in self._pending]
+        for fut in futs:
+            why = f"the plane at {self.address} stopped before the task finished (it was {state[fut.task_id]})"
+            fut._settle(exc=PlaneUnavailable(why))
+
+    def _resync(self, chan: _Chan, plane: str) -> None:
+        """After a break, ask the plane about every task still pending here:
+        results sent while we were away (or by a plane that restarted with
+        its journal) are collected, and tasks it no longer knows fail."""
+        with self._lock:
+            ids = [tid for tid, f in self._pending.items() if f._plane == plane]
+        for i in range(0, len(ids), 1000):
+            chunk = ids[i : i + 1000]
+            chan.send(encode("fetch", self._secret, ids=chunk, wait=0), self.timeout)
+            msg = decode(chan.recv(self.timeout)[0], self._secret)
+            if msg["op"] != "results":
+                raise ProtocolError(f"unexpected {msg['op']!r} reply to a fetch")
+            self._deliver([r for r in msg["results"] if r["state"] in TERMINAL])
+            gone = [r["id"] for r in msg["results"] if r["state"] == "unknown"]
+            if gone:
+                with self._lock:
+                    futs = [self._pending.pop(tid) for tid in gone if tid in self._pending]
+                for fut in futs:
+                    fut._settle(exc=PlaneUnavailable("the plane no longer knows the task (it restarted without it)"))
 
     def _fail_pending(self, exc: BaseException, keep_plane: str | None = None) -> None:
         """Fail pending futures the plane had accepted (all, or those accepted
@@ -2661,6 +3314,12 @@ class Plane(_Role):
         receivers: threads receiving requests.
         clock: the plane's one clock, seconds since the epoch (default
             ``time.time``); every time the core sees comes from it.
+        journal: path of an SQLite file where accepted work, its progress
+            and cached results are kept, so that they survive a crash and a
+            restart of the plane (None: keep nothing on disk).
+        journal_sync: "normal" (survives a crash of the plane process; the
+            last commits may be lost if the machine loses power) or "full"
+            (survives power loss too; slower).
     """
 
     def __init__(
@@ -2679,6 +3338,8 @@ class Plane(_Role):
         insecure: bool = False,
         receivers: int = 2,
         clock: Callable[[], float] | None = None,
+        journal: str | None = None,
+        journal_sync: str = "normal",
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -2687,13 +3348,18 @@ class Plane(_Role):
         if not (0 < heartbeat_timeout <= MAX_TIMEOUT and 0 <= retry_backoff <= MAX_BACKOFF and reap_interval > 0):
             raise ValueError("heartbeat_timeout and reap_interval must be > 0, retry_backoff >= 0")
         _check_address(listen)
+        self._journal = _Journal(journal, journal_sync) if journal else None
+        if self._journal is not None:
+            self._journal.perform = self._perform  # it carries out what waited for a commit
+            self._journal.collect = self._collect_finished  # and takes the runs finished meanwhile first
         self.listen = listen
         self.dashboard = dashboard
         self.concurrency = concurrency
         self.heartbeat_timeout = heartbeat_timeout
         self.max_message_size = max_message_size
         self.insecure = insecure
-        self.id = os.urandom(8).hex()
+        self.id = os.urandom(8).hex()  # kept across restarts with a journal
+        self.boot = os.urandom(4).hex()  # new for every start: clients learn that they may have missed results
         self.address: str | None = None  # the real addresses, set by start()
         self.dashboard_url: str | None = None
         self.events_address: str | None = None
@@ -2711,13 +3377,12 @@ class Plane(_Role):
             heartbeat_timeout=heartbeat_timeout,
             retry_backoff=retry_backoff,
             reap_interval=reap_interval,
+            journaling=journal is not None,
         )
         self._lock = threading.Lock()  # guards the core: every call into it, and nothing else
         self._tick = threading.Condition(self._lock)  # the housekeeper waits for the core's next deadline
-        self._drained = threading.Condition(self._lock)  # stop() waits for running tasks to report
-        # the empty replies never change: encode them once
-        self._no_results = encode_batch("results", "results", [], self._secret, plane=self.id)
-        self._no_tasks = encode_batch("tasks", "tasks", [], self._secret, plane=self.id)
+        self._drained = threading.Condition(self._lock)  # stop() waits for running tasks, then for clients
+        self._no_results = self._no_tasks = b""  # the empty replies, encoded once by start()
         self._handlers = {
             "submit": self._on_submit,
             "poll": self._on_poll,
@@ -2736,7 +3401,7 @@ class Plane(_Role):
         self._handles = itertools.count(1)
         self._free: collections.deque = collections.deque()  # idle _Chans (deque ops are atomic)
         self._gone: queue.SimpleQueue = queue.SimpleQueue()  # ids of pipes that closed
-        self._executor = _Executor(concurrency, self._local_done, max_message_size)
+        self._executor = _Executor(concurrency, self._local_done, max_message_size, prioritized=journal is not None)
         self._finished: collections.deque = collections.deque()  # runs the executor finished, not yet reported
         self._reporter = threading.Lock()  # held by the one runner taking _finished to the core (never across I/O)
         self._stopping = False  # no new work; running tasks may finish
@@ -2755,6 +3420,18 @@ class Plane(_Role):
             raise RuntimeError("the plane is already started")
         _require_pynng()
         _check_exposure(self.listen, self._secret, self.insecure, "plane")
+        if self._journal is not None:
+            saved = self._journal.open()  # JournalError: one clear line, nothing touched
+            try:
+                with self._lock:  # handed over before anything can be served: the journal keeps this first
+                    self._hand_over(self.core.restore(saved, self._clock()), always=True)
+            except BaseException:
+                self._journal.close()
+                raise
+            self.id = self.core.id  # a plane keeps its identity across restarts
+        # the empty replies never change: encode them once
+        self._no_results = encode_batch("results", "results", [], self._secret, plane=self.id, boot=self.boot)
+        self._no_tasks = encode_batch("tasks", "tasks", [], self._secret, plane=self.id)
         sock = pynng.Rep0(recv_max_size=2 * self.max_message_size)
         # NNG calls this on its own thread with a socket lock held: hand the
         # pipe id over and return at once.
@@ -2781,6 +3458,8 @@ class Plane(_Role):
         except BaseException:
             for s in opened:
                 s.close()
+            if self._journal is not None:
+                self._journal.close()
             raise
         with self._lock:
             self.core.heartbeat_address = self.heartbeat_address
@@ -2794,6 +3473,8 @@ class Plane(_Role):
             t.start()
             self._threads.append(t)
         self._executor.start("fastworker-plane")
+        if self._journal is not None:
+            self._journal.flush(wait=True)  # what the restore changed, then its runs
         logger.info("plane %s listening on %s", self.id, self.address)
         return self
 
@@ -2805,13 +3486,21 @@ class Plane(_Role):
                 return
             self._stopping = True
             acts = self.core.stop(self._clock())
-        self._perform(acts)
+            later = self._hand_over(acts)
+        self._carry_out(acts, later)
         deadline = time.monotonic() + grace
         with self._lock:
-            while self.core.counts[RUNNING] and time.monotonic() < deadline:
+            while self.core.counts[RUNNING] - self.core.running_on_ghosts() and time.monotonic() < deadline:
                 self._drained.wait(deadline - time.monotonic())
             acts = self.core.close(self._clock())
-        self._perform(acts)
+            later = self._hand_over(acts)
+        self._carry_out(acts, later)
+        if self._journal is not None:
+            self._journal.flush(wait=True)  # the last results are out before the plane lingers
+        linger = time.monotonic() + LINGER  # clients between polls come back for their last word
+        with self._lock:
+            while self.core.undelivered() and time.monotonic() < linger:
+                self._drained.wait(linger - time.monotonic())
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -2823,26 +3512,58 @@ class Plane(_Role):
             s.close()  # wakes every receiver
         self._executor.stop(time.monotonic() + 1.0)
         _join(self._threads, time.monotonic() + grace)
-        while self._free:
-            self._free.pop().close()
+        self._drain_free()
         for chan in list(self._chans.values()):  # requests that came too late to be answered
             chan.close()
         self._chans.clear()
+        if self._journal is not None:
+            self._journal.close()
         logger.info("plane %s stopped", self.id)
 
     # -- calling the core and performing its actions ------------------------
 
-    def _call(self, event: Callable[..., list], *args: Any) -> list:
-        """Call the core with the clock's time, under the lock."""
+    def _call(self, event: Callable[..., list], *args: Any) -> None:
+        """Call the core with the clock's time, under the lock, and carry out
+        what it answers."""
+        self._carry_out(*self._event(event, *args))
+
+    def _event(self, event: Callable[..., list], *args: Any) -> tuple[list, bool]:
+        """The core call of ``_call``: its actions, and whether the journal
+        took them to carry out after their commit."""
         with self._lock:
             core = self.core
             acts = event(*args, self._clock())
             if core.timers_changed:
                 core.timers_changed = False
                 self._tick.notify()
-            if self._stopping and not core.counts[RUNNING]:
+            if self._stopping:
                 self._drained.notify_all()
-        return acts
+            return acts, self._hand_over(acts)
+
+    def _hand_over(self, acts: list, always: bool = False) -> bool:
+        """With a journal, give it a core call's records together with the
+        actions that must wait for them (the lock is held, the same hold as
+        the core call, so the journal gets everything in the core's order).
+        Actions with no records of their own wait too while anything handed
+        over earlier is not carried out yet: a result another thread's call
+        produced a moment ago does not get out before it is on disk.
+        Returns whether the journal took the actions."""
+        journal = self._journal
+        if journal is None or not acts:
+            return False
+        if type(acts[0]) is Journal:
+            journal.add(acts[0].records, acts[0].counters, acts)
+            return True
+        if always or not journal.idle():
+            journal.add([], None, acts)
+            return True
+        return False
+
+    def _carry_out(self, acts: list, later: bool) -> None:
+        if later:
+            self._journal.flush()  # this thread commits and performs, or the one committing now will
+        else:
+            self._perform(acts)
 
     def _perform(self, acts: list) -> None:
         """Carry out the core's actions, in order, with no lock held."""
@@ -2853,7 +3574,7 @@ class Plane(_Role):
                 if chan is not None:
                     self._send(chan, self._encode_reply(act))
             elif kind is Run:
-                put = self._executor.inbox.put
+                put = self._executor.put
                 for job in act.jobs:
                     put(job)
             elif kind is Publish:
@@ -2871,6 +3592,8 @@ class Plane(_Role):
             return encode(r.op, self._secret, plane=self.id, **r.fields)
         if not r.items and not r.fields:
             return self._no_results if r.op == "results" else self._no_tasks
+        if r.op == "results":
+            return encode_batch(r.op, r.op, r.items, self._secret, plane=self.id, boot=self.boot, **r.fields)
         return encode_batch(r.op, r.op, r.items, self._secret, plane=self.id, **r.fields)
 
     def _send(self, chan: _Chan, data: bytes) -> None:
@@ -2881,10 +3604,23 @@ class Plane(_Role):
             self._count_error("send")
             chan.close()
             return
-        if len(self._free) < 64 and not self._closed:
-            self._free.append(chan)
-        else:
-            chan.close()
+        self._recycle(chan)
+
+    def _recycle(self, chan: _Chan) -> None:
+        """Keep an idle context for the next request; once the plane closes,
+        close it instead (never leave one to be collected after its socket)."""
+        if len(self._free) >= 64 or self._closed:
+            return chan.close()
+        self._free.append(chan)
+        if self._closed:  # stop() may have emptied the pool just before
+            self._drain_free()
+
+    def _drain_free(self) -> None:
+        while True:
+            try:
+                self._free.pop().close()
+            except IndexError:
+                return
 
     def _count_error(self, kind: str) -> None:
         with self._lock:
@@ -2910,7 +3646,7 @@ class Plane(_Role):
                 try:
                     data, pipe = chan.recv(1.0)
                 except pynng.Timeout:
-                    free.append(chan)
+                    self._recycle(chan)
                     continue
                 h = next(self._handles)
                 chans[h] = chan
@@ -2935,7 +3671,7 @@ class Plane(_Role):
             handler = self._handlers.get(msg["op"])
             if handler is None:
                 raise ProtocolError(f"op {msg['op']!r} is not a request the plane serves")
-            acts = handler(h, msg, pipe)
+            handler(h, msg, pipe)
         except AuthenticationError as e:
             kind, err = "auth", _error("auth", "AuthenticationError", str(e))
         except ProtocolError as e:
@@ -2944,41 +3680,41 @@ class Plane(_Role):
             logger.exception("internal error while serving a request")
             kind, err = "internal", _error("internal", type(e).__name__, str(e))
         else:
-            return self._perform(acts)
+            return
         self._count_error(kind)
         self._perform([Reply(h, "error", {"error": err}, None)])
 
-    def _on_submit(self, h: int, msg: dict, pipe: int) -> list:
-        return self._call(self.core.submit, h, msg["client"], msg["tasks"])
+    def _on_submit(self, h: int, msg: dict, pipe: int) -> None:
+        self._call(self.core.submit, h, msg["client"], msg["tasks"])
 
-    def _on_poll(self, h: int, msg: dict, pipe: int) -> list:
-        return self._call(self.core.poll, h, msg["client"], msg["wait"])
+    def _on_poll(self, h: int, msg: dict, pipe: int) -> None:
+        self._call(self.core.poll, h, msg["client"], msg["wait"])
 
-    def _on_fetch(self, h: int, msg: dict, pipe: int) -> list:
-        return self._call(self.core.fetch, h, msg["ids"], msg["wait"])
+    def _on_fetch(self, h: int, msg: dict, pipe: int) -> None:
+        self._call(self.core.fetch, h, msg["ids"], msg["wait"])
 
-    def _on_status(self, h: int, msg: dict, pipe: int) -> list:
-        return self._call(self.core.status, h, msg["ids"])
+    def _on_status(self, h: int, msg: dict, pipe: int) -> None:
+        self._call(self.core.status, h, msg["ids"])
 
-    def _on_cancel(self, h: int, msg: dict, pipe: int) -> list:
-        return self._call(self.core.cancel, h, msg["ids"])
+    def _on_cancel(self, h: int, msg: dict, pipe: int) -> None:
+        self._call(self.core.cancel, h, msg["ids"])
 
-    def _on_bye(self, h: int, msg: dict, pipe: int) -> list:
-        return self._call(self.core.bye, h, msg["client"])
+    def _on_bye(self, h: int, msg: dict, pipe: int) -> None:
+        self._call(self.core.bye, h, msg["client"])
 
-    def _on_pull(self, h: int, msg: dict, pipe: int) -> list:
+    def _on_pull(self, h: int, msg: dict, pipe: int) -> None:
         returned = msg.get("returned") or []
         info = msg.get("info")
-        return self._call(self.core.pull, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, info)
+        self._call(self.core.pull, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, info)
 
-    def _on_stats(self, h: int, msg: dict, pipe: int) -> list:
-        return [Reply(h, "report", {"stats": self.stats()}, None)]
+    def _on_stats(self, h: int, msg: dict, pipe: int) -> None:
+        self._perform([Reply(h, "report", {"stats": self.stats()}, None)])
 
-    def _on_hello(self, h: int, msg: dict, pipe: int) -> list:
+    def _on_hello(self, h: int, msg: dict, pipe: int) -> None:
         with self._lock:
             names = self.core.task_names()
         fields = {"version": __version__, "events": self.events_address, "tasks": names}
-        return [Reply(h, "welcome", fields, None)]
+        self._perform([Reply(h, "welcome", fields, None)])
 
     # -- the other threads ---------------------------------------------------
 
@@ -2986,9 +3722,12 @@ class Plane(_Role):
         """The plane's own executor finished a run (on a runner thread).
         Runners do not queue up for the lock one by one: whoever finds the
         reporter's token free takes everything finished so far to the core
-        in one call, and the others leave their outcome for it."""
+        in one call, and the others leave their outcome for it.  With a
+        journal, the journal's writer takes them, once per commit."""
         finished = self._finished
         finished.append((job.id, job.run, state, item, error))
+        if self._journal is not None:
+            return self._journal.flush()
         while finished:
             if not self._reporter.acquire(blocking=False):
                 return  # the reporter will find ours: it looks again after it lets go
@@ -2996,15 +3735,27 @@ class Plane(_Role):
                 batch = []
                 while finished:
                     batch.append(finished.popleft())
-                acts = self._call(self.core.local_done, batch)
+                acts, later = self._event(self.core.local_done, batch)
             finally:
                 self._reporter.release()
-            self._perform(acts)
+            self._carry_out(acts, later)
+
+    def _collect_finished(self) -> bool:
+        """(The journal's writer, before each commit.)  Give the core every
+        run the executor finished since; True if there were any."""
+        finished = self._finished
+        if not finished:
+            return False
+        batch = []
+        while finished:
+            batch.append(finished.popleft())
+        self._event(self.core.local_done, batch)  # its actions are the journal's now
+        return True
 
     def _watch_pipes(self) -> None:
         """Drop a worker the moment its connection closes."""
         while (pipe_id := self._gone.get()) is not None:
-            self._perform(self._call(self.core.conn_closed, pipe_id))
+            self._call(self.core.conn_closed, pipe_id)
 
     def _heartbeats(self) -> None:
         """Receive workers' heartbeats (PUB/SUB): proof of life for workers
@@ -3041,7 +3792,8 @@ class Plane(_Role):
                     self.core.timers_changed = False
                     self._tick.wait(min(max(0.0, self.core.next_deadline() - now), MAX_SLEEP))
                     continue
-            self._perform(acts)
+                later = self._hand_over(acts)
+            self._carry_out(acts, later)
 
     # -- observing ------------------------------------------------------------
 
@@ -3059,6 +3811,9 @@ class Plane(_Role):
             "rss_mb": _memory()[0],
         }
         core["local"]["abandoned"] = self._executor.abandoned
+        if self._journal is not None:
+            j = self._journal
+            plane["journal"] = {"path": j.path, "sync": j.sync, "commits": j.commits, "error": j.error}
         return {"plane": plane, **core}
 
     def tasks(self, limit: int = 50, state: str | None = None) -> list[dict]:
@@ -3128,6 +3883,7 @@ class Worker(_Role):
         self._idle = threading.Condition(self._lock)  # stop() waits for running jobs
         self._beat = threading.Condition(self._lock)  # the heartbeat thread waits for its next beat
         self._running: dict[str, _Job] = {}
+        self._held: set[str] = set()  # ids of the tasks taken from the plane and not reported or handed back
         self._done: list[bytes] = []  # RESULT items not yet sent
         self._returned: list[str] = []  # ids of tasks handed back, not yet sent
         self._pulls = 0  # requests for work in flight (at most two)
@@ -3211,6 +3967,7 @@ class Worker(_Role):
             "concurrency": self.concurrency,
             "version": __version__,
             "tasks": {name: spec.options for name, spec in _registry.items()},
+            "holding": sorted(self._held),
         }
 
     # -- talking to the plane ---------------------------------------------------
@@ -3310,6 +4067,7 @@ class Worker(_Role):
         if plane != self._plane_id:
             if self._plane_id is not None:
                 dropped = self._drain_inbox()
+                self._held.clear()
                 logger.warning(
                     "the plane changed (%s -> %s): dropped %d queued job(s)", self._plane_id, plane, len(dropped)
                 )
@@ -3330,6 +4088,7 @@ class Worker(_Role):
             if self._draining:
                 self._returned.append(job.id)  # hand it straight back
             else:
+                self._held.add(job.id)
                 self._inbox.put(job)
 
     def _heartbeat(self) -> None:
@@ -3366,6 +4125,7 @@ class Worker(_Role):
         with self._lock:
             if self._draining:
                 self._returned.append(job.id)  # hand it back
+                self._held.discard(job.id)
                 self._wake.notify()
                 return False
             self._running[job.id] = job
@@ -3386,6 +4146,7 @@ class Worker(_Role):
         with self._lock:
             if self._running.pop(job.id, None) is None or job.plane != self._plane_id:
                 return  # handed back, or its plane is gone: nobody wants it
+            self._held.discard(job.id)
             self._done.append(item)
             self._wake.notify()  # a lane sends it
             if self._draining:
@@ -3752,11 +4513,21 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
-def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int) -> dict:
-    """Throughput, latency and memory with ``workers`` subworkers."""
+def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int, journal: str = "") -> dict:
+    """Throughput, latency and memory with ``workers`` subworkers (and a
+    journal with sync mode ``journal``, in a temporary folder)."""
+    import shutil
+    import tempfile
+
     label = "plane only" if workers == 0 else f"{workers} worker" + ("s" if workers > 1 else "")
+    argv = ["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off"]
+    folder = None
+    if journal:
+        label += f", journal {journal}"
+        folder = tempfile.mkdtemp(prefix="fastworker-bench-")
+        argv += ["--journal", os.path.join(folder, "journal.db"), "--journal-sync", journal]
     _progress(f"{label}: starting")
-    plane, ready = _spawn_role(["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off"])
+    plane, ready = _spawn_role(argv)
     procs = []
     try:
         plane_idle = _memory(plane.pid)[0]
@@ -3808,6 +4579,8 @@ def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int) 
         for p in procs:
             _stop_role(p)
         _stop_role(plane)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         _progress("")
     return row
 
@@ -3870,10 +4643,15 @@ def bench(
     queued: int = 100_000,
     balance: int = 32,
     balance_tasks: int = 20_000,
+    journal: Iterable[str] = ("normal", "full"),
+    journal_workers: Iterable[int] = (0, 2),
 ) -> dict:
     """Measure like the peer harness: one client process, one ``submit()``
-    per task; every role a process of its own on loopback."""
-    result: dict[str, Any] = {"bench": [_bench_topology(w, tasks, latency, map_items, concurrency) for w in workers]}
+    per task; every role a process of its own on loopback.  Rows with a
+    journal follow the in-memory ones, for each sync mode in ``journal``."""
+    rows = [_bench_topology(w, tasks, latency, map_items, concurrency) for w in workers]
+    rows += [_bench_topology(w, tasks, latency, map_items, concurrency, j) for w in journal_workers for j in journal]
+    result: dict[str, Any] = {"bench": rows}
     if queued:
         result["queued"] = _bench_queued(queued)
     if balance:
@@ -3941,6 +4719,8 @@ def _plane_from_args(args: argparse.Namespace, **overrides: Any) -> Plane:
         retry_backoff=args.retry_backoff,
         secret=args.secret,
         insecure=args.insecure,
+        journal=args.journal,
+        journal_sync=args.journal_sync,
     )
 
 
@@ -4092,6 +4872,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.queued,
         args.balance,
         args.balance_tasks,
+        [j for j in args.journal.split(",") if j.strip()],
+        [int(w) for w in args.journal_workers.split(",") if w.strip()],
     )
     head = ("topology", "tasks/s", "p50 ms", "p99 ms", "map/s", "plane MB idle/peak", "worker MB idle/peak", "foreign")
     print(" | ".join(head))
@@ -4158,6 +4940,15 @@ def _build_parser() -> _Parser:
         )
         p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a secret")
         p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE, metavar="SECONDS", help=_GRACE_HELP)
+        p.add_argument(
+            "--journal", metavar="PATH", help="keep accepted work and results in this SQLite file (survives a crash)"
+        )
+        p.add_argument(
+            "--journal-sync",
+            choices=["normal", "full"],
+            default="normal",
+            help="normal: survives a crash of the plane; full: survives power loss too (default normal)",
+        )
         common(p, "info")
 
     p = sub.add_parser("plane", help="run the control plane", description="Run the control plane.")
@@ -4231,6 +5022,13 @@ def _build_parser() -> _Parser:
     p.add_argument("--queued", type=int, default=100_000, metavar="N", help="plane memory with N queued (0: skip)")
     p.add_argument("--balance", type=int, default=32, metavar="W", help="spread over W subworkers (32; 0: skip)")
     p.add_argument("--balance-tasks", type=int, default=20_000, metavar="N", help="tasks for the spread run")
+    p.add_argument(
+        "--journal",
+        default="normal,full",
+        metavar="MODES",
+        help="journal sync modes to measure (normal,full; '': skip)",
+    )
+    p.add_argument("--journal-workers", default="0,2", metavar="W", help="subworker counts for the journal rows (0,2)")
     common(p)
     p.set_defaults(func=_cmd_bench)
     return parser

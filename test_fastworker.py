@@ -223,6 +223,21 @@ def mark_and_sleep(started, seconds):
 
 
 @task
+def gated_record(gate, log, tag, timeout=20):
+    \"\"\"Writes "start TAG" to ``log``, waits for ``gate``, writes "end TAG".\"\"\"
+    with open(log, "a") as f:
+        f.write(f"start {tag}\\n")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(gate)
+        time.sleep(0.01)
+    with open(log, "a") as f:
+        f.write(f"end {tag}\\n")
+    return tag
+
+
+@task
 def raise_base(kind):
     raise {"interrupt": KeyboardInterrupt, "exit": SystemExit}[kind]("stop it")
 
@@ -553,8 +568,8 @@ def check_invariant(core):
             assert t.timer is not None and not t.queued
         else:
             assert t.state == "running" and t.holder.in_flight[t.id] is t
-    for w in workers:
-        assert len(w.in_flight) <= w.concurrency  # never beyond its slots
+    for w in workers:  # never beyond its slots (the plane's own: its depth with a journal)
+        assert len(w.in_flight) <= w.concurrency * (core._zero_depth if w is core.zero else 1)
 
 
 class Core:
@@ -562,11 +577,13 @@ class Core:
     each be answered at most once, worker zero's jobs, and what each client
     received."""
 
-    def __init__(self, local=("a", "b"), **kw):
+    def __init__(self, local=("a", "b"), zero_depth=None, **kw):
         self.now = 1000.0
         kw.setdefault("concurrency", 2)
         kw.setdefault("retry_backoff", 1.0)
-        self.core = fw.PlaneCore("plane-1", {n: spec(n) for n in local}, self.now, **kw)
+        self.kw, self.local, self.zero_depth = kw, local, zero_depth
+        self.core = self.new_core("plane-1")
+        self.disk = FakeDisk()
         self.handles = itertools.count(1)
         self.open = set()  # requests sent and not answered
         self.replies = {}  # request -> its Reply
@@ -575,6 +592,12 @@ class Core:
         self.delivered = collections.defaultdict(list)  # task id -> RESULTs its client received
         self.closed = []  # connections the core cut
 
+    def new_core(self, plane_id):
+        core = fw.PlaneCore(plane_id, {n: spec(n) for n in self.local}, self.now, **self.kw)
+        if self.zero_depth is not None:
+            core._zero_depth = self.zero_depth
+        return core
+
     def request(self):
         h = next(self.handles)
         self.open.add(h)
@@ -582,7 +605,10 @@ class Core:
 
     def apply(self, acts):
         for a in acts or ():
-            if type(a) is fw.Reply:
+            if type(a) is fw.Journal:
+                assert a is acts[0]  # committed before anything else is done
+                self.disk.write(a)
+            elif type(a) is fw.Reply:
                 assert a.req in self.open, f"request {a.req} answered twice, or never made"
                 self.open.discard(a.req)
                 self.replies[a.req] = a
@@ -619,6 +645,34 @@ class Core:
 
     def reply(self, h):
         return self.replies.get(h)
+
+    def restart(self, dt=0.0):
+        """The plane crashes and a new one starts from the journal."""
+        self.now += dt
+        self.core = self.new_core("new-id")
+        self.jobs, self.open, self.polls = [], set(), {}
+        return self.apply(self.core.restore(self.disk.saved(), self.now))
+
+
+class FakeDisk:
+    """What a journal file would hold, from the Journal actions (the columns
+    of _JOURNAL_SCHEMA, in order)."""
+
+    def __init__(self):
+        self.rows, self.counters = {}, None
+
+    def write(self, journal):
+        for r in journal.records:  # [id, body or None (kept), columns ...], or [id] (forgotten)
+            if len(r) == 1:
+                self.rows.pop(r[0], None)
+            elif r[1] is not None:
+                self.rows[r[0]] = [r[0], json.dumps(r[1]), *r[2:]]
+            else:
+                self.rows[r[0]][2:] = list(r[2:])
+        self.counters = json.loads(json.dumps(journal.counters))
+
+    def saved(self):
+        return {"plane": "plane-1", "counters": self.counters, "rows": [tuple(r) for r in self.rows.values()]}
 
 
 def item(tid, name="a", **options):
@@ -757,10 +811,12 @@ def test_core_delayed_task_runs_at_its_time_and_a_cancel_frees_it():
 def test_core_refuses_duplicate_ids_unknown_names_and_submissions_while_stopping():
     h = Core()
     assert h.submit("c", item("x")) == []
-    rejected = h.submit("c", item("x"), item("y", name="nobody"))
+    rejected = h.submit("other", item("x"), item("y", name="nobody"))
     assert [(r["id"], r["error"]["kind"]) for r in rejected] == [("x", "protocol"), ("y", "unknown_task")]
+    assert h.submit("c", item("x")) == [] and h.core.submitted == 1  # its client sent it again: accepted once
     h.finish(h.jobs[0])
-    assert [r["id"] for r in h.submit("c", item("x"))] == ["x"]  # still in the result cache
+    assert [r["id"] for r in h.submit("other", item("x"))] == ["x"]  # still in the result cache
+    assert h.submit("c", item("x")) == [] and h.core.submitted == 1
     h.apply(h.core.stop(h.now))
     r = h.request()
     h.apply(h.core.submit(r, "c", [item("z")], h.now))
@@ -905,9 +961,90 @@ def test_core_close_answers_every_parked_request():
     h.apply(h.core.fetch(f, ["t"], 30, h.now))
     h.apply(h.core.stop(h.now))
     h.apply(h.core.close(h.now))
-    assert h.reply(poll).fields == {"closing": True}
+    assert h.reply(poll).fields == {"closing": True, "lost": [["t", "scheduled"]]}  # what will not finish
     assert h.reply(parked).op == "tasks" and h.reply(f).op == "error"
     assert not h.open
+
+
+def journaled(**kw):
+    return Core(journaling=True, **kw)
+
+
+def test_core_with_a_journal_the_planes_own_runs_wait_committed_in_priority_order():
+    h = journaled(concurrency=1)
+    h.submit("c", *[item(f"t{i}", priority="low") for i in range(6)])
+    assert len(h.jobs) == 4 * 1  # its slots times its depth: committed as running, waiting for a runner
+    assert [j.rank for j in h.jobs] == [3] * 4 and h.core.counts["queued"] == 2
+
+
+def test_core_restarts_from_its_journal_with_queue_order_times_and_results():
+    h = journaled(concurrency=1, zero_depth=1)
+    h.submit("c", item("block"), item("q1", priority="low"), item("q2", priority="high"), item("q3", priority="high"))
+    h.submit("c", item("later", delay=30), item("done"))
+    h.apply(h.core.cancel(h.request(), ["done"], h.now))
+    assert [r["id"] for r in h.submit("c", item("block"))] == []  # sent twice: accepted once
+    due = h.core.tasks["later"].due
+    h.restart(dt=5)
+    core = h.core
+    assert core.id == "plane-1"  # the plane keeps its identity
+    t = core.stats(h.now)["tasks"]
+    assert (t["submitted"], t["queued"], t["scheduled"], t["running"], t["cancelled"]) == (6, 3, 1, 1, 1)
+    assert core.cache.peek("done", h.now).state == "cancelled" and core.tasks["later"].due == due
+    ran = []
+    while h.jobs:  # "block" ran on the plane when it died: queued again, at its old place (behind "high")
+        ran.append(h.jobs[0].id)
+        h.finish(h.jobs[0])
+    assert ran == ["q2", "q3", "block", "q1"] and core.tasks["later"].state == "scheduled"
+    assert core.task_status("block", h.now)["attempts"] == 1
+    h.tick(25)
+    assert [j.id for j in h.jobs] == ["later"]
+
+
+def test_core_a_task_running_at_two_plane_crashes_fails_instead_of_running_again():
+    h = journaled()
+    h.poll("c")
+    h.submit("c", item("poison"))
+    h.restart()
+    assert [j.id for j in h.jobs] == ["poison"] and h.core.tasks["poison"].crashes == 1
+    h.restart()
+    status = h.core.task_status("poison", h.now)
+    assert status["state"] == "failed" and "crashed, twice" in status["error"] and not h.jobs
+
+
+def test_core_a_worker_back_after_a_restart_reports_its_runs_and_a_late_one_is_queued_again():
+    h = journaled(local=(), heartbeat_timeout=5.0)
+    w1, w2 = FakeWorker(h, "w1", ["job"], 1), FakeWorker(h, "w2", ["job"], 1)
+    w1.register()
+    w2.register()
+    h.submit("c", item("t1", "job"), item("t2", "job"))
+    w1.collect(), w2.collect()
+    h.restart()
+    assert [ghost.ghost for ghost in h.core.workers.values()] == [True, True]
+    assert h.core.counts["running"] == 2 and sorted(h.core.workers) == ["w1", "w2"]
+    w1.pulls.clear()
+    w1.pull(results=[w1.result(next(iter(w1.running)), value="v1")], info=True)  # back, with its result
+    assert h.core.counts["succeeded"] == 1 and not h.core.workers["w1"].ghost
+    w1.pull()  # ready for more
+    h.now += 3
+    h.core.heartbeat("w1", h.now)
+    h.tick(3)  # w2 never came back: its task is queued again, not failed
+    assert "w2" not in h.core.workers and h.core.counts["queued"] == 0 and h.core.workers_lost == 0
+    assert list(w1.collect().running) == ["t2"]  # w1 took it
+
+
+def test_core_a_dispatch_lost_in_a_crash_is_queued_again_when_its_worker_comes_back():
+    h = journaled(local=())
+    w = FakeWorker(h, "w", ["job"], 2)
+    w.register()
+    h.submit("c", item("got", "job"), item("lost", "job"))
+    w.collect()
+    w.running.pop("lost")  # the reply carrying it died with the plane
+    h.restart()
+    w.pulls.clear()
+    info = {"tasks": w.tasks, "concurrency": 2, "holding": ["got"]}
+    h.apply(h.core.pull(h.request(), w.conn, "w", 2, [], [], info, h.now))
+    assert h.core.tasks["got"].state == "running" and h.core.tasks["lost"].state == "queued"
+    assert h.core.tasks["lost"].attempts == 0
 
 
 def run_random_sequence(seed, steps=40):
@@ -915,7 +1052,7 @@ def run_random_sequence(seed, steps=40):
     (``Core.apply``).  Then everything is driven to its end, and every task
     the core accepted must have reached its client exactly once."""
     rng = random.Random(seed)
-    h = Core(local=("a", "b", "both"), concurrency=rng.randint(1, 3), heartbeat_timeout=5.0)
+    h = Core(local=("a", "b", "both"), concurrency=rng.randint(1, 3), heartbeat_timeout=5.0, journaling=seed % 2 == 1)
     clients = ["c1", "c2"]
     accepted = {}  # task id -> client
     workers = []
@@ -982,6 +1119,13 @@ def run_random_sequence(seed, steps=40):
                     h.core.heartbeat(w.id, h.now)
             h.tick(rng.choice([0.0, 0.3, 1.0, 2.5]))
             workers = [w for w in workers if w.id in h.core.workers]
+        if h.core.journaling and rng.random() < 0.1:  # the journal holds what the plane holds
+            before = {t.id: (t.state, t.seq, t.attempts) for t in h.core.tasks.values()}
+            copy = fw.PlaneCore("x", {}, h.now, journaling=True)
+            copy.restore(h.disk.saved(), h.now)
+            waiting = {k: v for k, v in before.items() if v[0] != "running"}
+            assert {t.id: (t.state, t.seq, t.attempts) for t in copy.tasks.values() if t.id in waiting} == waiting
+            assert set(copy.tasks) == set(before)
     # The end: a worker that knows everything, every run finishes, time passes.
     finisher = FakeWorker(h, "finisher", ["a", "b", "both", "w", "nobody"], concurrency=8, conn=10**9)
     finisher.register()
@@ -1000,16 +1144,104 @@ def run_random_sequence(seed, steps=40):
     assert not h.core.tasks, f"seed {seed}: tasks never finished: {list(h.core.tasks)}"
     for client in clients:
         h.poll(client, wait=0)
-    for tid in accepted:
-        got = h.delivered.get(tid, [])
-        assert len(got) == 1, f"seed {seed}: task {tid} reached its client {len(got)} times: {got}"
-        assert got[0]["state"] in fw.TERMINAL
+    for tid in accepted:  # a task its client sent twice may reach it twice: with the same outcome
+        got = {json.dumps(r, sort_keys=True) for r in h.delivered.get(tid, [])}
+        assert len(got) == 1, f"seed {seed}: task {tid} reached its client with {len(got)} outcomes: {got}"
+        assert json.loads(got.pop())["state"] in fw.TERMINAL
     assert h.core.submitted == len(accepted)
 
 
 def test_core_random_event_sequences_keep_the_accounting_and_end_every_task_once():
     for seed in range(1500):
         run_random_sequence(seed)
+
+
+# -- the journal file (SQLite, no sockets) ---------------------------------------------------
+
+
+def files_of(path):
+    """Every file of a journal, with its bytes and its modification time."""
+    out = {}
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        f = path + suffix
+        if os.path.exists(f):
+            with open(f, "rb") as fh:
+                out[suffix] = (fh.read(), os.stat(f).st_mtime_ns)
+    return out
+
+
+def test_journal_file_is_created_reopened_and_keeps_the_planes_identity(tmp_path):
+    path = str(tmp_path / "j.db")
+    j = fw._Journal(path)
+    first = j.open()
+    assert first["rows"] == [] and first["plane"]
+    new = ["t-1", ["add", [1, 2], {}, 2, 0, None, "c", 5.0], 0, "queued", 0, 0, None, None, None, None, None, None,
+           None, 0]  # fmt: skip
+    done = []
+    j.perform = done.append
+    j.add([new], {"submitted": 1}, ["first"])
+    j.add(
+        [["t-1", None, 0, "succeeded", 1, 1, None, 6.0, 7.0, "w", None, None, b"{}", 0]], {"submitted": 1}, ["second"]
+    )
+    j.flush()
+    assert done == [["first"], ["second"]] and j.commits == 1  # one transaction for both, then their actions in order
+    j.close()
+    again = fw._Journal(path)
+    second = again.open()
+    assert second["plane"] == first["plane"] and second["counters"] == {"submitted": 1}
+    [saved] = second["rows"]
+    assert saved[0] == "t-1" and saved[3] == "succeeded" and json.loads(saved[1])[:2] == ["add", [1, 2]]
+    with pytest.raises(fw.JournalError, match="in use by another plane"):
+        fw._Journal(path).open()
+    again.close()
+    fw._Journal(path).open()  # free again once closed
+
+
+def sqlite_file(path, script):
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.executescript(script)
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("kind", ["text", "foreign", "newer", "corrupt"])
+def test_journal_that_is_not_ours_is_refused_and_left_untouched(tmp_path, kind):
+    path = str(tmp_path / "j.db")
+    if kind == "text":
+        with open(path, "w") as f:
+            f.write("these are my notes, not a journal\n")
+    elif kind == "foreign":
+        sqlite_file(path, "CREATE TABLE accounts (id INTEGER, balance REAL); INSERT INTO accounts VALUES (1, 9.5);")
+    else:
+        version = 99 if kind == "newer" else fw._JOURNAL_VERSION
+        sqlite_file(
+            path,
+            fw._JOURNAL_SCHEMA
+            + f"INSERT INTO meta VALUES ('format', '{fw._JOURNAL_FORMAT}'), ('version', '{version}'), ('plane', 'p');",
+        )
+        if kind == "corrupt":
+            with open(path, "r+b") as f:  # keep the header, wreck the pages behind it
+                f.seek(4096)
+                f.write(os.urandom(4096))
+    before = files_of(path)
+    with pytest.raises(fw.JournalError) as info:
+        fw._Journal(path).open()
+    assert path in str(info.value)
+    expected = {
+        "text": "not an SQLite file",
+        "foreign": "not a fastworker journal",
+        "newer": "newer",
+        "corrupt": "corrupt",
+    }
+    assert expected[kind] in str(info.value)
+    assert files_of(path) == before  # byte for byte, and no new file beside it
+
+
+def test_journal_in_a_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(fw.JournalError, match="does not exist"):
+        fw._Journal(str(tmp_path / "nope" / "j.db")).open()
 
 
 # -- in-process plane and client ---------------------------------------------------------
@@ -1252,7 +1484,7 @@ def test_pending_futures_fail_when_the_plane_stops():
             stopper = threading.Thread(target=plane.stop, kwargs={"grace": 0.2})
             t0 = time.monotonic()
             stopper.start()
-            with pytest.raises(fw.PlaneUnavailable, match="shut down"):
+            with pytest.raises(fw.PlaneUnavailable, match="stopped before the task finished .it was running"):
                 fut.result(timeout=5)
             assert time.monotonic() - t0 < 2
             with pytest.raises(ConnectionError):
@@ -1388,6 +1620,63 @@ def test_a_worker_with_the_wrong_secret_says_so_once_at_error_and_backs_off(capl
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "secret" in errors[0].getMessage(), [r.getMessage() for r in errors]
     assert elapsed >= 0.7  # 0.1 s, 0.2 s, 0.4 s ... between tries, not 0.1 s for ever
+
+
+DONE: list = []
+
+
+@fw.task(name="t.quick")
+def t_quick(tag):
+    time.sleep(0.1)
+    DONE.append(tag)
+    return tag
+
+
+def stop_under_load(trial, n_workers, grace):
+    DONE.clear()
+    key = f"stop{trial}"
+    plane = fw.Plane("tcp://127.0.0.1:0", concurrency=6).start()
+    workers = [fw.Worker(plane.address, concurrency=3, timeout=1).start() for _ in range(n_workers)]
+    c = fw.Client(plane.address, timeout=10)
+    try:
+        for w in workers:
+            wait_until(w.registered.is_set, 5, "workers to register")
+        held = [c.submit("t.block", key) for _ in range(2)]  # still running when the grace ends
+        quick = [c.submit("t.quick", f"{trial}-{i}") for i in range(4)]  # finish within the grace
+        waiting = [c.submit("t.block", key) for _ in range(2)]  # never get a slot
+        wait_until(lambda: c.stats()["tasks"]["running"] == 6, 5, "six running tasks")
+        stopper = threading.Thread(target=plane.stop, kwargs={"grace": grace})
+        t0 = time.monotonic()
+        stopper.start()
+        wait_until(lambda: c.submit("t.add", 1, 1).exception(timeout=5) is not None, 5, "submissions refused")
+        with pytest.raises(fw.PlaneUnavailable, match="stopping"):
+            c.submit("t.add", 2, 2).result(timeout=2)
+        done, pending = concurrent.futures.wait(held + quick + waiting, timeout=grace + 2)
+        assert not pending and time.monotonic() - t0 < grace + 2, f"trial {trial}"
+        for f in quick:  # every one finished within the grace, and delivered its value
+            assert f.result() in DONE
+        for f in held:
+            with pytest.raises(fw.PlaneUnavailable, match="it was running"):
+                f.result()
+        for f in waiting:
+            with pytest.raises(fw.PlaneUnavailable, match="it was queued"):
+                f.result()
+        gate(key).set()  # let the runs it gave up on end, so that the plane's threads can
+        stopper.join(10)
+    finally:
+        gate(key).set()
+        c.close()
+        for w in workers:
+            w.stop(grace=0)
+        plane.stop()
+
+
+def test_a_clean_stop_under_load_delivers_every_result_and_fails_the_rest_at_once():
+    """20 stops under load, alone and with 2 workers: what finished within
+    the grace reaches its client; the rest fail at once, saying why."""
+    for trial in range(20):
+        stop_under_load(trial, 2 * (trial % 2), grace=0.4)
+    GATES.clear()
 
 
 # -- the plane as a process ----------------------------------------------------------------
@@ -1719,6 +2008,163 @@ def test_chaos_every_task_ends_exactly_once(plane_proc, worker_proc):
     assert s["dispatch"]["workers_lost"] >= 5 and outcomes["ok"] >= 2000
 
 
+def test_journal_queued_tasks_results_and_times_survive_kill_9(plane_proc, tmp_path):
+    journal, gate = str(tmp_path / "plane.db"), str(tmp_path / "gate")
+    ready = plane_proc("--journal", journal, "--concurrency", "1")
+    address = ready["listen"]
+    with fw.Client(address, timeout=10) as c:
+        done = c.submit("add", 1, 2)
+        assert done.result(timeout=5) == 3
+        blocker = c.submit("wait_file", gate)
+        queued = [c.submit("add", i, i) for i in range(20)]
+        later = c.submit_with("add", (5, 5), delay=2.0)
+        due = c.status(later.task_id)["due_at"]
+        wait_until(lambda: c.status(blocker.task_id)["state"] == "running", 5, "the blocker to run")
+        before = c.stats()
+        ready["proc"].stop(signal.SIGKILL)
+        again = plane_proc("--journal", journal, "--concurrency", "1", "--listen", address)
+        open(gate, "w").close()
+        assert [f.result(timeout=15) for f in queued] == [2 * i for i in range(20)]  # the same futures
+        assert blocker.result(timeout=15) == again["pid"]  # it was running when the plane died: it ran again
+        assert later.result(timeout=15) == 10
+        started = c.status(later.task_id)["started_at"]
+        assert due <= started < due + 1.0  # at its old time, not 2 s after the restart
+        after = c.stats()
+        assert after["plane"]["id"] == before["plane"]["id"]
+        t = after["tasks"]
+        assert t["submitted"] == 23 == t["succeeded"] and t["submitted"] == sum(t[x] for x in fw.STATES)
+    with fw.Client(address, timeout=5) as other:
+        assert other.result(done.task_id, timeout=5) == 3  # a result from before the crash
+
+
+def test_journal_a_task_running_on_a_worker_when_the_plane_dies_completes_exactly_once(
+    plane_proc, worker_proc, tmp_path
+):
+    journal, gate, log = str(tmp_path / "plane.db"), str(tmp_path / "gate"), str(tmp_path / "log")
+    ready = plane_proc("--journal", journal)
+    address = ready["listen"]
+    w = worker_proc(address, "--name", "w1")
+    with fw.Client(address, timeout=10) as c:
+        fut = c.submit("gated_record", gate, log, "x")
+        wait_until(lambda: os.path.exists(log), 10, "the task to start on the worker")
+        ready["proc"].stop(signal.SIGKILL)
+        plane_proc("--journal", journal, "--listen", address)
+        wait_until(lambda: [x["pid"] for x in c.stats()["workers"]] == [w["pid"]], 10, "the worker to come back")
+        open(gate, "w").close()
+        assert fut.result(timeout=15) == "x"
+        with open(log) as f:
+            assert f.read().split("\n")[:-1] == ["start x", "end x"]  # it ran once
+        status = c.status(fut.task_id)
+        assert (status["attempts"], status["worker"]) == (1, "w1")
+
+
+def test_journal_a_task_running_at_two_plane_crashes_fails_with_worker_lost(plane_proc, tmp_path):
+    journal, gate, log = str(tmp_path / "plane.db"), str(tmp_path / "gate"), str(tmp_path / "log")
+    ready = plane_proc("--journal", journal)
+    address = ready["listen"]
+    with fw.Client(address, timeout=10) as c:
+        fut = c.submit("gated_record", gate, log, "p")  # runs in the plane: it dies with it
+        for crash in (1, 2):
+            wait_until(lambda n=crash: open(log).read().count("start") == n if os.path.exists(log) else False, 10)
+            ready["proc"].stop(signal.SIGKILL)
+            ready = plane_proc("--journal", journal, "--listen", address)
+        with pytest.raises(fw.WorkerLost, match="crashed, twice"):
+            fut.result(timeout=10)
+        assert c.stats()["tasks"]["failed"] == 1
+
+
+def test_journal_the_cli_refuses_a_file_that_is_not_its_own_and_a_second_plane(plane_proc, tmp_path):
+    notes = tmp_path / "notes.db"
+    notes.write_text("my notes")
+    r = run_cli("plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--journal", str(notes))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and str(notes) in lines[0], r.stderr
+    assert notes.read_text() == "my notes" and os.listdir(tmp_path) == ["notes.db"]
+    journal = str(tmp_path / "plane.db")
+    plane_proc("--journal", journal)
+    r = run_cli("plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--journal", journal)
+    assert r.returncode == 1 and "in use by another plane" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_without_a_journal_the_plane_writes_no_file(procs, tmp_path):
+    p = procs("plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", cwd=str(tmp_path))
+    ready = p.ready()
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert [f.result(timeout=5) for f in [c.submit("fastworker.echo", i) for i in range(50)]] == list(range(50))
+    assert p.stop() == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_chaos_the_plane_is_killed_again_and_again_under_load(plane_proc, worker_proc, tmp_path):
+    """kill -9 of the plane, five times, while tasks flow through it and two
+    workers: every future ends once; no result changes after it was
+    delivered; the accounting holds."""
+    journal = str(tmp_path / "plane.db")
+    ready = plane_proc("--journal", journal, "--concurrency", "2")
+    address = ready["listen"]
+    for _ in range(2):
+        worker_proc(address, "--concurrency", "4")
+    futs = []
+    c = fw.Client(address, timeout=20)
+    try:
+
+        def submit_waves():
+            for wave in range(12):
+                futs.extend(c.submit_with("add", (wave, i), retries=1) for i in range(100))
+                time.sleep(0.15)  # paces the load; nothing waits on it
+
+        submitter = threading.Thread(target=submit_waves)
+        submitter.start()
+        done_before = 0
+        for _ in range(5):  # each kill after some progress since the last one
+
+            def progressed(last=done_before):
+                return sum(f.done() for f in list(futs)) >= last + 30 or not submitter.is_alive()
+
+            wait_until(progressed, 30, "progress")
+            done_before = sum(f.done() for f in list(futs))
+            ready["proc"].stop(signal.SIGKILL)
+            ready = plane_proc("--journal", journal, "--concurrency", "2", "--listen", address)
+        submitter.join()
+        done, pending = concurrent.futures.wait(futs, timeout=60)
+        assert not pending and len(futs) == 1200, [c.status(f.task_id) for f in list(pending)[:5]]
+        delivered = {}
+        for f in futs:
+            exc = f.exception()
+            if exc is None:
+                delivered[f.task_id] = f.result()
+            else:  # a task running through two crashes, or a submit the plane never answered
+                assert isinstance(exc, (fw.WorkerLost, fw.PlaneUnavailable)), exc
+        assert len(delivered) >= 1000
+        for i, f in enumerate(futs):
+            if f.task_id in delivered:
+                assert delivered[f.task_id] == (i // 100) + (i % 100)
+        with fw.Client(address, timeout=10) as other:  # what the plane holds is what was delivered
+            for tid in random.Random(1).sample(sorted(delivered), 200):
+                assert other.result(tid, timeout=5) == delivered[tid]
+        t = c.stats()["tasks"]
+        assert t["submitted"] == sum(t[x] for x in fw.STATES) and t["queued"] == t["running"] == 0
+    finally:
+        c.close()
+
+
+def test_sigterm_on_a_busy_plane_delivers_what_finishes_and_exits_zero(plane_proc, tmp_path):
+    gate = str(tmp_path / "gate")
+    ready = plane_proc("--concurrency", "4", "--shutdown-grace", "1.0")
+    with fw.Client(ready["listen"], timeout=10) as c:
+        slow = [c.submit("wait_file", gate) for _ in range(2)]
+        quick = [c.submit("sleepy", 0.3) for _ in range(2)]
+        waiting = [c.submit("wait_file", gate) for _ in range(2)]
+        wait_until(lambda: c.stats()["tasks"]["running"] == 4, 5, "four running tasks")
+        t0 = time.monotonic()
+        assert ready["proc"].stop(signal.SIGTERM) == 0
+        assert time.monotonic() - t0 < 1.0 + 2
+        assert [f.result(timeout=1) for f in quick] == [0.3, 0.3]
+        for f in slow + waiting:
+            with pytest.raises(fw.PlaneUnavailable, match="stopped before the task finished"):
+                f.result(timeout=1)
+
+
 def test_embedded_worker_in_threads():
     with fw.Plane("tcp://127.0.0.1:0").start() as plane:
         with fw.Worker(plane.address, concurrency=2, name="embedded", overrun_margin=0.2) as worker:
@@ -1903,14 +2349,16 @@ def test_demo_serves_tasks_and_the_dashboard(procs):
 def test_bench_reports_well_formed_figures():
     r = run_cli(
         "bench", "--tasks", "200", "--latency", "20", "--map", "500", "--workers", "0,1",
-        "--queued", "1000", "--balance", "2", "--balance-tasks", "200", timeout=120,
+        "--queued", "1000", "--balance", "2", "--balance-tasks", "200", "--journal", "full",
+        "--journal-workers", "0", timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "plane only: throughput" in r.stderr  # the progress display
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    plane_only, one = out["bench"]
+    plane_only, one, journaled = out["bench"]
     assert (plane_only["topology"], one["topology"]) == ("plane only", "1 worker")
-    for row in (plane_only, one):
+    assert journaled["topology"] == "plane only, journal full"
+    for row in (plane_only, one, journaled):
         assert row["tasks"] == 200 and row["map_items"] == 500
         assert row["tasks_per_s"] > 0 and row["map_per_s"] > 0 and row["foreign_cores"] >= 0
         assert 0 < row["p50_ms"] <= row["p99_ms"]
