@@ -51,6 +51,8 @@ __all__ = [
     "AuthenticationError",
     "PlaneUnavailable",
     "PRIORITIES",
+    "TLSFiles",
+    "derived_dashboard_token",
     "main",
 ]
 
@@ -129,7 +131,12 @@ HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 POLL_WAIT = 5.0  # seconds the plane holds a client's empty result poll
 PULL_WAIT = 10.0  # seconds the plane holds a worker's request for work
-CLIENT_IDLE_TTL = 300.0  # forget a client's undelivered results after this
+CLIENT_IDLE_TTL = 300.0  # forget a client that has not asked for anything for this long
+OUTBOX_IDLE = 60.0  # a client that has not asked for this long keeps its undelivered results in the cache only
+MAX_OUTBOX = 100_000  # undelivered results kept per client (past that the oldest go; it asks for them)
+MAX_PARKED = 10_000  # client polls the plane holds at once...
+MAX_PARKED_PER_CONN = 64  # ...and per connection
+QUERY_CHUNK = 1000  # a long status or cancel request is done this many ids at a time
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
 SHUTDOWN_GRACE = 5.0  # seconds running tasks get to finish on stop
 _BATCH_BYTES = 1024 * 1024  # a client sends at most this much per message
@@ -141,6 +148,8 @@ MAX_TIMEOUT = 30 * 86400.0  # a month, in seconds
 MAX_DELAY = 366 * 86400.0  # a year, in seconds
 MAX_WAIT = 60.0  # the longest a request is held at the plane
 MAX_BACKOFF = 3600.0  # the longest pause before a retry
+MAX_DEPTH = 64  # how deep a task's arguments may nest
+MAX_IDS = 100_000  # task ids in one status, cancel or fetch request
 
 RECONNECT_MIN_MS = 50  # a dialer's first pause before it redials...
 RECONNECT_MAX_MS = 1000  # ...doubling up to this
@@ -148,9 +157,14 @@ RETRY_PAUSE = 0.1  # a worker's first pause after a failed request to its plane.
 MAX_RETRY_PAUSE = 5.0  # ...doubling up to this
 MAX_SLEEP = 5.0  # the housekeeper wakes at least this often (in case the clock jumps)
 IDLE_WAKE = 5.0  # an idle thread waiting for work wakes this often to look again
+FRESH_WINDOW = 1024  # with a secret: how far below a session's newest message an older one is still taken
+FRESH_SESSIONS = 100_000  # with a secret: how many senders' sessions the plane keeps
+DASHBOARD_TIMEOUT = 10.0  # seconds a dashboard connection may take to send its request
+DASHBOARD_CONNECTIONS = 64  # dashboard connections served at once (more are closed)
 LINGER = 1.0  # seconds a stopping plane waits for clients to collect their last results
 ZERO_JOURNAL_DEPTH = 4  # with a journal, the plane's executor holds up to this many times its slots
 JOURNAL_RETRY = 0.5  # seconds between attempts to commit to a journal that failed
+_BATCH_MARGIN = 4096  # bytes of a message to a worker kept for its envelope
 _DISPATCH_SKIP = 64  # queued tasks one dispatch round passes over when no free worker can run them
 
 ###############################################################################
@@ -195,6 +209,8 @@ class ResultExpired(FastworkerError, LookupError):
 class ProtocolError(FastworkerError, ValueError):
     """A message broke the wire protocol."""
 
+    stamp: tuple | None = None  # (session, number) of the signed message it was about, if known
+
 
 class AuthenticationError(FastworkerError):
     """A message did not carry a valid tag for the shared secret."""
@@ -212,6 +228,7 @@ class JournalError(FastworkerError):
 # The "kind" of an error on the wire picks the exception the client raises.
 _ERROR_KINDS: dict[str, type[BaseException]] = {
     "raised": TaskError,
+    "too_large": TaskError,  # no worker that can run it accepts a message that large
     "lost": WorkerLost,
     "timeout": TaskTimeout,
     "unknown_task": UnknownTask,
@@ -313,7 +330,7 @@ def _check_exposure(address: str, secret: bytes | None, insecure: bool, what: st
     if not secret and not insecure and not _is_loopback(_host_of(address)):
         raise ValueError(
             f"refusing to serve the {what} on non-loopback address {address} without a "
-            "secret: set --secret (or FASTWORKER_SECRET), or pass --insecure"
+            "secret: set --secret (or FASTWORKER_SECRET), use mutual TLS (--tls-ca), or pass --insecure"
         )
 
 
@@ -354,7 +371,8 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #   accepted   plane -> client   plane:str, rejected:[{id, error:ERROR}]
 #   poll       client -> plane   client:str, wait:num   (held until results)
 #   results    plane -> client   plane:str, boot:str (new each time the plane
-#                                process starts), results:[RESULT], closing?:bool,
+#                                process starts), results:[RESULT], resync?:bool
+#                                (results were dropped: ask for them), closing?:bool,
 #                                lost?:[[id, state]] (a closing plane's tasks
 #                                of this client that will not finish)
 #   fetch      client -> plane   ids:[str], wait:num    (results of any task)
@@ -390,11 +408,26 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #             tasks:{name: {priority?, retries?, timeout?}},
 #             holding?:[str] (ids of the tasks it has and has not reported)}
 #
+# With a secret, messages are also fresh and bound.  Every request and
+# heartbeat carries s:str (its sender's session), n:int (numbered from 1 in
+# that session) and b:str (a ticket "BOOT.K" the plane gave the session: BOOT
+# is new each time the plane process starts, K numbers the tickets of that
+# boot; "" until the sender has one).  The plane takes each (s, n) once,
+# only within a window below the highest n of the session, and only with a
+# ticket of its own boot that is still good, so no recorded message is taken
+# again, by it or by a restarted plane.  The plane keeps FRESH_SESSIONS
+# sessions; forgetting one makes every ticket up to its K no longer good.
+# Every reply carries re:[s, n] (the request it answers) and b (the boot);
+# an "error" of kind "stale" carries a new ticket in b: send again with it.
+# Events carry b and n (numbered by the plane).  All of it is under the tag.
+#
 # A malformed message, an unknown op or version, or a missing or mistyped
 # field is a ProtocolError: a REQ/REP peer gets an "error" reply and the
-# receiver counts it; PUB/SUB messages are counted and dropped.
+# receiver counts it; PUB/SUB messages are counted and dropped.  A message
+# whose tag is wrong is answered with an unsigned "error" of kind "auth", so
+# that a client with no secret, or the wrong one, can read why.
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _NUM = (int, float)
 
 # op -> {field: type}; every listed field is required.
@@ -502,7 +535,13 @@ def encode_task(
             task[key] = value
     if len(task) > 4:
         _check_options(task)
-    return _json_bytes(task)
+    try:
+        data = _json_bytes(task)
+    except RecursionError:
+        data = b""
+    if not data or _too_deep(task["args"]) or _too_deep(task["kwargs"]):
+        raise ValueError(f"the arguments of task {name!r} are nested more than {MAX_DEPTH} deep")
+    return data
 
 
 def encode_result(id: str, state: str, result: Any = None, error: dict | None = None, run: int | None = None) -> bytes:
@@ -542,6 +581,8 @@ def _check_task(t: Any) -> dict:
         t["kwargs"] = {}
     elif type(kwargs) is not dict:
         raise ProtocolError("task field 'kwargs' must be an object")
+    if (args or kwargs) and (_too_deep(t["args"]) or _too_deep(t["kwargs"])):
+        raise ProtocolError(f"task {tid!r}: its arguments are nested more than {MAX_DEPTH} deep")
     if len(t) > 4:  # options, or fields to ignore
         _check_options(t, ProtocolError)
         run = t.get("run")
@@ -550,9 +591,38 @@ def _check_task(t: Any) -> dict:
     return t
 
 
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Is a JSON value nested deeper than ``limit``?  (Deep values decode,
+    but the plane cannot encode them again on every thread's stack.)"""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > limit:
+            return True
+        if type(v) is list:
+            todo.extend((x, depth + 1) for x in v if type(x) is list or type(x) is dict)
+        elif type(v) is dict:
+            todo.extend((x, depth + 1) for x in v.values() if type(x) is list or type(x) is dict)
+    return False
+
+
 def _check_ids(ids: list) -> None:
-    if not all(type(i) is str for i in ids):
-        raise ProtocolError("'ids' must be a list of strings")
+    if len(ids) > MAX_IDS or not all(type(i) is str and len(i) <= _MAX_ID for i in ids):
+        raise ProtocolError(f"'ids' must be a list of at most {MAX_IDS} task ids")
+
+
+def _check_stamp(msg: dict) -> None:
+    """The freshness fields, where present (see the table)."""
+    s, n, b = msg.get("s"), msg.get("n"), msg.get("b")
+    if s is not None and (type(s) is not str or not 0 < len(s) <= 64):
+        raise ProtocolError("field 's' must be a session id")
+    if n is not None and (type(n) is not int or not 0 < n < 2**62):
+        raise ProtocolError("field 'n' must be a positive integer")
+    if b is not None and (type(b) is not str or len(b) > 64):
+        raise ProtocolError("field 'b' must be a boot id")
+    re = msg.get("re")
+    if re is not None and (type(re) is not list or len(re) != 2 or type(re[0]) is not str or type(re[1]) is not int):
+        raise ProtocolError("field 're' must be [session, number]")
 
 
 def _check_wait(msg: dict) -> None:
@@ -570,15 +640,31 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
         ProtocolError: anything else that is not a valid message.
     """
     if secret is not None:
-        tag, data = data[:_TAG], data[_TAG:]
-        if len(tag) < _TAG or not _same(tag, _tag(secret, data)):
-            raise AuthenticationError("message has no valid tag for the shared secret")
+        tag, body = data[:_TAG], data[_TAG:]
+        if len(tag) < _TAG or not _same(tag, _tag(secret, body)):
+            raise AuthenticationError(_refusal(data) or "message has no valid tag for the shared secret")
+        data = body
     try:
         msg = _loads(data)
     except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON
+        if len(data) > _TAG and data[_TAG : _TAG + 1] == b"{" and _is_json(data[_TAG:]):
+            raise AuthenticationError(
+                "the plane signs its messages: give this side its secret (--secret or FASTWORKER_SECRET)"
+            ) from None
         raise ProtocolError(f"not a JSON message: {e}") from None
     if type(msg) is not dict:
         raise ProtocolError("a message must be a JSON object")
+    try:
+        return _validate(msg)
+    except ProtocolError as e:
+        s, n = msg.get("s"), msg.get("n")
+        if secret is not None and type(s) is str and 0 < len(s) <= 64 and type(n) is int:
+            e.stamp = (s, n)  # an authentic sender's message: its error reply is bound to it
+        raise
+
+
+def _validate(msg: dict) -> dict:
+    """Every field of a decoded message, by type and range (see OPS)."""
     v = msg.get("v")
     if type(v) is not int or v != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {v!r}")
@@ -589,7 +675,11 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
     for name, kind in fields.items():
         if not _typed(msg.get(name), kind):
             raise ProtocolError(f"op {op!r}: field {name!r} missing or of the wrong type")
+    if "s" in msg or "re" in msg:
+        _check_stamp(msg)
     if op == "submit" or op == "tasks":
+        if op == "submit" and len(msg["client"]) > _MAX_ID:
+            raise ProtocolError("a client id is at most 200 characters")
         for t in msg["tasks"]:
             _check_task(t)
     elif op in ("fetch", "status", "cancel"):
@@ -598,6 +688,8 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
             _check_wait(msg)
     elif op == "poll":
         _check_wait(msg)
+        if len(msg["client"]) > _MAX_ID:
+            raise ProtocolError("a client id is at most 200 characters")
     elif op in ("results", "pull"):
         # a worker reports final states only; a fetch may find a task unfinished
         states = TERMINAL if op == "pull" else _FETCH_STATES
@@ -615,6 +707,8 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
         ):
             raise ProtocolError("field 'lost' must be a list of [task id, state]")
         if op == "pull":
+            if not 0 < len(msg["worker"]) <= _MAX_ID or not 0 <= msg["credit"] <= 1_000_000:
+                raise ProtocolError("a pull needs a worker id of 1 to 200 characters and a credit from 0")
             returned = msg.get("returned")
             if returned is not None and (type(returned) is not list or not all(type(i) is str for i in returned)):
                 raise ProtocolError("field 'returned' must be a list of task ids")
@@ -622,9 +716,68 @@ def decode(data: bytes, secret: bytes | None = None) -> dict:
             if info is not None and type(info) is not dict:
                 raise ProtocolError("field 'info' must be an object")
     elif op == "heartbeat":
-        if type(msg["worker"].get("id")) is not str:
+        wid = msg["worker"].get("id")
+        if type(wid) is not str or not 0 < len(wid) <= _MAX_ID:
             raise ProtocolError("a heartbeat's worker must have a string 'id'")
     return msg
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        _loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _refusal(data: bytes) -> str | None:
+    """The text of an unsigned "auth" error (how a plane answers a message it
+    could not verify), or None."""
+    if data[:1] != b"{":
+        return None
+    try:
+        msg = _loads(data)
+        err = msg["error"]
+        if msg["op"] == "error" and err["kind"] == "auth":
+            return f"the plane refused this side's message: {err['message']} (check --secret)"[:500]
+    except (ValueError, RecursionError, TypeError, KeyError):
+        pass
+    return None
+
+
+class _Session:
+    """A sender's side of freshness, with a secret (see the table): its
+    session id, the numbers of its messages, the ticket the plane gave it.
+    Shared by the threads of one client or worker."""
+
+    def __init__(self, secret: bytes | None) -> None:
+        self.secret = secret
+        self.id = os.urandom(8).hex()
+        self._numbers = itertools.count(1)  # next() is atomic: threads share it
+        self.ticket = ""  # the plane's, once it gave one
+
+    def stamp(self) -> dict:
+        """The fields that make one message fresh (none without a secret)."""
+        if self.secret is None:
+            return {}
+        return {"s": self.id, "n": next(self._numbers), "b": self.ticket}
+
+    def answers(self, reply: dict, stamp: dict) -> bool:
+        """Does ``reply`` answer the message stamped ``stamp``?  False if the
+        plane gave a new ticket instead (send it again).
+
+        Raises:
+            ProtocolError: it answers another request (a replay, or a man in
+                the middle).
+        """
+        if self.secret is None:
+            return True
+        if reply.get("re") != [stamp["s"], stamp["n"]]:
+            raise ProtocolError("a reply that does not answer this request (replayed or misrouted): dropped")
+        if reply["op"] == "error" and reply["error"].get("kind") == "stale":
+            self.ticket = reply.get("b") or ""
+            return False
+        return True
 
 
 ###############################################################################
@@ -1125,22 +1278,25 @@ class _ClientState:
     """What the plane keeps per client: results not yet delivered and the
     client's parked long-poll, if any."""
 
-    __slots__ = ("outbox", "poll", "deadline", "seen")
+    __slots__ = ("outbox", "poll", "conn", "deadline", "seen", "resync")
 
     def __init__(self, now: float) -> None:
-        self.outbox: list[bytes] = []
+        self.outbox: list[bytes] = []  # results not yet delivered (bounded: MAX_OUTBOX)
         self.poll: int | None = None  # request handle of its parked poll
+        self.conn = 0  # the connection it came on
         self.deadline = 0.0
-        self.seen = now
+        self.seen = now  # when it last asked for anything
+        self.resync = False  # results were dropped from its outbox: it must ask for them
 
 
 class _Fetch:
     """A parked "fetch" request, answered when all its tasks are done."""
 
-    __slots__ = ("req", "ids", "deadline", "waiting")
+    __slots__ = ("req", "conn", "ids", "deadline", "waiting")
 
-    def __init__(self, req: int, ids: list, deadline: float, waiting: int) -> None:
+    def __init__(self, req: int, conn: int, ids: list, deadline: float, waiting: int) -> None:
         self.req = req
+        self.conn = conn
         self.ids = ids
         self.deadline = deadline
         self.waiting = waiting  # watched tasks not yet finished
@@ -1169,6 +1325,7 @@ class _WorkerState:
         "registered_at",
         "turn",
         "completed",
+        "max_bytes",
     )
 
     def __init__(self, wid: str, info: dict, tasks: Any, conn: int | None, now: float) -> None:
@@ -1179,6 +1336,8 @@ class _WorkerState:
         self.pid = pid if type(pid) is int else 0
         conc = info.get("concurrency")
         self.concurrency = conc if type(conc) is int and 0 < conc <= 1_000_000 else 1
+        size = info.get("max_message_size")  # the largest message it accepts: a batch stays below it
+        self.max_bytes = size if type(size) is int and 65536 <= size <= 2**31 else DEFAULT_MAX_MESSAGE_SIZE
         self.tasks = tasks  # the names it can run -> their default options
         self.in_flight: dict[str, _Task] = {}
         self.credit = self.concurrency  # 0 while it drains
@@ -1267,7 +1426,7 @@ class PlaneCore:
         self.counts = dict.fromkeys(STATES, 0)
         self.submitted = self.retried = self.late = 0
         self.workers_lost = self.requeued = self.handed_back = 0
-        self.errors = {"protocol": 0, "auth": 0, "internal": 0, "send": 0}
+        self.errors = {"protocol": 0, "auth": 0, "replay": 0, "internal": 0, "send": 0}
         self.recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)
         self.started_at = now
         self._turns = itertools.count(1)
@@ -1276,6 +1435,8 @@ class PlaneCore:
         self._next_sweep = now + self._sweep_interval
         self._next_reap = now + reap_interval
         self._acts: list = []  # actions of the event at hand
+        self._parked = 0  # client polls and fetches parked, over all connections
+        self._parked_by_conn: dict[int, int] = {}
         self._touched: dict[str, tuple] = {}  # with a journal: tasks the event at hand changed, (task, new)
         # With a journal, a run of the plane's own starts only once it is
         # committed as running; so that commits carry more than a slot's
@@ -1357,15 +1518,13 @@ class PlaneCore:
         self.recent.append(task)
         cs = self.clients.get(task.client)
         if cs is not None:
-            cs.outbox.append(task.item)
-            if cs.poll is not None:
-                self._ripe.add(cs)  # answered once the whole event is handled
+            self._post(cs, task.item)
         if task.watchers:
             for fetch in task.watchers:
                 fetch.waiting -= 1
                 if fetch.waiting == 0 and fetch in self.fetches:
-                    self.fetches.discard(fetch)
-                    self._reply(fetch.req, "results", items=self._fetch_items(fetch.ids, now))
+                    self._unpark_fetch(fetch)
+                    self._reply(fetch.req, "results", items=self.fetch_items(fetch.ids, now))
             task.watchers = None
         if self.subscribers:
             self._events.append(task.summary(now))
@@ -1398,6 +1557,56 @@ class PlaneCore:
     def _reply(self, req: int, op: str, fields: dict = _NOTHING, items: list | None = None) -> None:
         self._acts.append(Reply(req, op, fields, items))
 
+    def _post(self, cs: _ClientState, item: bytes) -> None:
+        """A result for a client: into its outbox, answered with its parked
+        poll once the event is handled.  An outbox past MAX_OUTBOX loses its
+        oldest results (they stay in the cache) and the client is told to
+        ask for what it misses."""
+        cs.outbox.append(item)
+        if len(cs.outbox) > MAX_OUTBOX * 1.25:
+            del cs.outbox[: len(cs.outbox) - MAX_OUTBOX]
+            cs.resync = True
+        if cs.poll is not None:
+            self._ripe.add(cs)
+
+    def _may_park(self, conn: int) -> bool:
+        """Room for one more parked poll or fetch (MAX_PARKED in all,
+        MAX_PARKED_PER_CONN per connection)?"""
+        return self._parked < MAX_PARKED and self._parked_by_conn.get(conn, 0) < MAX_PARKED_PER_CONN
+
+    def _count_parked(self, conn: int, delta: int) -> None:
+        self._parked += delta
+        left = self._parked_by_conn.get(conn, 0) + delta
+        if left:
+            self._parked_by_conn[conn] = left
+        else:
+            del self._parked_by_conn[conn]
+
+    def _park(self, cs: _ClientState, req: int, conn: int, deadline: float) -> None:
+        cs.poll, cs.conn, cs.deadline = req, conn, deadline
+        self._count_parked(conn, 1)
+
+    def _unpark(self, cs: _ClientState) -> int:
+        """Take a client's parked poll (to answer it)."""
+        req, cs.poll = cs.poll, None
+        self._count_parked(cs.conn, -1)
+        return req
+
+    def _unpark_fetch(self, fetch: _Fetch) -> None:
+        self.fetches.discard(fetch)
+        self._count_parked(fetch.conn, -1)
+
+    def _answer(self, cs: _ClientState, items: list, fields: dict = _NOTHING) -> None:
+        """Answer a client's parked poll."""
+        self._reply(self._unpark(cs), "results", self._with_resync(cs, fields), items)
+
+    @staticmethod
+    def _with_resync(cs: _ClientState, fields: dict) -> dict:
+        if cs.resync:
+            cs.resync = False
+            return {**fields, "resync": True}
+        return fields
+
     def _log(self, level: int, msg: str, *args: Any) -> None:
         self._acts.append(Log(level, msg, args))
 
@@ -1408,8 +1617,7 @@ class PlaneCore:
         if self._ripe:
             for cs in self._ripe:
                 if cs.poll is not None and cs.outbox:
-                    self._reply(cs.poll, "results", items=self._take_results(cs))
-                    cs.poll = None
+                    self._answer(cs, self._take_results(cs))
             self._ripe.clear()
         if self._events:
             self._acts.append(Publish(self._events))
@@ -1476,9 +1684,7 @@ class PlaneCore:
                 if known.client != client:
                     rejected.append({"id": tid, "error": _error("protocol", "ProtocolError", "duplicate task id")})
                 elif known.state in TERMINAL:  # sent again after its reply was lost, and done since: deliver it
-                    cs.outbox.append(known.item)
-                    if cs.poll is not None:
-                        self._ripe.add(cs)
+                    self._post(cs, known.item)
                 continue
             opts = self.options_of(t["name"])
             if opts is None:
@@ -1505,21 +1711,26 @@ class PlaneCore:
         self._reply(req, "accepted", {"rejected": rejected})
         return self._done()
 
-    def poll(self, req: int, client: str, wait: float, now: float) -> list:
+    def poll(self, req: int, conn: int, client: str, wait: float, now: float) -> list:
         """A client's long-poll for its results: answered at once if any
-        wait, else parked until some arrive or ``wait`` seconds pass."""
+        wait, else parked until some arrive or ``wait`` seconds pass.  At
+        most MAX_PARKED polls are parked, MAX_PARKED_PER_CONN per connection;
+        past that, polls are answered at once, and so is the first poll of
+        a client this plane does not know (it may be a restarted plane: the
+        client learns so from the answer)."""
+        new = client not in self.clients
         cs = self._client(client, now)
+        if cs.poll is not None:  # the client gave up on it: it has a new one now
+            self._answer(cs, [])
         if self.closed:
             self._last_word(req, client, cs)
-        elif cs.outbox or wait <= 0:
-            self._reply(req, "results", items=self._take_results(cs))
+        elif new or cs.outbox or wait <= 0 or not self._may_park(conn):
+            self._reply(req, "results", self._with_resync(cs, _NOTHING), self._take_results(cs))
         else:
-            if cs.poll is not None:  # the client gave up on it: it has a new one now
-                self._reply(cs.poll, "results", items=[])
-            cs.poll, cs.deadline = req, now + wait
+            self._park(cs, req, conn, now + wait)
         return self._done()
 
-    def _fetch_items(self, ids: list, now: float) -> list[bytes]:
+    def fetch_items(self, ids: list, now: float) -> list[bytes]:
         """RESULT items (or the current state) of tasks by id."""
         items = []
         for tid in ids:
@@ -1534,14 +1745,15 @@ class PlaneCore:
                 items.append(_json_bytes({"id": tid, "state": task.state}))
         return items
 
-    def fetch(self, req: int, ids: list, wait: float, now: float) -> list:
+    def fetch(self, req: int, conn: int, ids: list, wait: float, now: float) -> list:
         """Results of any tasks by id, parked up to ``wait`` seconds while
-        some of them are unfinished."""
+        some of them are unfinished (parked like a poll: see poll())."""
         pending = [self.tasks[i] for i in ids if i in self.tasks]
-        if not pending or wait <= 0 or self.stopping:
-            self._reply(req, "results", items=self._fetch_items(ids, now))
+        if not pending or wait <= 0 or self.stopping or len(ids) > QUERY_CHUNK or not self._may_park(conn):
+            self._reply(req, "results", items=self.fetch_items(ids, now))
         else:
-            fetch = _Fetch(req, ids, now + wait, len(pending))
+            fetch = _Fetch(req, conn, ids, now + wait, len(pending))
+            self._count_parked(conn, 1)
             for task in pending:
                 if task.watchers is None:
                     task.watchers = []
@@ -1553,28 +1765,47 @@ class PlaneCore:
         task = self.tasks.get(tid) or self.cache.peek(tid, now)
         return {"id": tid, "state": "unknown"} if task is None else task.summary(now)
 
+    def statuses(self, ids: list, now: float) -> list[dict]:
+        """A query: the status of each task."""
+        return [self._status(tid, now) for tid in ids]
+
     def status(self, req: int, ids: list, now: float) -> list:
-        self._reply(req, "statuses", {"statuses": [self._status(tid, now) for tid in ids]})
+        self._reply(req, "statuses", {"statuses": self.statuses(ids, now)})
         return self._done()
 
-    def cancel(self, req: int | None, ids: list, now: float) -> list:
+    def cancel(self, req: int, ids: list, now: float) -> list:
         """Cancel the tasks that have not started (queued or scheduled)."""
-        cancelled = []
+        cancelled: list[str] = []
+        self._cancel(ids, cancelled, now)
+        self._reply(req, "cancelled", {"ids": cancelled})
+        return self._done()
+
+    def cancel_some(self, ids: list, cancelled: list, now: float) -> list:
+        """Cancel what can be of ``ids``, adding them to ``cancelled`` (the
+        shell cancels a long list a piece at a time)."""
+        self._cancel(ids, cancelled, now)
+        return self._done()
+
+    def _cancel(self, ids: list, cancelled: list, now: float) -> None:
         for tid in ids:
             task = self.tasks.get(tid)
             if task is not None and (task.state == QUEUED or task.state == SCHEDULED):
                 task.item = encode_result(tid, CANCELLED)
                 self._move(task, CANCELLED, now)
                 cancelled.append(tid)
-        if req is not None:
-            self._reply(req, "cancelled", {"ids": cancelled})
+
+    def answer(self, req: int, op: str, fields: dict, items: list | None, now: float) -> list:
+        """Answer a request with what the shell gathered in pieces."""
+        self._reply(req, op, fields, items)
         return self._done()
 
     def bye(self, req: int, client: str, now: float) -> list:
         """A client leaves: forget it (and answer its parked poll)."""
-        cs = self.clients.pop(client, None)
-        if cs is not None and cs.poll is not None:
-            self._reply(cs.poll, "results", items=[])
+        cs = self.clients.get(client)
+        if cs is not None:
+            if cs.poll is not None:
+                self._answer(cs, [])
+            del self.clients[client]
         self._reply(req, "ok")
         return self._done()
 
@@ -1658,10 +1889,11 @@ class PlaneCore:
         return {"heartbeat": self.heartbeat_address, "heartbeat_interval": self.heartbeat_timeout / 5}
 
     def _register(self, wid: str, info: dict, conn: int, reported: set, now: float) -> _WorkerState:
-        """A worker registers.  One this plane knows already keeps what it
-        runs.  One back after the plane restarted (a ghost) keeps only the
-        tasks it says it holds or reports: the others never reached it (the
-        plane died with their dispatch on its way) and are queued again."""
+        """A worker registers.  One this plane knows already (it lost an
+        answer on its way, or the plane restarted and it is a ghost) keeps
+        only the tasks it says it holds or reports; the others never reached
+        it and run again (with a new run number: should a dispatch still on
+        its way reach it after all, that run's result is ignored)."""
         tasks = _catalog_of(info.get("tasks"))
         held = info.get("holding")
         if held is not None and (type(held) is not list or not all(type(tid) is str for tid in held)):
@@ -1671,7 +1903,9 @@ class PlaneCore:
         w = _WorkerState(wid, info, tasks, conn, now)
         old = self.workers.get(wid)
         if old is not None:
-            keep = None if held is None or not old.ghost else set(held) | reported
+            keep = None if held is None else set(held) | reported
+            if old.pull is not None:  # its request parked from before: answered, empty
+                self._reply(old.pull, "tasks", items=[])
             for task in list(old.in_flight.values()):
                 if keep is not None and task.id not in keep:
                     self._run_again(task, now)
@@ -1794,26 +2028,40 @@ class PlaneCore:
         heapq.heapify(ready)
         catalog = self.catalog
         batches: dict[_WorkerState, list] = {}
+        room_left: dict[_WorkerState, int] = {}  # bytes a subworker's batch may still take
         skipped = []
         while ready and self.queue:
             task = self.queue.pop()
             name = task.name
+            size = 0  # bytes it takes in a message to a subworker (once one is considered)
             entry, passed = None, []
             while ready:
                 e = heapq.heappop(ready)
                 w = e[2]
                 if name in w.tasks and (w is not zero or name not in catalog):
-                    entry = e
-                    break
+                    if w is zero:
+                        entry = e
+                        break
+                    size = size or len(task.wire_bytes()) + 16
+                    left = room_left.get(w, w.max_bytes - _BATCH_MARGIN)
+                    if size <= left:
+                        entry = e
+                        break
+                    if size <= w.max_bytes - _BATCH_MARGIN:  # its batch is full: it leaves this round
+                        continue
                 passed.append(e)
             for e in passed:
                 heapq.heappush(ready, e)
-            if entry is None:  # no worker with room can run it: it waits for one
-                skipped.append(task)
+            if entry is None:
+                if size and self._fits_no_worker(task, size, now):
+                    continue
+                skipped.append(task)  # no worker with room can run it: it waits for one
                 if len(skipped) >= _DISPATCH_SKIP:
                     break
                 continue
             w = entry[2]
+            if w is not zero:
+                room_left[w] = room_left.get(w, w.max_bytes - _BATCH_MARGIN) - size
             self._move(task, RUNNING, now, worker=w)
             batches.setdefault(w, []).append(task)
             entry[3] -= 1
@@ -1832,6 +2080,24 @@ class PlaneCore:
                 items = [b'{"run":%d,' % t.runs + t.wire_bytes()[1:] for t in tasks]
                 self._reply(w.pull, "tasks", items=items)
                 w.pull = None
+
+    def _fits_no_worker(self, task: _Task, size: int, now: float) -> bool:
+        """A task too large for every connected worker that knows it fails
+        (True); otherwise it waits for one that can take it (False)."""
+        limits = [w.max_bytes for w in self.workers.values() if task.name in w.tasks]
+        largest = max(limits, default=0)
+        if size <= largest - _BATCH_MARGIN:
+            return False
+        err = _error(
+            "too_large",
+            "TaskTooLarge",
+            f"the task takes {size} bytes in a message; the workers that run {task.name!r} accept at most "
+            f"{largest} bytes (their --max-message-size)",
+        )
+        task.error = f"{err['type']}: {err['message']}"
+        task.item = encode_result(task.id, FAILED, error=err)
+        self._move(task, FAILED, now)
+        return True
 
     # -- time ---------------------------------------------------------------------------
 
@@ -1854,13 +2120,15 @@ class PlaneCore:
         for cid, cs in list(self.clients.items()):
             if cs.poll is not None:
                 if cs.deadline <= now:
-                    self._reply(cs.poll, "results", items=[])
-                    cs.poll = None
+                    self._answer(cs, [])
             elif now - cs.seen > CLIENT_IDLE_TTL:
                 del self.clients[cid]
+            elif cs.outbox and now - cs.seen > OUTBOX_IDLE:  # it stopped asking: keep its results in the cache only
+                cs.outbox = []
+                cs.resync = True
         for fetch in [f for f in self.fetches if f.deadline <= now]:
-            self.fetches.discard(fetch)
-            self._reply(fetch.req, "results", items=self._fetch_items(fetch.ids, now))
+            self._unpark_fetch(fetch)
+            self._reply(fetch.req, "results", items=self.fetch_items(fetch.ids, now))
         wake = now + self._sweep_interval
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout:
@@ -1904,12 +2172,11 @@ class PlaneCore:
                 self._lost.setdefault(task.client, []).append([task.id, task.state])
         for cid, cs in self.clients.items():
             if cs.poll is not None:
-                self._last_word(cs.poll, cid, cs)
-                cs.poll = None
+                self._last_word(self._unpark(cs), cid, cs)
         err = _error("unavailable", "PlaneUnavailable", "the plane is shutting down")
-        for fetch in self.fetches:
+        for fetch in list(self.fetches):
+            self._unpark_fetch(fetch)
             self._reply(fetch.req, "error", {"error": err})
-        self.fetches.clear()
         for w in self.workers.values():
             if w.pull is not None:
                 self._reply(w.pull, "tasks", items=[])
@@ -2394,13 +2661,64 @@ def _check_address(address: str) -> None:
         raise ValueError(f"address {address!r} has no scheme: write it like tcp://127.0.0.1:5555")
 
 
-def _dial(address: str, max_message_size: int) -> Any:
+class TLSFiles(collections.namedtuple("TLSFiles", "cert key ca")):
+    """PEM files for ``tls+tcp://`` addresses: this side's certificate and
+    key, and the CA that signed the other side's.  The plane needs ``cert``
+    and ``key``; given ``ca`` too, it wants a certificate signed by it from
+    every client and worker (mutual TLS).  A client or worker needs ``ca``
+    (to check the plane), and ``cert``/``key`` when the plane wants them."""
+
+    __slots__ = ()
+
+    def config(self, server: bool, address: str = "") -> Any:
+        """A pynng TLSConfig (for the plane's side if ``server``).
+
+        Raises:
+            ValueError: a file is missing or unreadable, or one is lacking.
+        """
+
+        def read(path: str | None, what: str) -> str | None:
+            if path is None:
+                return None
+            try:
+                with open(path) as f:
+                    return f.read()
+            except OSError as e:
+                raise ValueError(f"cannot read the TLS {what} {path}: {e.strerror}") from None
+
+        T = pynng.TLSConfig
+        if server:
+            if not (self.cert and self.key):
+                raise ValueError("a tls+tcp:// address needs --tls-cert and --tls-key")
+            cfg = T(T.MODE_SERVER, own_cert_string=read(self.cert, "certificate"),
+                    own_key_string=read(self.key, "key"), ca_string=read(self.ca, "CA"))  # fmt: skip
+            # AUTH_MODE_NONE given to TLSConfig() is ignored by pynng 0.9.0: set it
+            cfg.set_auth_mode(T.AUTH_MODE_REQUIRED if self.ca else T.AUTH_MODE_NONE)
+            return cfg
+        if not self.ca:
+            raise ValueError("a tls+tcp:// address needs --tls-ca (the CA that signed the plane's certificate)")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        cfg = T(T.MODE_CLIENT, server_name=_host_of(address), ca_string=read(self.ca, "CA"),
+                own_cert_string=read(self.cert, "certificate"), own_key_string=read(self.key, "key"))  # fmt: skip
+        cfg.set_auth_mode(T.AUTH_MODE_REQUIRED)
+        return cfg
+
+
+def _tls_for(address: str, tls: TLSFiles | None, server: bool) -> Any:
+    """The TLS configuration a socket on ``address`` needs, or None."""
+    if not address.startswith("tls+tcp://"):
+        return None
+    return (tls or TLSFiles(None, None, None)).config(server, address)
+
+
+def _dial(address: str, max_message_size: int, tls: TLSFiles | None = None) -> Any:
     """A REQ socket dialling ``address`` in the background, for a client or
     a worker: it never resends a request (a resent submit would run twice)
     and redials quickly when the plane comes back."""
     _require_pynng()
     _check_address(address)
-    sock = pynng.Req0(recv_max_size=max_message_size + 65536)
+    sock = pynng.Req0(recv_max_size=max_message_size + 65536, tls_config=_tls_for(address, tls, False))
     sock.resend_time = -1
     sock.reconnect_time_min = RECONNECT_MIN_MS
     sock.reconnect_time_max = RECONNECT_MAX_MS
@@ -2410,6 +2728,47 @@ def _dial(address: str, max_message_size: int) -> Any:
         sock.close()
         raise ValueError(f"cannot dial {address!r}: {e}") from None
     return sock
+
+
+def _exchange(
+    chan: _Chan,
+    session: _Session,
+    op: str,
+    timeout: float,
+    hold: float = 0.0,
+    key: str = "",
+    items: list | None = None,
+    **fields: Any,
+) -> dict:
+    """One request on ``chan`` and its reply, decoded and checked: it must
+    answer this very request.  A plane that says its boot changed is asked
+    again (once).  The reply may take ``hold`` seconds more than ``timeout``.
+
+    Raises:
+        pynng.NNGException: the request or the reply did not get through.
+        AuthenticationError: the plane refused the request (the secret).
+        FastworkerError: the reply is not valid, or not for this request.
+    """
+    secret = session.secret
+    for _ in range(2):
+        stamp = session.stamp()
+        if items is None:
+            data = encode(op, secret, **fields, **stamp)
+        else:
+            data = encode_batch(op, key, items, secret, **fields, **stamp)
+        chan.send(data, timeout)
+        data = chan.recv(timeout + hold)[0]
+        try:
+            reply = decode(data, secret)
+        except AuthenticationError:
+            if secret is not None and _refusal(data) is None:  # not the plane refusing us
+                raise ProtocolError("a reply without a valid tag (damaged on its way, or forged): dropped") from None
+            raise
+        if reply["op"] == "error" and reply["error"].get("kind") == "auth":  # the plane refused us
+            raise _exception_from_wire(reply["error"])
+        if session.answers(reply, stamp):
+            return reply
+    raise ProtocolError("the plane keeps refusing this sender's ticket")
 
 
 ###############################################################################
@@ -2806,6 +3165,9 @@ class Client(concurrent.futures.Executor):
         timeout: seconds to reach the plane before an operation fails with
             ``PlaneUnavailable``.  Waiting for a result has no limit unless
             you give ``result()`` a timeout.
+        tls_ca, tls_cert, tls_key: PEM files for a ``tls+tcp://`` address:
+            the CA that signed the plane's certificate, and this client's
+            certificate and key if the plane wants one (mutual TLS).
     """
 
     def __init__(
@@ -2815,14 +3177,19 @@ class Client(concurrent.futures.Executor):
         secret: str | bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         if not 0 < timeout <= MAX_TIMEOUT:
             raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
-        self._sock = _dial(address, max_message_size)
+        self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
+        self._sock = _dial(address, max_message_size, self._tls)
         self.address = address
         self.timeout = timeout
         self.max_message_size = max_message_size
         self._secret = _secret_bytes(secret)
+        self._session = _Session(self._secret)
         self._id = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # guards _outbox, _sending, _pending, _threads, _plane_id and the flags
@@ -2936,13 +3303,13 @@ class Client(concurrent.futures.Executor):
             chan.close()
 
     def _send_batch(self, chan: _Chan, batch: list[tuple[bytes, Future]]) -> None:
-        data = encode_batch("submit", "tasks", [d for d, _ in batch], self._secret, client=self._id)
+        items = [d for d, _ in batch]
         deadline = time.monotonic() + self.timeout
         try:
             while True:
                 try:
-                    chan.send(data, max(0.0, deadline - time.monotonic()))
-                    reply = decode(chan.recv(max(0.0, deadline - time.monotonic()))[0], self._secret)
+                    left = max(0.0, deadline - time.monotonic())
+                    reply = _exchange(chan, self._session, "submit", left, key="tasks", items=items, client=self._id)
                     break
                 except pynng.ConnectionReset:
                     # The connection dropped with the batch on its way: the
@@ -2977,8 +3344,7 @@ class Client(concurrent.futures.Executor):
         """Tell the plane about futures cancelled here (best effort: the
         futures are cancelled already)."""
         try:
-            chan.send(encode("cancel", self._secret, ids=ids), self.timeout)
-            decode(chan.recv(self.timeout)[0], self._secret)
+            _exchange(chan, self._session, "cancel", self.timeout, ids=ids)
         except (pynng.NNGException, FastworkerError) as e:
             logger.debug("could not tell the plane of %d cancelled task(s): %s", len(ids), e)
 
@@ -3015,7 +3381,6 @@ class Client(concurrent.futures.Executor):
         chan = _Chan(self._sock)
         lost_at = None
         busy_until = 0.0  # keep polling a while after the last result
-        poll = encode("poll", self._secret, client=self._id, wait=POLL_WAIT)
         try:
             while True:
                 with self._lock:
@@ -3024,8 +3389,9 @@ class Client(concurrent.futures.Executor):
                     if self._stopping:
                         return
                 try:
-                    chan.send(poll, self.timeout)
-                    msg = decode(chan.recv(POLL_WAIT + self.timeout)[0], self._secret)
+                    msg = _exchange(
+                        chan, self._session, "poll", self.timeout, POLL_WAIT, client=self._id, wait=POLL_WAIT
+                    )
                     if msg["op"] != "results":
                         raise ProtocolError(f"unexpected {msg['op']!r} reply to a poll")
                     plane = msg["plane"]
@@ -3036,11 +3402,16 @@ class Client(concurrent.futures.Executor):
                     boot, self._boot = self._boot, msg.get("boot")
                     if msg.get("closing"):
                         self._fail_lost(msg.get("lost") or [])
-                    elif lost_at is not None or boot not in (None, self._boot):
+                    elif lost_at is not None or boot not in (None, self._boot) or msg.get("resync"):
                         self._resync(chan, plane)  # back after a break, or the plane restarted: what did we miss?
                     lost_at = None
                 except pynng.Closed:
                     return
+                except AuthenticationError as e:  # no use asking again: say so now
+                    self._fail_pending(e)
+                    with self._lock:
+                        self._has_pending.wait(1.0)
+                    continue
                 except (pynng.NNGException, FastworkerError) as e:
                     if self._stopping:
                         return
@@ -3080,15 +3451,14 @@ class Client(concurrent.futures.Executor):
             fut._settle(exc=PlaneUnavailable(why))
 
     def _resync(self, chan: _Chan, plane: str) -> None:
-        """After a break, ask the plane about every task still pending here:
-        results sent while we were away (or by a plane that restarted with
-        its journal) are collected, and tasks it no longer knows fail."""
+        """After a break (or when the plane says it dropped undelivered
+        results), ask the plane about every task still pending here: results
+        sent while we were away (or by a plane that restarted with its
+        journal) are collected, and tasks it no longer knows fail."""
         with self._lock:
             ids = [tid for tid, f in self._pending.items() if f._plane == plane]
         for i in range(0, len(ids), 1000):
-            chunk = ids[i : i + 1000]
-            chan.send(encode("fetch", self._secret, ids=chunk, wait=0), self.timeout)
-            msg = decode(chan.recv(self.timeout)[0], self._secret)
+            msg = _exchange(chan, self._session, "fetch", self.timeout, ids=ids[i : i + 1000], wait=0)
             if msg["op"] != "results":
                 raise ProtocolError(f"unexpected {msg['op']!r} reply to a fetch")
             self._deliver([r for r in msg["results"] if r["state"] in TERMINAL])
@@ -3129,15 +3499,13 @@ class Client(concurrent.futures.Executor):
         except pynng.NNGException:
             raise PlaneUnavailable("the client is closed") from None
         try:
-            chan.send(encode(op, self._secret, **fields), timeout)
-            data = chan.recv(timeout + hold)[0]
+            msg = _exchange(chan, self._session, op, timeout, hold, **fields)
         except pynng.Timeout:
             raise self._unreachable() from None
         except pynng.NNGException as e:
             raise PlaneUnavailable(f"lost the plane at {self.address}: {e}") from None
         finally:
             chan.close()
-        msg = decode(data, self._secret)
         if msg["op"] == "error":
             raise _exception_from_wire(msg["error"])
         return msg
@@ -3198,10 +3566,13 @@ class Client(concurrent.futures.Executor):
         """Completion events published by the plane, one dict per finished
         task, as they happen.  Stops after ``timeout`` seconds without one.
         Events are best effort (PUB/SUB): use results for anything that matters."""
-        address = self._call("hello").get("events")
+        welcome = self._call("hello")
+        address, boot, number = welcome.get("events"), welcome.get("b"), 0
         if not address:
             raise PlaneUnavailable("the plane publishes no events")
-        sub = pynng.Sub0(recv_timeout=1000, recv_max_size=self.max_message_size)
+        sub = pynng.Sub0(
+            recv_timeout=1000, recv_max_size=self.max_message_size, tls_config=_tls_for(address, self._tls, False)
+        )
         try:
             sub.subscribe(b"")
             sub.dial(address, block=False)
@@ -3213,13 +3584,21 @@ class Client(concurrent.futures.Executor):
                     if timeout is not None and time.monotonic() - last >= timeout:
                         return
                     continue
-                last = time.monotonic()
                 try:
                     msg = decode(data, self._secret)
                 except FastworkerError:
                     continue
-                if msg["op"] == "events":
-                    yield from msg["events"]
+                if msg["op"] != "events":
+                    continue
+                if self._secret is not None:  # fresh: from this plane's boot, numbered up (no replays)
+                    n = msg.get("n")
+                    if msg.get("b") != boot and time.monotonic() - last >= 1.0:
+                        boot, number = self._call("hello").get("b"), 0  # it may have started anew
+                    if msg.get("b") != boot or type(n) is not int or n <= number:
+                        continue
+                    number = n
+                last = time.monotonic()
+                yield from msg["events"]
         finally:
             sub.close()
 
@@ -3285,6 +3664,65 @@ def _sibling_address(address: str, suffix: str) -> str:
     return f"{address}.{suffix}"
 
 
+class _Freshness:
+    """The plane's side of freshness (see the protocol table): the tickets
+    of this boot and the message numbers each session has used.  A number is
+    taken once, and only within ``window`` of the session's highest.  At
+    most ``sessions`` sessions are kept: the one that came first is forgotten
+    first, and with it every ticket up to its own, so that what it sent can
+    never be taken again."""
+
+    def __init__(self, boot: str, window: int = FRESH_WINDOW, sessions: int = FRESH_SESSIONS) -> None:
+        self._boot = boot + "."
+        self._window = window
+        self._full = (1 << window) - 1
+        self._max = sessions
+        self._lock = threading.Lock()  # guards _seen, _issued and _floor
+        self._seen: dict[str, list] = {}  # session -> [highest n, bits below it, its ticket's K] (oldest first)
+        self._issued = 0  # the last ticket's K
+        self._floor = 0  # tickets up to this K are no longer good
+
+    def ticket(self) -> str:
+        """A new ticket (for a "stale" error)."""
+        with self._lock:
+            self._issued += 1
+            return f"{self._boot}{self._issued}"
+
+    def take(self, session: str, n: int, ticket: Any) -> str:
+        """Take message ``n`` of ``session``: "ok" if it is new and recent
+        enough, under a good ticket; "stale" if the ticket is not (or no
+        longer) good; "replay" if the number was taken or is too old."""
+        if type(ticket) is not str or not ticket.startswith(self._boot):
+            return "stale"
+        k = ticket[len(self._boot) :]
+        if not k.isdigit() or len(k) > 18:
+            return "stale"
+        k = int(k)
+        with self._lock:
+            if not self._floor < k <= self._issued:
+                return "stale"
+            entry = self._seen.get(session)
+            if entry is None:
+                self._seen[session] = [n, 1, k]
+                while len(self._seen) > self._max:  # forget the oldest, and every ticket up to its newest
+                    self._floor = max(self._floor, self._seen.pop(next(iter(self._seen)))[2])
+                return "ok"
+            high, bits = entry[0], entry[1]
+            if n > high:
+                shift = n - high
+                entry[0], entry[1] = n, ((bits << shift) | 1) & self._full if shift < self._window else 1
+            else:
+                bit = 1 << (high - n)
+                if high - n >= self._window or bits & bit:
+                    return "replay"
+                entry[1] = bits | bit
+            if k > entry[2]:  # a new ticket: its place is now at the back
+                entry[2] = k
+                del self._seen[session]
+                self._seen[session] = entry
+            return "ok"
+
+
 class Plane(_Role):
     """The control plane: queue, dispatch, result cache, dashboard.
 
@@ -3320,6 +3758,17 @@ class Plane(_Role):
         journal_sync: "normal" (survives a crash of the plane process; the
             last commits may be lost if the machine loses power) or "full"
             (survives power loss too; slower).
+        event_details: with a secret, completion events carry ids, names,
+            states and timings only; True adds the error texts.
+        tls_cert, tls_key, tls_ca: PEM files for a ``tls+tcp://`` address
+            (and HTTPS for the dashboard): the plane's certificate and key,
+            and a CA whose certificate every client and worker must show
+            (mutual TLS), if given.
+        dashboard_token: what the dashboard asks for (bearer token or basic
+            auth password).  Default: none without a secret; with one, a
+            token derived from it by a one-way function
+            (``derived_dashboard_token``),
+            never the secret itself.
     """
 
     def __init__(
@@ -3340,6 +3789,11 @@ class Plane(_Role):
         clock: Callable[[], float] | None = None,
         journal: str | None = None,
         journal_sync: str = "normal",
+        event_details: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        dashboard_token: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -3348,6 +3802,13 @@ class Plane(_Role):
         if not (0 < heartbeat_timeout <= MAX_TIMEOUT and 0 <= retry_backoff <= MAX_BACKOFF and reap_interval > 0):
             raise ValueError("heartbeat_timeout and reap_interval must be > 0, retry_backoff >= 0")
         _check_address(listen)
+        self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
+        self._secret = _secret_bytes(secret)
+        if dashboard_token is None and self._secret is not None:
+            dashboard_token = derived_dashboard_token(self._secret)
+        self.dashboard_token = dashboard_token or None
+        if listen.startswith("tls+tcp://"):
+            self._tls.config(True)  # refuse missing files now
         self._journal = _Journal(journal, journal_sync) if journal else None
         if self._journal is not None:
             self._journal.perform = self._perform  # it carries out what waited for a commit
@@ -3365,7 +3826,6 @@ class Plane(_Role):
         self.events_address: str | None = None
         self.heartbeat_address: str | None = None
         self._clock = clock or time.time
-        self._secret = _secret_bytes(secret)
         self._receivers = receivers
         self.core = PlaneCore(
             self.id,
@@ -3398,6 +3858,10 @@ class Plane(_Role):
         # Single dict operations are atomic, so no lock: a handle is added
         # before the core can hear of it and popped by the one who answers.
         self._chans: dict[int, _Chan] = {}
+        self._bound: dict[int, tuple] = {}  # with a secret: request handle -> (s, n), for its reply (same rule)
+        self._freshness = _Freshness(self.boot)
+        self._event_details = event_details or self._secret is None
+        self._event_numbers = itertools.count(1)
         self._handles = itertools.count(1)
         self._free: collections.deque = collections.deque()  # idle _Chans (deque ops are atomic)
         self._gone: queue.SimpleQueue = queue.SimpleQueue()  # ids of pipes that closed
@@ -3419,7 +3883,7 @@ class Plane(_Role):
         if self._sock is not None:
             raise RuntimeError("the plane is already started")
         _require_pynng()
-        _check_exposure(self.listen, self._secret, self.insecure, "plane")
+        _check_exposure(self.listen, self._secret or bool(self._tls.ca), self.insecure, "plane")
         if self._journal is not None:
             saved = self._journal.open()  # JournalError: one clear line, nothing touched
             try:
@@ -3432,7 +3896,8 @@ class Plane(_Role):
         # the empty replies never change: encode them once
         self._no_results = encode_batch("results", "results", [], self._secret, plane=self.id, boot=self.boot)
         self._no_tasks = encode_batch("tasks", "tasks", [], self._secret, plane=self.id)
-        sock = pynng.Rep0(recv_max_size=2 * self.max_message_size)
+        tls = _tls_for(self.listen, self._tls, True)  # the same for every socket of the plane
+        sock = pynng.Rep0(recv_max_size=2 * self.max_message_size, tls_config=tls)
         # NNG calls this on its own thread with a socket lock held: hand the
         # pipe id over and return at once.
         sock.add_post_pipe_remove_cb(lambda pipe: self._gone.put(pipe.id))
@@ -3440,21 +3905,22 @@ class Plane(_Role):
         try:
             sock.listen(self.listen)
             self.address = _real_address(sock, self.listen)
-            self._pub = pub = pynng.Pub0()
+            self._pub = pub = pynng.Pub0(tls_config=tls)
             opened.append(pub)
             pub.add_post_pipe_connect_cb(lambda pipe: self._count_subscriber(1))
             pub.add_post_pipe_remove_cb(lambda pipe: self._count_subscriber(-1))
             pub.listen(_sibling_address(self.address, "events"))
             self.events_address = _real_address(pub, _sibling_address(self.address, "events"))
-            self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=HEARTBEAT_MAX_SIZE)
+            self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=HEARTBEAT_MAX_SIZE, tls_config=tls)
             opened.append(hb)
             hb.subscribe(b"")
             hb.listen(_sibling_address(self.address, "heartbeat"))
             self.heartbeat_address = _real_address(hb, _sibling_address(self.address, "heartbeat"))
             if self.dashboard:
-                self._http = _start_dashboard(self, self.dashboard, self._secret, self.insecure)
+                self._http = _start_dashboard(self, self.dashboard, self.insecure)
                 host, port = self._http.server_address[:2]
-                self.dashboard_url = f"http://{host}:{port}/"
+                scheme = "https" if self._tls.cert and self._tls.key else "http"
+                self.dashboard_url = f"{scheme}://{host}:{port}/"
         except BaseException:
             for s in opened:
                 s.close()
@@ -3476,6 +3942,13 @@ class Plane(_Role):
         if self._journal is not None:
             self._journal.flush(wait=True)  # what the restore changed, then its runs
         logger.info("plane %s listening on %s", self.id, self.address)
+        if self.dashboard_url:
+            derived = self._secret is not None and self.dashboard_token == derived_dashboard_token(self._secret)
+            logger.info(
+                "dashboard on %s%s",
+                self.dashboard_url,
+                f" (token derived from the secret: {self.dashboard_token})" if derived else "",
+            )
         return self
 
     def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
@@ -3516,6 +3989,7 @@ class Plane(_Role):
         for chan in list(self._chans.values()):  # requests that came too late to be answered
             chan.close()
         self._chans.clear()
+        self._bound.clear()
         if self._journal is not None:
             self._journal.close()
         logger.info("plane %s stopped", self.id)
@@ -3578,8 +4052,12 @@ class Plane(_Role):
                 for job in act.jobs:
                     put(job)
             elif kind is Publish:
+                events = act.events
+                if not self._event_details:  # ids, names, states and timings only
+                    events = [{k: v for k, v in e.items() if k != "error"} for e in events]
+                data = encode("events", self._secret, events=events, b=self.boot, n=next(self._event_numbers))
                 try:
-                    self._pub.send(encode("events", self._secret, events=act.events))
+                    self._pub.send(data)
                 except pynng.NNGException:
                     pass  # events are best effort
             elif kind is Close:
@@ -3588,13 +4066,21 @@ class Plane(_Role):
                 logger.log(act.level, act.msg, *act.args)
 
     def _encode_reply(self, r: Reply) -> bytes:
+        secret = self._secret
+        if secret is not None:  # bound to its request, and fresh
+            bound = self._bound.pop(r.req, None)
+            extra = {"b": self.boot} if bound is None else {"re": list(bound), "b": self.boot}
+            fields = {**extra, **r.fields}  # a "stale" error's b is a ticket
+            if r.items is None:
+                return encode(r.op, secret, plane=self.id, **fields)
+            return encode_batch(r.op, r.op, r.items, secret, plane=self.id, boot=self.boot, **fields)
         if r.items is None:
-            return encode(r.op, self._secret, plane=self.id, **r.fields)
+            return encode(r.op, None, plane=self.id, **r.fields)
         if not r.items and not r.fields:
             return self._no_results if r.op == "results" else self._no_tasks
         if r.op == "results":
-            return encode_batch(r.op, r.op, r.items, self._secret, plane=self.id, boot=self.boot, **r.fields)
-        return encode_batch(r.op, r.op, r.items, self._secret, plane=self.id, **r.fields)
+            return encode_batch(r.op, r.op, r.items, None, plane=self.id, boot=self.boot, **r.fields)
+        return encode_batch(r.op, r.op, r.items, None, plane=self.id, **r.fields)
 
     def _send(self, chan: _Chan, data: bytes) -> None:
         """Answer a request (from any thread) and recycle its context."""
@@ -3647,6 +4133,17 @@ class Plane(_Role):
                     data, pipe = chan.recv(1.0)
                 except pynng.Timeout:
                     self._recycle(chan)
+                    chan = None
+                    continue
+                except pynng.Closed:
+                    raise
+                except pynng.NNGException as e:  # whatever arrived, the receiver goes on
+                    if self._closed:
+                        raise pynng.Closed("closed", 0) from None
+                    self._count_error("protocol")
+                    logger.debug("plane receiver: %s", e)
+                    chan.close()
+                    chan = None
                     continue
                 h = next(self._handles)
                 chans[h] = chan
@@ -3654,9 +4151,6 @@ class Plane(_Role):
                 self._handle(h, data, pipe)
         except pynng.Closed:
             pass
-        except pynng.NNGException:
-            if not self._closed:
-                logger.exception("plane receiver failed")
         finally:
             if chan is not None:
                 chan.close()
@@ -3668,14 +4162,22 @@ class Plane(_Role):
             if len(data) > self.max_message_size:
                 raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_size}")
             msg = decode(data, self._secret)
+            if self._secret is not None and not self._fresh(h, msg):
+                return
             handler = self._handlers.get(msg["op"])
             if handler is None:
                 raise ProtocolError(f"op {msg['op']!r} is not a request the plane serves")
             handler(h, msg, pipe)
-        except AuthenticationError as e:
-            kind, err = "auth", _error("auth", "AuthenticationError", str(e))
+        except AuthenticationError as e:  # answered without a tag: whoever sent it can read why
+            self._count_error("auth")
+            chan = self._chans.pop(h, None)
+            if chan is not None:
+                self._send(chan, encode("error", None, error=_error("auth", "AuthenticationError", str(e))))
+            return
         except ProtocolError as e:
             kind, err = "protocol", _error("protocol", "ProtocolError", str(e))
+            if e.stamp is not None:
+                self._bound[h] = e.stamp
         except Exception as e:
             logger.exception("internal error while serving a request")
             kind, err = "internal", _error("internal", type(e).__name__, str(e))
@@ -3684,20 +4186,60 @@ class Plane(_Role):
         self._count_error(kind)
         self._perform([Reply(h, "error", {"error": err}, None)])
 
+    def _fresh(self, h: int, msg: dict) -> bool:
+        """With a secret: is this request fresh?  Its reply is bound to it
+        whatever the answer; a stale or replayed one is answered with an
+        error here."""
+        s, n = msg.get("s"), msg.get("n")
+        if s is None or n is None:
+            raise ProtocolError("a signed request must carry its session and number ('s', 'n')")
+        self._bound[h] = (s, n)
+        verdict = self._freshness.take(s, n, msg.get("b"))
+        if verdict == "ok":
+            return True
+        if verdict == "stale":  # it has no ticket of this boot yet (or an old message is sent again): here is one
+            err = _error("stale", "StaleBoot", "send again with this ticket of the plane's boot")
+            fields = {"error": err, "b": self._freshness.ticket()}
+        else:
+            self._count_error("replay")
+            fields = {"error": _error("protocol", "ProtocolError", "a message already taken, or too old: dropped")}
+        self._perform([Reply(h, "error", fields, None)])
+        return False
+
     def _on_submit(self, h: int, msg: dict, pipe: int) -> None:
         self._call(self.core.submit, h, msg["client"], msg["tasks"])
 
     def _on_poll(self, h: int, msg: dict, pipe: int) -> None:
-        self._call(self.core.poll, h, msg["client"], msg["wait"])
+        self._call(self.core.poll, h, pipe, msg["client"], msg["wait"])
 
     def _on_fetch(self, h: int, msg: dict, pipe: int) -> None:
-        self._call(self.core.fetch, h, msg["ids"], msg["wait"])
+        ids = msg["ids"]
+        if len(ids) <= QUERY_CHUNK:
+            return self._call(self.core.fetch, h, pipe, ids, msg["wait"])
+        items: list = []  # a long one is answered at once, a piece at a time
+        for i in range(0, len(ids), QUERY_CHUNK):
+            with self._lock:
+                items += self.core.fetch_items(ids[i : i + QUERY_CHUNK], self._clock())
+        self._call(self.core.answer, h, "results", _NOTHING, items)
 
     def _on_status(self, h: int, msg: dict, pipe: int) -> None:
-        self._call(self.core.status, h, msg["ids"])
+        ids = msg["ids"]
+        if len(ids) <= QUERY_CHUNK:
+            return self._call(self.core.status, h, ids)
+        statuses: list = []  # a piece at a time: others get the lock in between
+        for i in range(0, len(ids), QUERY_CHUNK):
+            with self._lock:
+                statuses += self.core.statuses(ids[i : i + QUERY_CHUNK], self._clock())
+        self._call(self.core.answer, h, "statuses", {"statuses": statuses}, None)
 
     def _on_cancel(self, h: int, msg: dict, pipe: int) -> None:
-        self._call(self.core.cancel, h, msg["ids"])
+        ids = msg["ids"]
+        if len(ids) <= QUERY_CHUNK:
+            return self._call(self.core.cancel, h, ids)
+        cancelled: list = []
+        for i in range(0, len(ids), QUERY_CHUNK):
+            self._call(self.core.cancel_some, ids[i : i + QUERY_CHUNK], cancelled)
+        self._call(self.core.answer, h, "cancelled", {"ids": cancelled}, None)
 
     def _on_bye(self, h: int, msg: dict, pipe: int) -> None:
         self._call(self.core.bye, h, msg["client"])
@@ -3777,6 +4319,11 @@ class Plane(_Role):
             except FastworkerError as e:
                 self._count_error("auth" if isinstance(e, AuthenticationError) else "protocol")
                 continue
+            if self._secret is not None:  # fresh, for this boot: a recorded heartbeat keeps no one alive
+                s, n = msg.get("s"), msg.get("n")
+                if s is None or n is None or self._freshness.take(s, n, msg.get("b")) != "ok":
+                    self._count_error("replay")
+                    continue
             self._call(self.core.heartbeat, msg["worker"]["id"])
 
     def _housekeep(self) -> None:
@@ -3852,6 +4399,8 @@ class Worker(_Role):
             limit (already reported as TaskTimeout) sets ``replace``: its
             thread cannot be killed, so the process should be replaced
             (``python fastworker.py worker`` re-executes itself).
+        tls_ca, tls_cert, tls_key: PEM files for a ``tls+tcp://`` plane (see
+            ``Client``).
     """
 
     def __init__(
@@ -3864,10 +4413,14 @@ class Worker(_Role):
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         overrun_margin: float = 1.0,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         _check_address(plane)
+        self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
         self.plane = plane
         self.concurrency = concurrency
         self.host = socket.gethostname()
@@ -3878,6 +4431,7 @@ class Worker(_Role):
         self.registered = threading.Event()  # set once a plane has accepted this worker
         self.replace = threading.Event()  # set when a task overran its limit by the margin
         self._secret = _secret_bytes(secret)
+        self._session = _Session(self._secret)
         self._lock = threading.Lock()  # guards the job lists, counters, flags and the dialer below
         self._wake = threading.Condition(self._lock)  # lanes wait for something to send
         self._idle = threading.Condition(self._lock)  # stop() waits for running jobs
@@ -3908,7 +4462,7 @@ class Worker(_Role):
         """Connect to the plane (in the background) and start working."""
         if self._sock is not None:
             raise RuntimeError("the worker is already started")
-        sock = _dial(self.plane, self.max_message_size)
+        sock = _dial(self.plane, self.max_message_size, self._tls)
         self._dialer = sock.dialers[-1]
         self._sock = sock
         for target, name in ((self._lane, "lane"), (self._lane, "lane"), (self._heartbeat, "heartbeat")):
@@ -3945,14 +4499,11 @@ class Worker(_Role):
             try:
                 chan = _Chan(self._sock)
                 try:
-                    data = encode_batch(
-                        "pull", "results", results, self._secret, worker=self.id, credit=0, returned=returned
-                    )
-                    chan.send(data, self.timeout)
-                    chan.recv(self.timeout)
+                    fields = {"worker": self.id, "credit": 0, "returned": returned}
+                    _exchange(chan, self._session, "pull", self.timeout, key="results", items=results, **fields)
                 finally:
                     chan.close()
-            except pynng.NNGException:
+            except (pynng.NNGException, FastworkerError):
                 logger.warning("could not hand %d task(s) back to the plane", len(returned))
         self._sock.close()
         _join(self._threads, time.monotonic() + 2.0)
@@ -3966,6 +4517,7 @@ class Worker(_Role):
             "pid": os.getpid(),
             "concurrency": self.concurrency,
             "version": __version__,
+            "max_message_size": self.max_message_size,
             "tasks": {name: spec.options for name, spec in _registry.items()},
             "holding": sorted(self._held),
         }
@@ -4003,15 +4555,17 @@ class Worker(_Role):
                 reply = None
                 hung = False
                 try:
-                    chan.send(encode_batch("pull", "results", results, self._secret, **fields), self.timeout)
-                    try:
-                        reply = decode(chan.recv(PULL_WAIT + self.timeout)[0], self._secret)
-                    except pynng.Timeout:
-                        hung = True
+                    reply = _exchange(
+                        chan, self._session, "pull", self.timeout, PULL_WAIT, key="results", items=results, **fields
+                    )
+                except pynng.Timeout:  # not connected, or the plane holds our request and says nothing
+                    hung = True
                 except pynng.Closed:
                     return
-                except (AuthenticationError, ProtocolError) as e:
-                    self._refuse(f"the plane at {self.plane} sent an answer this worker cannot read ({e})")
+                except AuthenticationError as e:
+                    self._refuse(f"the plane at {self.plane} refused this worker ({e})")
+                except ProtocolError as e:  # damaged on its way: register again, so the plane learns what we hold
+                    logger.warning("dropped an answer from the plane at %s: %s", self.plane, e)
                 except (pynng.NNGException, FastworkerError) as e:
                     logger.debug("request for work failed: %s", e)
                 if reply is not None and reply["op"] == "error":
@@ -4104,11 +4658,11 @@ class Worker(_Role):
                 if want != address:
                     if pub is not None:
                         pub.close()
-                    pub, address = pynng.Pub0(), want
+                    pub, address = pynng.Pub0(tls_config=_tls_for(want, self._tls, False)), want
                     pub.dial(address, block=False)
                 if pub is not None:
                     try:
-                        pub.send(encode("heartbeat", self._secret, worker=info))
+                        pub.send(encode("heartbeat", self._secret, worker=info, **self._session.stamp()))
                     except pynng.NNGException:
                         pass
                 with self._lock:
@@ -4301,12 +4855,16 @@ def _dashboard_handler() -> type:
         """Serves the page, the JSON API, /metrics and /healthz of one plane."""
 
         server_version = f"fastworker/{__version__}"
+        timeout = DASHBOARD_TIMEOUT  # seconds a connection may take to send its request
         plane: Plane  # set on the subclass made per server
-        secret: bytes | None
+        token: bytes | None  # what a request must show (None: nothing)
+        host_ok: Callable[[str], bool]  # whether a Host header names this machine
 
         def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
             path = url.path.rstrip("/") or "/"
+            if not self.host_ok(self.headers.get("Host") or ""):  # a page on another name (DNS rebinding)
+                return self._send(403, b"unexpected Host header\n", "text/plain")
             if path != "/healthz" and not self._authorized():
                 return self._send(
                     401, b"authentication required\n", "text/plain", {"WWW-Authenticate": 'Basic realm="fastworker"'}
@@ -4344,7 +4902,7 @@ def _dashboard_handler() -> type:
             self._json({"error": "not found"}, 404)
 
         def _authorized(self) -> bool:
-            if self.secret is None:
+            if self.token is None:
                 return True
             auth = self.headers.get("Authorization", "")
             scheme, _, value = auth.partition(" ")
@@ -4360,7 +4918,7 @@ def _dashboard_handler() -> type:
                     return False
             else:
                 return False
-            return _same(given, self.secret)
+            return _same(given, self.token)
 
         def _json(self, obj: Any, status: int = 200) -> None:
             self._send(status, _json_bytes(obj), "application/json")
@@ -4383,17 +4941,87 @@ def _dashboard_handler() -> type:
     return _DashboardHandler
 
 
-def _start_dashboard(plane: Plane, bind: str, secret: bytes | None, insecure: bool) -> Any:
+def derived_dashboard_token(secret: str | bytes) -> str:
+    """The dashboard token a plane with this secret asks for when it is not
+    given one: derived by a one-way function (HMAC-SHA256), so that knowing
+    it (the dashboard may travel over plain HTTP) does not give the secret."""
+    return _tag(_secret_bytes(secret) or b"", b"fastworker dashboard token").hex()[:32]
+
+
+def _host_name(header: str) -> str:
+    """The name part of a Host header ("[::1]:8080" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.partition(":")[0]
+
+
+def _start_dashboard(plane: Plane, bind: str, insecure: bool) -> Any:
+    import ipaddress
+    import ssl
     from http.server import ThreadingHTTPServer
 
     host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
     if not host or not port.isdigit():
         raise ValueError(f"dashboard address must be host:port, not {bind!r}")
-    _check_exposure(f"tcp://{host}:{port}", secret, insecure, "dashboard")
-    handler = type("DashboardHandler", (_dashboard_handler(),), {"plane": plane, "secret": secret})
-    server = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
-    server.daemon_threads = True
-    return server
+    token = plane.dashboard_token.encode() if plane.dashboard_token else None
+    _check_exposure(f"tcp://{host}:{port}", token, insecure, "dashboard")
+    # The Host header a browser sends names what it thinks it talks to.  A
+    # page on another name whose DNS now points here (DNS rebinding) is
+    # refused: only this machine's names and IP literals are served.
+    names = {"localhost", host.lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
+
+    def host_ok(header: str) -> bool:
+        name = _host_name(header)
+        if name in names:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+    handler_class = type("DashboardHandler", (_dashboard_handler(),), {"plane": plane, "token": token})
+    handler_class.host_ok = staticmethod(host_ok)
+    context = None
+    if plane._tls.cert and plane._tls.key:  # the plane's certificate serves HTTPS too
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(plane._tls.cert, plane._tls.key)
+
+    class Server(ThreadingHTTPServer):
+        """At most DASHBOARD_CONNECTIONS connections at once (more are closed
+        at once); the TLS handshake happens in the connection's own thread,
+        under its timeout, never in the thread that accepts."""
+
+        daemon_threads = True
+        slots = threading.BoundedSemaphore(DASHBOARD_CONNECTIONS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                if context is not None:
+                    request.settimeout(DASHBOARD_TIMEOUT)
+                    try:
+                        request = context.wrap_socket(request, server_side=True)
+                    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                        logger.debug("dashboard: TLS handshake with %s failed: %s", client_address, e)
+                        self.shutdown_request(request)
+                        return
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    return Server((host, int(port)), handler_class)
 
 
 ###############################################################################
@@ -4513,30 +5141,74 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
-def _bench_topology(workers: int, n: int, m: int, map_n: int, concurrency: int, journal: str = "") -> dict:
+def _bench_certs(folder: str) -> dict[str, str]:
+    """A CA and a certificate for the plane (127.0.0.1) and one for its
+    peers, made with the ``openssl`` command line in ``folder``."""
+    import subprocess
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    with open(os.path.join(folder, "san.cnf"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=bench-ca")
+    for name, extra in (("plane", ["-extfile", "san.cnf"]), ("peer", [])):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", *extra)  # fmt: skip
+    return {name: os.path.join(folder, name) for name in os.listdir(folder)}
+
+
+def _bench_topology(
+    workers: int, n: int, m: int, map_n: int, concurrency: int, journal: str = "", security: str = ""
+) -> dict:
     """Throughput, latency and memory with ``workers`` subworkers (and a
-    journal with sync mode ``journal``, in a temporary folder)."""
+    journal with sync mode ``journal``, in a temporary folder; and with
+    ``security`` "secret", "tls" or "tls+secret": mutual TLS, certificates
+    made for the run)."""
     import shutil
     import tempfile
 
     label = "plane only" if workers == 0 else f"{workers} worker" + ("s" if workers > 1 else "")
-    argv = ["plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off"]
-    folder = None
-    if journal:
+    address = "tcp://127.0.0.1:0"
+    plane_args: list[str] = []
+    peer_args: list[str] = []  # what a worker needs to reach this plane
+    client_kw: dict[str, Any] = {}
+    folder = tempfile.mkdtemp(prefix="fastworker-bench-") if journal or security else None
+    if journal and folder:
         label += f", journal {journal}"
-        folder = tempfile.mkdtemp(prefix="fastworker-bench-")
-        argv += ["--journal", os.path.join(folder, "journal.db"), "--journal-sync", journal]
+        plane_args += ["--journal", os.path.join(folder, "journal.db"), "--journal-sync", journal]
+    if security and folder:
+        label += f", {security}"
+        if "secret" in security:
+            plane_args += ["--secret", "bench-secret"]
+            peer_args += ["--secret", "bench-secret"]
+            client_kw["secret"] = "bench-secret"
+        if "tls" in security:
+            files = _bench_certs(folder)
+            address = "tls+tcp://127.0.0.1:0"
+            plane_args += [
+                "--tls-cert",
+                files["plane.pem"],
+                "--tls-key",
+                files["plane.key"],
+                "--tls-ca",
+                files["ca.pem"],
+            ]
+            peer_args += ["--tls-cert", files["peer.pem"], "--tls-key", files["peer.key"], "--tls-ca", files["ca.pem"]]
+            client_kw.update(tls_cert=files["peer.pem"], tls_key=files["peer.key"], tls_ca=files["ca.pem"])
     _progress(f"{label}: starting")
-    plane, ready = _spawn_role(argv)
+    plane, ready = _spawn_role(["plane", "--listen", address, "--dashboard", "off", *plane_args])
     procs = []
     try:
         plane_idle = _memory(plane.pid)[0]
         for _ in range(workers):
-            argv = ["worker", "--plane", ready["listen"], "--concurrency", str(concurrency)]
+            argv = ["worker", "--plane", ready["listen"], "--concurrency", str(concurrency), *peer_args]
             procs.append(_spawn_role(argv)[0])
         worker_idle = max((_memory(p.pid)[0] for p in procs), default=None)
         pids = [os.getpid(), plane.pid] + [p.pid for p in procs]
-        with Client(ready["listen"]) as client:
+        with Client(ready["listen"], **client_kw) as client:
             noop = "fastworker.noop"
             for f in [client.submit(noop) for _ in range(50)]:  # warm-up, as the peer harness does
                 f.result(30)
@@ -4645,12 +5317,22 @@ def bench(
     balance_tasks: int = 20_000,
     journal: Iterable[str] = ("normal", "full"),
     journal_workers: Iterable[int] = (0, 2),
+    secure: Iterable[str] = ("secret", "tls", "tls+secret"),
+    secure_workers: Iterable[int] = (0, 2),
 ) -> dict:
     """Measure like the peer harness: one client process, one ``submit()``
     per task; every role a process of its own on loopback.  Rows with a
-    journal follow the in-memory ones, for each sync mode in ``journal``."""
+    journal follow the in-memory ones, for each sync mode in ``journal``;
+    then rows with a secret and with TLS (skipped without ``openssl``)."""
+    import shutil
+
     rows = [_bench_topology(w, tasks, latency, map_items, concurrency) for w in workers]
     rows += [_bench_topology(w, tasks, latency, map_items, concurrency, j) for w in journal_workers for j in journal]
+    for s in secure:
+        if "tls" in s and shutil.which("openssl") is None:
+            print(f"bench: no {s} rows: the openssl command line is not installed", file=sys.stderr)
+            continue
+        rows += [_bench_topology(w, tasks, latency, map_items, concurrency, "", s) for w in secure_workers]
     result: dict[str, Any] = {"bench": rows}
     if queued:
         result["queued"] = _bench_queued(queued)
@@ -4721,6 +5403,11 @@ def _plane_from_args(args: argparse.Namespace, **overrides: Any) -> Plane:
         insecure=args.insecure,
         journal=args.journal,
         journal_sync=args.journal_sync,
+        event_details=args.event_details,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        dashboard_token=args.dashboard_token,
     )
 
 
@@ -4745,6 +5432,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         secret=args.secret,
         timeout=args.timeout,
         overrun_margin=args.overrun_margin,
+        max_message_size=args.max_message_size,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     stop = _stop_event()
     worker.start()
@@ -4775,11 +5466,22 @@ def _parse_arg(text: str) -> Any:
         return text
 
 
+def _client_from_args(args: argparse.Namespace) -> Client:
+    return Client(
+        args.plane,
+        secret=args.secret,
+        timeout=args.timeout,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     kwargs = _parse_arg(args.kwargs) if args.kwargs else {}
     if not isinstance(kwargs, dict):
         raise ValueError("--kwargs must be a JSON object")
-    client = Client(args.plane, secret=args.secret, timeout=args.timeout)
+    client = _client_from_args(args)
     try:
         fut = client.submit_with(
             args.task,
@@ -4809,7 +5511,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.plane, secret=args.secret, timeout=args.timeout) as client:
+    with _client_from_args(args) as client:
         out = client.status(args.task_id) if args.task_id else client.stats()
     print(json.dumps(out, indent=2), flush=True)
     return 0
@@ -4820,7 +5522,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     # ignored (as a non-interactive shell starts background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with Client(args.plane, secret=args.secret, timeout=args.timeout) as client:
+    with _client_from_args(args) as client:
         try:
             for event in client.events():
                 print(json.dumps(event), flush=True)
@@ -4842,7 +5544,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         plane.start()
     _ready("demo", listen=plane.address, dashboard=plane.dashboard_url, pid=os.getpid())
     print(f"plane listening on {plane.address}")
-    with Client(plane.address) as client:
+    with Client(
+        plane.address, secret=args.secret, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    ) as client:
         futs = [(p, client.submit_with("demo.add", (i, 100), priority=p)) for i, p in enumerate(PRIORITIES)]
         for p, fut in futs:
             print(f"  demo.add({PRIORITIES.index(p)}, 100) at priority {p:<8} -> {fut.result(30)}")
@@ -4874,6 +5578,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.balance_tasks,
         [j for j in args.journal.split(",") if j.strip()],
         [int(w) for w in args.journal_workers.split(",") if w.strip()],
+        [s for s in args.secure.split(",") if s.strip()],
+        [int(w) for w in args.secure_workers.split(",") if w.strip()],
     )
     head = ("topology", "tasks/s", "p50 ms", "p99 ms", "map/s", "plane MB idle/peak", "worker MB idle/peak", "foreign")
     print(" | ".join(head))
@@ -4913,6 +5619,13 @@ def _build_parser() -> _Parser:
     def common(p: argparse.ArgumentParser, level: str = "warning") -> None:
         p.add_argument("--secret", help="shared secret for message tags (default: $FASTWORKER_SECRET)")
         p.add_argument("--log-level", default=level, choices=["debug", "info", "warning", "error"])
+        p.add_argument("--tls-cert", metavar="PEM", help="this side's certificate, for tls+tcp:// addresses")
+        p.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
+        p.add_argument(
+            "--tls-ca",
+            metavar="PEM",
+            help="the CA that signed the plane's certificate (on a plane: the CA every client and worker must show)",
+        )
 
     def client_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--plane", default=DEFAULT_ADDRESS, help=f"the plane's address (default {DEFAULT_ADDRESS})")
@@ -4949,6 +5662,16 @@ def _build_parser() -> _Parser:
             default="normal",
             help="normal: survives a crash of the plane; full: survives power loss too (default normal)",
         )
+        p.add_argument(
+            "--dashboard-token",
+            metavar="TOKEN",
+            help="what the dashboard asks for (default with a secret: one derived from it, logged at start)",
+        )
+        p.add_argument(
+            "--event-details",
+            action="store_true",
+            help="with a secret, completion events carry error texts too (default: ids, names, states, timings)",
+        )
         common(p, "info")
 
     p = sub.add_parser("plane", help="run the control plane", description="Run the control plane.")
@@ -4963,6 +5686,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--name", help="name shown in stats (default HOST-PID)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to reach the plane per attempt")
     p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE, metavar="SECONDS", help=_GRACE_HELP)
+    p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE, metavar="BYTES")
     p.add_argument(
         "--overrun-margin",
         type=float,
@@ -5029,6 +5753,13 @@ def _build_parser() -> _Parser:
         help="journal sync modes to measure (normal,full; '': skip)",
     )
     p.add_argument("--journal-workers", default="0,2", metavar="W", help="subworker counts for the journal rows (0,2)")
+    p.add_argument(
+        "--secure",
+        default="secret,tls,tls+secret",
+        metavar="MODES",
+        help="rows with a secret, TLS (mutual, certificates made with openssl) or both (secret,tls,tls+secret; '': none)",
+    )
+    p.add_argument("--secure-workers", default="0,2", metavar="W", help="subworker counts for the secure rows (0,2)")
     common(p)
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -6,6 +6,7 @@ deadline); every process and thread a test starts is gone when it ends.
 """
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import itertools
@@ -14,6 +15,7 @@ import logging
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -334,20 +336,20 @@ def test_results_travel_as_lists():
         (b"[1, 2, 3]", "JSON object"),
         (b'{"op": "stats"}', "version"),
         (b'{"v": 99, "op": "stats"}', "version"),
-        (b'{"v": 1}', "unknown op"),
-        (b'{"v": 1, "op": "launch"}', "unknown op"),
-        (b'{"v": 1, "op": "submit", "client": "c"}', "'tasks'"),
-        (b'{"v": 1, "op": "submit", "client": 7, "tasks": []}', "'client'"),
-        (b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x"}]}', "'name'"),
-        (b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "args": {}}]}', "'args'"),
+        (b'{"v": 2}', "unknown op"),
+        (b'{"v": 2, "op": "launch"}', "unknown op"),
+        (b'{"v": 2, "op": "submit", "client": "c"}', "'tasks'"),
+        (b'{"v": 2, "op": "submit", "client": 7, "tasks": []}', "'client'"),
+        (b'{"v": 2, "op": "submit", "client": "c", "tasks": [{"id": "x"}]}', "'name'"),
+        (b'{"v": 2, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "args": {}}]}', "'args'"),
         (
-            b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "priority": "urgent"}]}',
+            b'{"v": 2, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "priority": "urgent"}]}',
             "'priority'",
         ),
-        (b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "retries": true}]}', "'retries'"),
-        (b'{"v": 1, "op": "poll", "client": "c", "wait": "soon"}', "'wait'"),
-        (b'{"v": 1, "op": "cancel", "ids": [1]}', "ids"),
-        (b'{"v": 1, "op": "results", "plane": "p", "results": [{"id": "a", "state": "weird"}]}', "state"),
+        (b'{"v": 2, "op": "submit", "client": "c", "tasks": [{"id": "x", "name": "n", "retries": true}]}', "'retries'"),
+        (b'{"v": 2, "op": "poll", "client": "c", "wait": "soon"}', "'wait'"),
+        (b'{"v": 2, "op": "cancel", "ids": [1]}', "ids"),
+        (b'{"v": 2, "op": "results", "plane": "p", "results": [{"id": "a", "state": "weird"}]}', "state"),
     ],
 )
 def test_decode_rejects_malformed_messages(data, complaint):
@@ -362,8 +364,11 @@ def test_secret_tags_every_message():
         fw.decode(data, b"other")
     with pytest.raises(fw.AuthenticationError):
         fw.decode(fw.encode("stats"), b"s3cret")
-    with pytest.raises(fw.ProtocolError):  # a tagged message without the secret is not JSON
+    with pytest.raises(fw.AuthenticationError, match="secret"):  # a tagged message, read without the secret
         fw.decode(data)
+    refusal = fw.encode("error", error=fw._error("auth", "AuthenticationError", "no valid tag"))  # sent unsigned
+    with pytest.raises(fw.AuthenticationError, match="refused"):  # read with a (wrong) secret
+        fw.decode(refusal, b"s3cret")
 
 
 def test_encode_task_refuses_what_json_cannot_carry():
@@ -405,16 +410,16 @@ def test_one_validator_refuses_a_bad_option_wherever_it_comes_from(option, value
             fw.task(name="never.registered", **{option: value})(lambda: None)
 
 
-def test_decode_wants_version_1_exactly_and_finite_waits():
+def test_decode_wants_the_version_exactly_and_finite_waits():
     for v in (b"true", b"1.0", b'"1"'):
         with pytest.raises(fw.ProtocolError, match="version"):
             fw.decode(b'{"v": %s, "op": "stats"}' % v)
     for wait in (b"NaN", b"Infinity", b"-1", b"1e400"):
         with pytest.raises(fw.ProtocolError, match="wait"):
-            fw.decode(b'{"v": 1, "op": "poll", "client": "c", "wait": %s}' % wait)
-    assert fw.decode(b'{"v": 1, "op": "poll", "client": "c", "wait": 600}')["wait"] == fw.MAX_WAIT
+            fw.decode(b'{"v": 2, "op": "poll", "client": "c", "wait": %s}' % wait)
+    assert fw.decode(b'{"v": 2, "op": "poll", "client": "c", "wait": 600}')["wait"] == fw.MAX_WAIT
     with pytest.raises(fw.ProtocolError, match="id"):
-        fw.decode(b'{"v": 1, "op": "heartbeat", "worker": {"id": ["x"]}}')
+        fw.decode(b'{"v": 2, "op": "heartbeat", "worker": {"id": ["x"]}}')
 
 
 # -- data structures -----------------------------------------------------------------
@@ -568,6 +573,8 @@ def check_invariant(core):
             assert t.timer is not None and not t.queued
         else:
             assert t.state == "running" and t.holder.in_flight[t.id] is t
+    parked = sum(cs.poll is not None for cs in core.clients.values()) + len(core.fetches)
+    assert core._parked == parked == sum(core._parked_by_conn.values())
     for w in workers:  # never beyond its slots (the plane's own: its depth with a journal)
         assert len(w.in_flight) <= w.concurrency * (core._zero_depth if w is core.zero else 1)
 
@@ -629,9 +636,11 @@ class Core:
         return self.replies[h].fields["rejected"]
 
     def poll(self, client, wait=5.0):
+        if client not in self.core.clients:  # a first poll is answered at once; a real client has polled before
+            self.apply(self.core.poll(self.request(), 7, client, 0, self.now))
         h = self.request()
         self.polls[h] = client
-        self.apply(self.core.poll(h, client, wait, self.now))
+        self.apply(self.core.poll(h, 7, client, wait, self.now))
         return h
 
     def finish(self, job, state="succeeded", value=None, error=None):
@@ -686,17 +695,22 @@ def raised(message="boom"):
 class FakeWorker:
     """A subworker as the core sees it: pulls (each a request) on a connection."""
 
-    def __init__(self, h, wid, tasks, concurrency=2, conn=None):
+    def __init__(self, h, wid, tasks, concurrency=2, conn=None, max_message_size=None):
         self.h, self.id, self.concurrency = h, wid, concurrency
+        self.max_message_size = max_message_size
         self.tasks = {name: {} for name in tasks}
         self.conn = conn if conn is not None else 100_000 + next(h.handles)
         self.running = {}  # task id -> run
         self.pulls = []  # requests outstanding
 
-    def pull(self, results=(), returned=(), credit=None, info=False):
+    def pull(self, results=(), returned=(), credit=None, info=False, holding=None):
         h = self.h.request()
         self.pulls.append(h)
         info = {"name": self.id, "concurrency": self.concurrency, "tasks": self.tasks} if info else None
+        if holding is not None:
+            info["holding"] = holding
+        if info and self.max_message_size:
+            info["max_message_size"] = self.max_message_size
         credit = self.concurrency if credit is None else credit
         acts = self.h.core.pull(h, self.conn, self.id, credit, list(results), list(returned), info, self.h.now)
         self.h.apply(acts)
@@ -828,14 +842,14 @@ def test_core_parked_fetch_is_answered_on_completion_or_at_its_deadline():
     h = Core()
     h.submit("c", item("t1"), item("t2"))
     f = h.request()
-    h.apply(h.core.fetch(f, ["t1", "t2"], 30.0, h.now))
+    h.apply(h.core.fetch(f, 7, ["t1", "t2"], 30.0, h.now))
     h.finish(h.jobs[0], value=1)
     assert h.reply(f) is None  # t2 still runs
     h.finish(h.jobs[0], value=2)
     assert [json.loads(i)["result"] for i in h.reply(f).items] == [1, 2]
     h.submit("c", item("t3", delay=100))
     g = h.request()
-    h.apply(h.core.fetch(g, ["t3", "nope"], 2.0, h.now))
+    h.apply(h.core.fetch(g, 7, ["t3", "nope"], 2.0, h.now))
     h.tick(1.0)
     assert h.reply(g) is None
     h.tick(1.5)
@@ -874,6 +888,64 @@ def test_core_a_full_workers_request_is_parked_not_answered():
     w.pull(results=[w.result("t1")])  # a second request carrying the result
     assert h.reply(parked).items  # the parked one takes t2
     assert list(w.collect().running) == ["t2"]
+
+
+def test_core_a_batch_stays_within_the_workers_message_limit_and_a_task_too_large_fails():
+    h = Core(local=())
+    w = FakeWorker(h, "w", ["job"], concurrency=8, max_message_size=65536)
+    parked = w.register()
+    arg = "x" * 25_000
+    h.submit("c", item("big", "job", args=["y" * 70_000]), *[item(f"t{i}", "job", args=[arg]) for i in range(3)])
+    assert sum(len(i) for i in h.reply(parked).items) < 65536 - 4096
+    assert sorted(w.collect().running) == ["t0", "t1"]  # the third waits for the next request
+    w.pull()
+    assert sorted(w.collect().running) == ["t0", "t1", "t2"]
+    poll = h.poll("c", wait=0)
+    (big,) = [json.loads(i) for i in h.reply(poll).items]
+    assert big["state"] == "failed" and big["error"]["type"] == "TaskTooLarge"
+    assert "65536" in big["error"]["message"] and h.core.tasks.keys() == {"t0", "t1", "t2"}
+
+
+def test_core_parked_polls_and_fetches_are_bounded_per_connection_and_in_all(monkeypatch):
+    monkeypatch.setattr(fw, "MAX_PARKED_PER_CONN", 3)
+    monkeypatch.setattr(fw, "MAX_PARKED", 5)
+    h = Core()
+    h.submit("c0", item("t"))  # it runs, and runs: every poll and fetch would wait
+    conn_polls = []
+    for i in range(4):  # one connection, four clients: the fourth is answered at once
+        h.apply(h.core.poll(h.request(), 9, f"c{i}", 0, h.now))  # known to the plane (a first poll is not parked)
+        r = h.request()
+        h.apply(h.core.poll(r, 1, f"c{i}", 30.0, h.now))
+        conn_polls.append(h.reply(r))
+    assert conn_polls[:3] == [None] * 3 and conn_polls[3].items == []
+    f = h.request()
+    h.apply(h.core.fetch(f, 1, ["t"], 30.0, h.now))  # a fetch counts too
+    assert h.reply(f) is not None
+    parked = [h.request() for _ in range(3)]
+    for r, conn in zip(parked, (2, 2, 3), strict=True):
+        h.apply(h.core.fetch(r, conn, ["t"], 30.0, h.now))
+    assert [h.reply(r) is None for r in parked] == [True, True, False]  # five in all
+    assert h.core._parked == 5
+    h.tick(31.0)  # all answered at their deadline, and the counts are back to zero
+    assert h.core._parked == 0 and h.core._parked_by_conn == {}
+
+
+def test_freshness_takes_each_message_once_under_a_good_ticket_and_forgets_safely():
+    f = fw._Freshness("boot", window=8, sessions=2)
+    assert f.take("s1", 1, "") == "stale" and f.take("s1", 1, "other.1") == "stale"
+    assert f.take("s1", 1, "boot.1") == "stale"  # a ticket it never gave
+    t1 = f.ticket()
+    assert [f.take("s1", n, t1) for n in (1, 1, 3, 2, 2)] == ["ok", "replay", "ok", "ok", "replay"]
+    assert f.take("s1", 20, t1) == "ok" and f.take("s1", 12, t1) == "replay"  # older than the window
+    t2, t3 = f.ticket(), f.ticket()
+    assert f.take("s2", 1, t2) == "ok" and f.take("s3", 1, t3) == "ok"  # s1 is forgotten ...
+    assert f.take("s1", 21, t1) == "stale"  # ... and with it its ticket: nothing it sent is taken again
+    assert f.take("s2", 2, t2) == "ok"  # later tickets stay good
+    t4 = f.ticket()
+    assert f.take("s4", 1, t4) == "ok"  # s2 is forgotten now: its ticket goes, and every one before it
+    assert f.take("s2", 3, t2) == "stale" and f.take("s3", 2, t3) == "ok"
+    t5 = f.ticket()  # a sender told "stale" sends again with a new ticket, numbering on
+    assert f.take("s2", 3, t5) == "ok" and f.take("s2", 3, t5) == "replay"
 
 
 def test_core_worker_zero_runs_what_no_connected_worker_knows():
@@ -938,6 +1010,28 @@ def test_core_late_and_stale_results_are_ignored_so_a_task_completes_once():
     assert [r.get("result") for r in h.delivered["t"]] == ["done"]
 
 
+def test_core_a_worker_that_lost_an_answer_registers_again_and_what_it_never_got_runs_again():
+    h = Core(local=())
+    h.poll("c")
+    w = FakeWorker(h, "w", ["job"], concurrency=2)
+    w.register()
+    h.submit("c", item("a", "job"), item("b", "job"))
+    w.collect()
+    first = dict(w.running)
+    assert sorted(first) == ["a", "b"]
+    del w.running["b"]  # the answer that carried "b" was damaged on its way: it holds only "a"
+    w.pull(info=True, holding=["a"])
+    assert h.core.tasks["b"].state == "queued" and h.core.tasks["a"].state == "running"
+    w.park()
+    assert w.running["b"] == first["b"] + 1  # dispatched again, as a new run
+    w.pull(results=[w.result("b", run=first["b"], value="old")])  # the lost dispatch reached it after all
+    assert h.core.tasks["b"].state == "running" and h.core.late == 1
+    w.pull(results=[w.result("a", value=1), w.result("b", value=2)])
+    h.poll("c")
+    assert {tid: [r.get("result") for r in rs] for tid, rs in h.delivered.items()} == {"a": [1], "b": [2]}
+    check_invariant(h.core)
+
+
 def test_core_hand_back_keeps_the_tasks_place_and_its_attempt_count():
     h = Core(local=())
     w = FakeWorker(h, "w", ["job"], concurrency=1)
@@ -958,7 +1052,7 @@ def test_core_close_answers_every_parked_request():
     parked = w.register()
     h.submit("c", item("t", "a", delay=50))
     f = h.request()
-    h.apply(h.core.fetch(f, ["t"], 30, h.now))
+    h.apply(h.core.fetch(f, 7, ["t"], 30, h.now))
     h.apply(h.core.stop(h.now))
     h.apply(h.core.close(h.now))
     assert h.reply(poll).fields == {"closing": True, "lost": [["t", "scheduled"]]}  # what will not finish
@@ -1112,7 +1206,7 @@ def run_random_sequence(seed, steps=40):
             h.apply(h.core.conn_closed(w.conn, h.now))
         elif event < 0.85 and accepted:
             ids = rng.sample(list(accepted), min(len(accepted), 2))
-            h.apply(h.core.fetch(h.request(), ids, rng.choice([0, 2.0]), h.now))
+            h.apply(h.core.fetch(h.request(), 7, ids, rng.choice([0, 2.0]), h.now))
         else:
             for w in workers:
                 if rng.random() < 0.8:
@@ -1708,10 +1802,10 @@ def test_bad_messages_get_error_replies_and_are_counted(plane_proc):
     bad = [
         b"\x00\xffgarbage",
         b"[]",
-        b'{"v": 1, "op": "launch"}',
+        b'{"v": 2, "op": "launch"}',
         b'{"v": 7, "op": "stats"}',
-        b'{"v": 1, "op": "submit", "client": "c", "tasks": [{"id": 5, "name": "add"}]}',
-        b'{"v": 1, "op": "results", "plane": "x", "results": []}',
+        b'{"v": 2, "op": "submit", "client": "c", "tasks": [{"id": 5, "name": "add"}]}',
+        b'{"v": 2, "op": "results", "plane": "x", "results": []}',
     ]
     for data in bad:
         reply = raw_request(address, data)
@@ -2181,6 +2275,640 @@ def test_embedded_worker_in_threads():
     GATES.clear()
 
 
+# -- trust boundaries ---------------------------------------------------------------------------
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+class Relay:
+    """A man in the middle on NNG's TCP transport: after an 8-byte handshake
+    each way, every message is an 8-byte big-endian length and its bytes (a
+    REQ/REP message starts with its 4-byte request id).  It forwards each
+    message, records it, lets ``hook`` rewrite or drop it, and can send its
+    own to either side."""
+
+    def __init__(self, address):
+        host, port = address.rpartition("/")[2].rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.frames = []  # (connection number, "up" or "down", message), in the order seen
+        self.hook = None  # (connection, direction, message) -> the message to forward, or None
+        self.conns = []  # (the peer's socket, the plane's socket) per connection
+        self.locks = {}  # socket -> the lock its writers take
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self.server.accept()
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            n = len(self.conns)
+            self.conns.append((down, up))
+            self.locks[down], self.locks[up] = threading.Lock(), threading.Lock()
+            for src, dst, direction in ((down, up, "up"), (up, down, "down")):
+                t = threading.Thread(target=self._pump, args=(n, src, dst, direction), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, n, src, dst, direction):
+        try:
+            handshake = recv_exactly(src, 8)
+            with self.locks[dst]:
+                dst.sendall(handshake)
+            while True:
+                msg = recv_exactly(src, int.from_bytes(recv_exactly(src, 8), "big"))
+                self.frames.append((n, direction, msg))
+                hook = self.hook
+                if hook is not None:
+                    msg = hook(n, direction, msg)
+                if msg is not None:
+                    self.send(n, direction, msg)
+        except OSError:
+            for s in self.conns[n]:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def send(self, n, direction, msg):
+        """Send ``msg`` on connection ``n``: "up" to the plane, "down" to the peer."""
+        dst = self.conns[n][1 if direction == "up" else 0]
+        with self.locks[dst]:
+            dst.sendall(len(msg).to_bytes(8, "big") + msg)
+
+    def messages(self, direction, op):
+        """The recorded REQ/REP messages of one op: (connection, header, body)."""
+        out = []
+        for n, d, msg in self.frames:
+            body = msg[4:]
+            if d == direction and f'"op":"{op}"'.encode() in body:
+                out.append((n, msg[:4], body))
+        return out
+
+    def close(self):
+        for s in [self.server, *itertools.chain.from_iterable(self.conns)]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        for t in self.threads:
+            t.join(10)
+
+
+@pytest.fixture
+def relay():
+    made = []
+
+    def make(address):
+        made.append(Relay(address))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def sign(body, secret):
+    return fw._tag(secret, body) + body if secret else body
+
+
+def nested(depth):
+    v = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+POISON = [None, True, False, -1, 0, 2**63, 1e308, float("nan"), float("inf"), "", "x" * 5000, [], {}, [[[]]],
+          {"id": []}, "\ud800", nested(200), 3.5, "normal"]  # fmt: skip
+
+
+def mutate_value(rng, msg):
+    """A copy of ``msg`` with one value somewhere in it replaced or removed."""
+    msg = json.loads(json.dumps(msg))
+    node = msg
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            return msg
+        k = rng.choice(keys)
+        child = node[k]
+        if isinstance(child, (dict, list)) and child and rng.random() < 0.6:
+            node = child
+            continue
+        if isinstance(node, dict) and rng.random() < 0.2:
+            del node[k]
+        else:
+            node[k] = rng.choice(POISON)
+        return msg
+
+
+def mutate_bytes(rng, data):
+    """``data`` damaged on the byte level."""
+    data = bytearray(data)
+    kind = rng.randrange(6)
+    if kind == 0 and data:
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        del data[rng.randrange(len(data) + 1) :]
+    elif kind == 2:
+        i = rng.randrange(len(data) + 1)
+        data[i:i] = rng.randbytes(rng.randint(1, 16))
+    elif kind == 3:
+        data = bytearray()
+    elif kind == 4:
+        data = data * 2
+    else:
+        data = bytearray(rng.randbytes(rng.randint(1, 64)))
+    return bytes(data)
+
+
+def request_templates(rng, secret, ticket):
+    """A valid body of every request the plane takes, stamped when signed."""
+    session = {"s": "fuzz", "n": rng.randint(1, 10**6), "b": ticket} if secret else {}
+    tid = f"fz-{rng.randrange(10**9)}"
+    task = {"id": tid, "name": "fastworker.echo", "args": [1], "kwargs": {}, "priority": "high"}
+    info = {"id": "fz-w", "name": "fz", "concurrency": 1, "tasks": {"fastworker.echo": {}}, "holding": []}
+    return [
+        {"op": "submit", "client": "fz-c", "tasks": [task, dict(task, id=tid + "b", delay=0.01)]},
+        {"op": "poll", "client": "fz-c", "wait": 0},
+        {"op": "fetch", "ids": [tid, "nope"], "wait": 0},
+        {"op": "status", "ids": [tid]},
+        {"op": "cancel", "ids": [tid]},
+        {"op": "stats"},
+        {"op": "hello"},
+        {"op": "bye", "client": "fz-c"},
+        {"op": "pull", "worker": "fz-w", "credit": 0, "results": [], "info": info},
+        {"op": "pull", "worker": "fz-w", "credit": 0, "results": [{"id": tid, "state": "succeeded", "run": 1}]},
+    ], session
+
+
+def fuzz_requests(address, secret, rng, count):
+    """Send ``count`` damaged requests; returns how many got no reply
+    (only requests that may wait for work, a pull, are allowed none)."""
+    unanswered = 0
+    ticket = ""
+    with pynng.Req0(dial=address, recv_timeout=2000, send_timeout=2000) as s:
+        s.resend_time = -1
+        for _ in range(count):
+            templates, stamp = request_templates(rng, secret, ticket)
+            msg = {"v": fw.PROTOCOL_VERSION, **rng.choice(templates), **stamp}
+            if rng.random() < 0.5:
+                data = sign(json.dumps(mutate_value(rng, msg)).encode(), secret)
+            else:
+                data = mutate_bytes(rng, sign(json.dumps(msg).encode(), secret))
+            s.send(data)
+            try:
+                reply = s.recv()
+            except pynng.Timeout:
+                assert msg["op"] == "pull", msg
+                unanswered += 1
+                continue
+            if reply[:1] != b"{" and secret:  # a signed reply: learn the ticket from a "stale" one
+                r = fw.decode(reply, secret)
+                if r["op"] == "error" and r["error"]["kind"] == "stale":
+                    ticket = r["b"]
+    return unanswered
+
+
+@pytest.mark.parametrize("secret", [None, b"s3cret"], ids=["unsigned", "signed"])
+def test_fuzzed_requests_and_heartbeats_leave_the_plane_serving(secret, caplog):
+    """Thousands of damaged messages on the plane's request and heartbeat
+    sockets, next to a real worker and client: each request gets an answer,
+    nothing is counted as an internal error, the heartbeat receiver lives on,
+    the real worker is never dropped, and the accounting holds."""
+    rng = random.Random(9)
+    with fw.Plane("tcp://127.0.0.1:0", secret=secret, heartbeat_timeout=3.0).start() as plane:
+        worker = fw.Worker(plane.address, secret=secret, concurrency=2).start()
+        try:
+            wait_until(worker.registered.is_set, 10, "the worker to register")
+            unanswered = fuzz_requests(plane.address, secret, rng, 1500)
+            with pynng.Pub0(dial=plane.heartbeat_address) as pub:
+                beat = {"v": fw.PROTOCOL_VERSION, "op": "heartbeat", "worker": {"id": worker.id, "in_flight": 0}}
+                for _ in range(800):
+                    if rng.random() < 0.5:
+                        data = sign(json.dumps(mutate_value(rng, beat)).encode(), secret)
+                    else:
+                        data = mutate_bytes(rng, sign(json.dumps(beat).encode(), secret))
+                    pub.send(data)
+                pub.send(b"")  # the empty message that used to end the receiver
+                counted = plane.stats()["errors"]
+
+                def still_receiving():
+                    pub.send(b"not a heartbeat")
+                    return sum(plane.stats()["errors"].values()) > sum(counted.values())
+
+                wait_until(still_receiving, 10, "the heartbeat receiver to count one more bad message")
+            with fw.Client(plane.address, secret=secret, timeout=5) as c:
+                futs = [c.submit("t.add", i, 1) for i in range(200)]
+                assert [f.result(timeout=10) for f in futs] == [i + 1 for i in range(200)]
+                stats = c.stats()
+            errors = stats["errors"]
+            assert errors["internal"] == 0 and errors["protocol"] + errors["auth"] > 1000, errors
+            assert worker.id in [w["id"] for w in stats["workers"]]
+            assert f"worker {worker.id} lost" not in caplog.text
+            assert unanswered < 50
+            with plane._lock:
+                check_invariant(plane.core)
+        finally:
+            worker.stop()
+
+
+@pytest.mark.parametrize("secret", [None, b"s3cret"], ids=["unsigned", "signed"])
+def test_clients_and_workers_survive_damaged_traffic(relay, secret):
+    """A relay damages one message in ten, both ways, between the plane and a
+    client and a worker: every future ends; once the line is clean again
+    everything works, and with a secret no damaged value is ever taken."""
+    rng = random.Random(11)
+    lock = threading.Lock()  # guards rng: the relay's threads share it
+
+    def damage(n, direction, msg):
+        with lock:
+            if rng.random() < 0.1:
+                return msg[:4] + mutate_bytes(rng, msg[4:])
+        return msg
+
+    with fw.Plane("tcp://127.0.0.1:0", secret=secret, heartbeat_timeout=3.0).start() as plane:
+        r = relay(plane.address)
+        worker = fw.Worker(r.address, secret=secret, concurrency=4, timeout=2)
+        worker.start()
+        try:
+            wait_until(worker.registered.is_set, 10, "the worker to register")
+            with fw.Client(r.address, secret=secret, timeout=3) as c:
+                r.hook = damage
+                futs = [c.submit("t.add", i, 1) for i in range(300)]
+                concurrent.futures.wait(futs, timeout=60)
+                assert all(f.done() for f in futs)
+                values = [f.result() for f in futs if f.exception() is None]
+                if secret:
+                    assert values == [i + 1 for i, f in enumerate(futs) if f.exception() is None]
+                r.hook = None
+                futs = [c.submit("t.add", i, 1) for i in range(100)]
+                assert [f.result(timeout=20) for f in futs] == [i + 1 for i in range(100)]
+                stats = c.stats()
+            assert stats["errors"]["internal"] == 0
+            wait_until(lambda: worker.id in [w["id"] for w in plane.stats()["workers"]], 10, "the worker")
+            with plane._lock:
+                check_invariant(plane.core)
+        finally:
+            worker.stop()
+
+
+def test_a_recorded_message_is_never_taken_again(relay, tmp_path, monkeypatch):
+    """With a secret, recorded submit, poll, pull and heartbeat messages sent
+    again are refused, by the plane and by the plane restarted."""
+    secret, journal = b"s3cret", str(tmp_path / "j.db")
+    plane = fw.Plane("tcp://127.0.0.1:0", secret=secret, journal=journal).start()
+    worker = None
+    try:
+        r = relay(plane.address)
+        RECORD.clear()
+        beats = []
+        real_encode = fw.encode
+
+        def recording_encode(op, *args, **fields):
+            data = real_encode(op, *args, **fields)
+            if op == "heartbeat":
+                beats.append(data)
+            return data
+
+        monkeypatch.setattr(fw, "encode", recording_encode)
+        worker = fw.Worker(r.address, secret=secret, concurrency=1).start()
+        wait_until(lambda: len(beats) >= 1, 10, "a heartbeat")
+        with fw.Client(r.address, secret=secret, timeout=5) as c:
+            assert c.submit("t.record", "once").result(timeout=5) == "once"
+            submit = r.messages("up", "submit")[-1][2]  # the one taken (an earlier one may have fetched a ticket)
+            poll = r.messages("up", "poll")[-1][2]
+            pull = r.messages("up", "pull")[-1][2]
+            before = c.stats()["errors"]["replay"]
+            for body in (submit, poll, pull):
+                reply = fw.decode(raw_request_bytes(plane.address, body), secret)
+                assert reply["op"] == "error" and "already taken" in reply["error"]["message"], reply
+            assert c.stats()["errors"]["replay"] == before + 3
+            with pynng.Pub0(dial=plane.heartbeat_address) as pub:
+
+                def replayed_beats_counted():
+                    pub.send(beats[0])  # PUB/SUB may drop it while the line comes up: send it until one arrives
+                    return c.stats()["errors"]["replay"] > before + 3
+
+                wait_until(replayed_beats_counted, 10, "the replayed heartbeat to be refused")
+            assert RECORD == ["once"]
+        worker.stop()
+        plane.stop()
+        worker = None
+        plane = fw.Plane(plane.address, secret=secret, journal=journal).start()  # same port, new boot
+        for body in (submit, poll, pull):  # a stale ticket: told to get a new one, and nothing is done
+            reply = fw.decode(raw_request_bytes(plane.address, body), secret)
+            assert reply["op"] == "error" and reply["error"]["kind"] == "stale", reply
+        with fw.Client(plane.address, secret=secret, timeout=5) as c:
+            assert c.stats()["tasks"]["submitted"] == 1 and RECORD == ["once"]
+    finally:
+        if worker is not None:
+            worker.stop()
+        plane.stop()
+
+
+def raw_request_bytes(address, data, timeout=5.0):
+    with pynng.Req0(dial=address, recv_timeout=int(timeout * 1000), send_timeout=int(timeout * 1000)) as s:
+        s.send(data)
+        return s.recv()
+
+
+def test_a_recorded_reply_is_not_taken_as_the_answer_to_another_request(relay):
+    """A man in the middle answers a submit with the plane's recorded answer
+    to an earlier one: the client does not take it."""
+    secret = b"s3cret"
+    with fw.Plane("tcp://127.0.0.1:0", secret=secret).start() as plane:
+        r = relay(plane.address)
+        with fw.Client(r.address, secret=secret, timeout=3) as c:
+            assert c.submit("t.add", 1, 1).result(timeout=5) == 2
+            (_, _, accepted), *_ = r.messages("down", "accepted")
+
+            def answer_with_the_recording(n, direction, msg):
+                if direction == "up" and b'"op":"submit"' in msg:
+                    r.send(n, "down", msg[:4] + accepted)  # the request's own id, the old answer
+                    return None
+                return msg
+
+            r.hook = answer_with_the_recording
+            fut = c.submit("t.add", 2, 2)
+            with pytest.raises(fw.ProtocolError, match="does not answer this request"):
+                fut.result(timeout=5)
+            r.hook = None
+            assert c.submit("t.add", 3, 3).result(timeout=5) == 6
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA, a plane certificate for 127.0.0.1 and a client certificate
+    signed by it, and a client certificate signed by another CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command line is not installed")
+    d = tmp_path_factory.mktemp("certs")
+
+    def run(*argv):
+        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for ca in ("ca", "rogue"):
+        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}")
+    for name, ca, extra in (("plane", "ca", ["-extfile", "san.cnf"]), ("client", "ca", []), ("intruder", "rogue", [])):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", *extra)  # fmt: skip
+    return {p.stem + p.suffix: str(p) for p in d.iterdir()}
+
+
+def test_tls_and_mutual_tls_serve_every_role_and_refuse_strangers(plane_proc, procs, tasks_dir, certs):
+    ca, cert, key = certs["ca.pem"], certs["client.pem"], certs["client.key"]
+    tls = ["--tls-cert", certs["plane.pem"], "--tls-key", certs["plane.key"]]
+    ready = plane_proc("--listen", "tls+tcp://127.0.0.1:0", *tls, "--tls-ca", ca, "--secret", "s3cret")
+    address = ready["listen"]
+    assert address.startswith("tls+tcp://127.0.0.1:") and ready["dashboard"].startswith("https://")
+    w = procs("worker", "--plane", address, "--tasks", "fwtasks", "--tls-ca", ca, "--tls-cert", cert,
+              "--tls-key", key, "--secret", "s3cret", cwd=tasks_dir)  # fmt: skip
+    worker_pid = w.ready()["pid"]
+    mine = dict(secret="s3cret", tls_ca=ca, tls_cert=cert, tls_key=key)
+    with fw.Client(address, timeout=5, **mine) as c:
+        assert c.submit("pid").result(timeout=10) == worker_pid
+        seen = EventLog(c)
+        wait_until(lambda: c.submit("add", 1, 2).result(timeout=5) == 3 and seen.named("add"), 10, "an event")
+        assert seen.named("add")[0]["state"] == "succeeded"
+        seen.close()
+    r = run_cli("submit", "add", "2", "3", "--plane", address, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key,
+                "--secret", "s3cret")  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, "5\n"), r.stderr
+    # strangers: no client certificate, one from another CA, a client that does not trust the plane, plain TCP
+    strangers = [
+        dict(secret="s3cret", tls_ca=ca),
+        dict(secret="s3cret", tls_ca=ca, tls_cert=certs["intruder.pem"], tls_key=certs["intruder.key"]),
+        dict(secret="s3cret", tls_ca=certs["rogue.pem"], tls_cert=cert, tls_key=key),
+    ]
+    for kw in strangers:
+        with fw.Client(address, timeout=1, **kw) as c:
+            with pytest.raises(fw.PlaneUnavailable):
+                c.submit("add", 1, 1).result(timeout=5)
+    with fw.Client(address.replace("tls+tcp", "tcp"), timeout=1, secret="s3cret") as c:
+        with pytest.raises(fw.PlaneUnavailable):
+            c.stats()
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca)
+    token = fw.derived_dashboard_token("s3cret")
+    req = urllib.request.Request(ready["dashboard"] + "api/stats", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5, context=context) as resp:
+        assert json.loads(resp.read())["tasks"]["succeeded"] >= 3
+
+
+def test_tls_without_client_certificates(certs):
+    with fw.Plane("tls+tcp://127.0.0.1:0", tls_cert=certs["plane.pem"], tls_key=certs["plane.key"]).start() as plane:
+        with fw.Client(plane.address, tls_ca=certs["ca.pem"], timeout=5) as c:
+            assert c.submit("t.add", 2, 2).result(timeout=5) == 4
+        with pytest.raises(ValueError, match="--tls-ca"):
+            fw.Client(plane.address)
+    with pytest.raises(ValueError, match="--tls-cert"):
+        fw.Plane("tls+tcp://127.0.0.1:0")
+
+
+class EventLog:
+    """A client's event stream, read in a thread of its own into a list."""
+
+    def __init__(self, client):
+        self.events = []
+        self._thread = threading.Thread(target=self._read, args=(client,), daemon=True)
+        self._thread.start()
+
+    def _read(self, client):
+        for e in client.events(timeout=2):
+            self.events.append(e)
+
+    def named(self, name):
+        return [e for e in list(self.events) if e["name"] == name]
+
+    def close(self):
+        self._thread.join(15)
+
+
+@pytest.mark.parametrize("details", [False, True], ids=["default", "event-details"])
+def test_with_a_secret_events_are_signed_and_carry_no_details(details):
+    with fw.Plane("tcp://127.0.0.1:0", secret="s3cret", event_details=details).start() as plane:
+        with pynng.Sub0(dial=plane.events_address, recv_timeout=100) as sniffer:
+            sniffer.subscribe(b"")
+            sniffed = []
+            with fw.Client(plane.address, secret="s3cret", timeout=5) as c:
+                seen = EventLog(c)
+
+                def one_round():
+                    with pytest.raises(fw.TaskError):
+                        c.submit("t.fail", "the-secret-error-text").result(timeout=5)
+                    try:
+                        sniffed.append(sniffer.recv())
+                    except pynng.Timeout:
+                        pass
+                    return sniffed and seen.named("t.fail")
+
+                wait_until(one_round, 10, "an event, sniffed and received")
+                seen.close()
+    event = seen.named("t.fail")[0]
+    assert fw.decode(sniffed[0], b"s3cret")["op"] == "events"  # signed
+    assert (b"the-secret-error-text" in sniffed[0]) is details and ("error" in event) is details
+    assert event["state"] == "failed"
+    with pytest.raises(fw.AuthenticationError):
+        fw.decode(sniffed[0], b"another secret")
+
+
+class RawSender:
+    """Signed requests with any body, stamped as a client stamps them."""
+
+    def __init__(self, address, secret):
+        self.sock = pynng.Req0(dial=address, recv_timeout=5000, send_timeout=5000)
+        self.session = fw._Session(secret)
+
+    def ask(self, body):
+        for _ in range(2):  # the first may only fetch a ticket
+            stamp = self.session.stamp()
+            text = json.dumps({**body, **stamp}).replace('"<deep>"', "[" * 985 + "]" * 985)  # too deep for json
+            self.sock.send(sign(text.encode(), self.session.secret))
+            reply = fw.decode(self.sock.recv(), self.session.secret)
+            if self.session.answers(reply, stamp):
+                return reply
+        raise AssertionError("no ticket")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_poison_options_are_refused_and_no_runner_dies(plane_proc, procs, tasks_dir):
+    ready = plane_proc("--secret", "s3cret")
+    address = ready["listen"]
+    procs("worker", "--plane", address, "--tasks", "fwtasks", "--secret", "s3cret", cwd=tasks_dir).ready()
+    with fw.Client(address, secret="s3cret", timeout=5) as c:
+        for option, value in BAD_OPTIONS:  # checked before sending
+            with pytest.raises(ValueError, match=option):
+                c.submit_with("add", (1, 2), **{option: value})
+        with pytest.raises(ValueError, match="nested"):  # JSON can carry it, the plane could not send it on
+            c.submit("add", nested(985), [])
+        # the same through the wire, bypassing the client: refused as a whole, nothing half-applied
+        raw = RawSender(address, b"s3cret")
+        try:
+            for option, value in [*BAD_OPTIONS, ("args", "<deep>")]:
+                good = {"id": f"ok-{option}", "name": "add", "args": [1, 2], "kwargs": {}}
+                bad = {"id": f"bad-{option}", "name": "add", "args": [1, 2], "kwargs": {}, option: value}
+                reply = raw.ask({"v": fw.PROTOCOL_VERSION, "op": "submit", "client": "x", "tasks": [good, bad]})
+                assert reply["op"] == "error" and reply["error"]["kind"] == "protocol", (option, reply)
+            for wait in (float("nan"), float("inf"), 10**400, -1, True):
+                reply = raw.ask({"v": fw.PROTOCOL_VERSION, "op": "poll", "client": "x", "wait": wait})
+                assert reply["op"] == "error" and "wait" in reply["error"]["message"], reply
+        finally:
+            raw.close()
+        stats = c.stats()
+        assert stats["tasks"]["submitted"] == 0 and stats["errors"]["internal"] == 0
+        assert stats["errors"]["protocol"] == len(BAD_OPTIONS) + 1 + 5
+        # every runner is alive: the plane's and the worker's slots all run at once
+        futs = [c.submit_with("sleepy", (0.2,), timeout=30) for _ in range(16)]
+        assert [f.result(timeout=10) for f in futs] == [0.2] * 16
+
+
+def test_a_batch_to_a_worker_stays_within_its_message_limit(plane_proc, procs, tasks_dir):
+    """Three 6 MB tasks for a worker that takes 16 MB messages go in more
+    than one message and all run; one larger than every worker takes fails
+    clearly, and nothing else is hurt."""
+    ready = plane_proc("--max-message-size", str(32 << 20))
+    procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", cwd=tasks_dir).ready()
+    small = procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", "--max-message-size", "200000",
+                  "--name", "small", cwd=tasks_dir)  # fmt: skip
+    small.ready()
+    with fw.Client(ready["listen"], timeout=10, max_message_size=32 << 20) as c:
+        big = "x" * (6 << 20)
+        futs = [c.submit("add", big, str(i)) for i in range(3)]
+        assert [f.result(timeout=30) for f in futs] == [big + str(i) for i in range(3)]
+        with pytest.raises(fw.TaskError, match="at most") as e:
+            c.submit("add", "y" * (20 << 20), "").result(timeout=30)
+        assert e.value.type == "TaskTooLarge"
+        assert c.submit("add", 1, 2).result(timeout=10) == 3
+        stats = c.stats()
+        assert stats["dispatch"]["workers_lost"] == 0 and stats["tasks"]["failed"] == 1 and len(stats["workers"]) == 2
+
+
+def test_a_client_with_no_or_the_wrong_secret_is_told_so_at_once():
+    with fw.Plane("tcp://127.0.0.1:0", secret="s3cret").start() as plane:
+        for secret in (None, "wrong"):
+            with fw.Client(plane.address, secret=secret, timeout=10) as c:
+                t0 = time.monotonic()
+                with pytest.raises(fw.AuthenticationError):
+                    c.stats()
+                with pytest.raises(fw.AuthenticationError):
+                    c.submit("t.add", 1, 2).result(timeout=10)
+                assert time.monotonic() - t0 < 2
+        assert plane.stats()["errors"]["auth"] >= 4
+
+
+def test_a_client_whose_plane_restarts_before_its_first_poll_reply_does_not_hang(plane_proc):
+    ready = plane_proc()
+    with fw.Client(ready["listen"], timeout=3) as c:
+        fut = c.submit("sleepy", 60)
+        wait_until(lambda: c.status(fut.task_id)["state"] == "running", 10, "the task to run")
+        ready["proc"].kill()
+        t0 = time.monotonic()
+        again = plane_proc("--listen", ready["listen"])  # the same port, a new plane without the task
+        assert again["listen"] == ready["listen"]
+        with pytest.raises(fw.PlaneUnavailable):
+            fut.result(timeout=15)
+        assert time.monotonic() - t0 < 3 + 3
+        assert c.submit("add", 1, 2).result(timeout=10) == 3
+
+
+def test_status_and_cancel_of_100000_ids_are_answered_a_piece_at_a_time():
+    with fw.Plane("tcp://127.0.0.1:0", concurrency=1).start() as plane:
+        with fw.Client(plane.address, timeout=10) as c:
+            blocker = c.submit("t.block", "100k")
+            futs = [c.submit_with("t.add", (i, 1), priority="low") for i in range(2000)]
+            ids = [f.task_id for f in futs] + [f"no-such-{i}" for i in range(fw.MAX_IDS - len(futs))]
+            wait_until(lambda: c.status(blocker.task_id)["state"] == "running", 10, "the blocker")
+            acquired = []
+            real_lock = plane._lock
+
+            class CountingLock:  # counts how often the long requests take the plane's lock
+                def __enter__(self):
+                    acquired.append(1)
+                    return real_lock.__enter__()
+
+                def __exit__(self, *exc):
+                    return real_lock.__exit__(*exc)
+
+            plane._lock = CountingLock()
+            try:
+                reply = raw_request(plane.address, fw.encode("status", ids=ids), timeout=30)
+                states = collections.Counter(s["state"] for s in reply["statuses"])
+                assert states == {"queued": 2000, "unknown": fw.MAX_IDS - 2000}
+                reply = raw_request(plane.address, fw.encode("cancel", ids=ids), timeout=30)
+                assert sorted(reply["ids"]) == sorted(f.task_id for f in futs)
+            finally:
+                plane._lock = real_lock
+            assert len(acquired) >= 2 * fw.MAX_IDS // fw.QUERY_CHUNK
+            wait_until(lambda: all(f.cancelled() for f in futs), 10, "the cancels to reach the futures")
+            gate("100k").set()
+            assert blocker.result(timeout=10) == "100k"
+            stats = c.stats()["tasks"]
+            assert stats["cancelled"] == 2000 and stats["queued"] == 0
+    GATES.clear()
+
+
 # -- dashboard ---------------------------------------------------------------------------------
 
 
@@ -2221,14 +2949,54 @@ def test_dashboard_serves_page_api_and_metrics(plane_proc):
     assert json.loads(http_get(base + "healthz")[2]) == {"status": "ok"}
 
 
-def test_dashboard_needs_the_secret_when_one_is_set(plane_proc):
+def test_dashboard_asks_for_a_token_derived_from_the_secret_never_the_secret(plane_proc):
     ready = plane_proc("--secret", "s3cret")
     base = ready["dashboard"]
+    token = fw.derived_dashboard_token("s3cret")
+    assert "s3cret" not in token and token == fw.derived_dashboard_token(b"s3cret")
     assert http_get(base + "api/stats")[0] == 401
-    assert http_get(base + "api/stats", {"Authorization": "Bearer wrong"})[0] == 401
-    assert http_get(base + "api/stats", {"Authorization": "Bearer s3cret"})[0] == 200
-    assert http_get(base + "api/stats", {"Authorization": "Basic dXNlcjpzM2NyZXQ="})[0] == 200  # user:s3cret
+    for wrong in ("wrong", "s3cret"):  # the signing key itself opens nothing
+        assert http_get(base + "api/stats", {"Authorization": f"Bearer {wrong}"})[0] == 401
+    assert http_get(base + "api/stats", {"Authorization": f"Bearer {token}"})[0] == 200
+    basic = base64.b64encode(f"user:{token}".encode()).decode()
+    assert http_get(base + "api/stats", {"Authorization": f"Basic {basic}"})[0] == 200
     assert http_get(base + "healthz")[0] == 200
+
+
+def test_dashboard_token_flag_and_host_check(plane_proc):
+    ready = plane_proc("--dashboard-token", "t0ken")
+    base = ready["dashboard"]
+    port = base.rstrip("/").rpartition(":")[2]
+    bearer = {"Authorization": "Bearer t0ken"}
+    assert http_get(base + "api/stats")[0] == 401
+    assert http_get(base + "api/stats", bearer)[0] == 200
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1"):
+        assert http_get(base + "api/stats", {**bearer, "Host": host})[0] == 200
+    # a page of another site whose name now points here (DNS rebinding) reads nothing
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
+        assert http_get(base + "api/stats", {**bearer, "Host": host})[0] == 403
+
+
+def test_dashboard_caps_connections_and_times_idle_ones_out(monkeypatch):
+    monkeypatch.setattr(fw, "DASHBOARD_TIMEOUT", 0.5)
+    monkeypatch.setattr(fw, "DASHBOARD_CONNECTIONS", 4)
+    with fw.Plane("tcp://127.0.0.1:0", dashboard="127.0.0.1:0").start() as plane:
+        host, port = plane.dashboard_url.split("/")[2].split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+        try:
+            extra = socket.create_connection((host, int(port)), timeout=5)
+            with extra:  # past the cap: closed at once, so the plane keeps its files for clients and workers
+                assert extra.recv(1) == b""
+            t0 = time.monotonic()
+            for s in idle:  # an idle connection is closed after the timeout
+                assert s.recv(1) == b""
+            assert time.monotonic() - t0 < 3
+            assert http_get(plane.dashboard_url + "healthz")[0] == 200
+            with fw.Client(plane.address, timeout=5) as c:
+                assert c.submit("fastworker.echo", 7).result(timeout=5) == 7
+        finally:
+            for s in idle:
+                s.close()
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -2350,15 +3118,16 @@ def test_bench_reports_well_formed_figures():
     r = run_cli(
         "bench", "--tasks", "200", "--latency", "20", "--map", "500", "--workers", "0,1",
         "--queued", "1000", "--balance", "2", "--balance-tasks", "200", "--journal", "full",
-        "--journal-workers", "0", timeout=120,
+        "--journal-workers", "0", "--secure", "secret,tls+secret", "--secure-workers", "1", timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "plane only: throughput" in r.stderr  # the progress display
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    plane_only, one, journaled = out["bench"]
+    plane_only, one, journaled, signed, *tls = out["bench"]
     assert (plane_only["topology"], one["topology"]) == ("plane only", "1 worker")
-    assert journaled["topology"] == "plane only, journal full"
-    for row in (plane_only, one, journaled):
+    assert journaled["topology"] == "plane only, journal full" and signed["topology"] == "1 worker, secret"
+    assert [row["topology"] for row in tls] == (["1 worker, tls+secret"] if shutil.which("openssl") else [])
+    for row in (plane_only, one, journaled, signed, *tls):
         assert row["tasks"] == 200 and row["map_items"] == 500
         assert row["tasks_per_s"] > 0 and row["map_per_s"] > 0 and row["foreign_cores"] >= 0
         assert 0 < row["p50_ms"] <= row["p99_ms"]
