@@ -35,6 +35,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 __all__ = [
     "task",
+    "Cron",
     "Client",
     "Future",
     "Plane",
@@ -146,6 +147,8 @@ HEARTBEAT_MAX_SIZE = 64 * 1024  # bytes a heartbeat message may have
 MAX_RETRIES = 1000
 MAX_TIMEOUT = 30 * 86400.0  # a month, in seconds
 MAX_DELAY = 366 * 86400.0  # a year, in seconds
+MAX_ETA = 1e11  # seconds since the epoch (the year 5138): an ETA past this is a mistake
+MIN_EVERY = 0.05  # the shortest period of a periodic task, in seconds
 MAX_WAIT = 60.0  # the longest a request is held at the plane
 MAX_BACKOFF = 3600.0  # the longest pause before a retry
 MAX_DEPTH = 64  # how deep a task's arguments may nest
@@ -514,6 +517,26 @@ def _check_options(opts: Any, error: type[Exception] = ValueError) -> None:
     d = opts.get("delay")
     if d is not None and (type(d) not in _NUM or not 0 <= d <= MAX_DELAY):
         raise bad("delay", f"a number of seconds >= 0 and <= {MAX_DELAY:g}", d)
+    e = opts.get("eta")
+    if e is not None:
+        if type(e) not in _NUM or not 0 < e <= MAX_ETA:
+            raise bad("eta", "a time in seconds since the epoch (a finite number > 0)", e)
+        if d is not None:
+            raise bad("eta", "given without a delay (one or the other)", e)
+    every, cron, tz, overlap = opts.get("every"), opts.get("cron"), opts.get("tz"), opts.get("overlap")
+    if every is not None and (type(every) not in _NUM or not MIN_EVERY <= every <= MAX_DELAY):
+        raise bad("every", f"a number of seconds from {MIN_EVERY:g} to {MAX_DELAY:g}", every)
+    if cron is not None:
+        if every is not None:
+            raise bad("cron", "given without 'every' (one or the other)", cron)
+        try:
+            Cron(cron, tz)
+        except ValueError as x:
+            raise error(str(x)[:300]) from None
+    elif tz is not None:
+        raise bad("tz", "given with a cron schedule only", tz)
+    if overlap is not None and type(overlap) is not bool:
+        raise bad("overlap", "True or False", overlap)
 
 
 def encode_task(
@@ -526,11 +549,13 @@ def encode_task(
     retries: int | None = None,
     timeout: float | None = None,
     delay: float | None = None,
+    eta: float | None = None,
 ) -> bytes:
     """One TASK item.  Raises TypeError if an argument is not JSON-serializable
     and ValueError for a bad option."""
     task: dict[str, Any] = {"id": id, "name": name, "args": list(args), "kwargs": kwargs or {}}
-    for key, value in (("priority", priority), ("retries", retries), ("timeout", timeout), ("delay", delay)):
+    options = (("priority", priority), ("retries", retries), ("timeout", timeout), ("delay", delay), ("eta", eta))
+    for key, value in options:
         if value is not None:
             task[key] = value
     if len(task) > 4:
@@ -542,6 +567,23 @@ def encode_task(
     if not data or _too_deep(task["args"]) or _too_deep(task["kwargs"]):
         raise ValueError(f"the arguments of task {name!r} are nested more than {MAX_DEPTH} deep")
     return data
+
+
+def _epoch(when: Any) -> float:
+    """Seconds since the epoch of an ETA: an aware datetime or a number.
+
+    Raises:
+        ValueError: a naive datetime (its time zone would be a guess), or neither.
+    """
+    if type(when) in _NUM:
+        return when
+    import datetime as dt
+
+    if isinstance(when, dt.datetime):
+        if when.utcoffset() is None:
+            raise ValueError(f"eta must be an aware datetime (with a time zone), not the naive {when.isoformat()}")
+        return when.timestamp()
+    raise ValueError(f"eta must be an aware datetime or seconds since the epoch, not {when!r}")
 
 
 def encode_result(id: str, state: str, result: Any = None, error: dict | None = None, run: int | None = None) -> bytes:
@@ -789,7 +831,8 @@ class TaskSpec:
     """A registered task: the function and its default options.
 
     ``options`` is what the plane needs to know of it (priority, retries,
-    timeout), validated by the same rules as every submission.
+    timeout, and a periodic task's schedule), validated by the same rules as
+    every submission.
     """
 
     __slots__ = ("fn", "name", "options", "is_async")
@@ -801,10 +844,16 @@ class TaskSpec:
         priority: str = "normal",
         retries: int = 0,
         timeout: float | None = None,
+        schedule: dict | None = None,
     ) -> None:
         if type(name) is not str or not 0 < len(name) <= _MAX_ID:
             raise ValueError(f"a task name must be a string of 1 to {_MAX_ID} characters, not {name!r}")
         self.options = {"priority": priority, "retries": retries, "timeout": timeout}
+        given = {k: v for k, v in (schedule or {}).items() if v is not None}  # every | cron (+ tz), overlap
+        if given:
+            self.options.update(given)
+            if "every" not in given and "cron" not in given:
+                raise ValueError("'tz' and 'overlap' go with a periodic task ('every' or 'cron')")
         _check_options(self.options)
         self.fn = fn
         self.name = name
@@ -837,6 +886,10 @@ def task(
     priority: str = "normal",
     retries: int = 0,
     timeout: float | None = None,
+    every: float | None = None,
+    cron: str | None = None,
+    tz: str | None = None,
+    overlap: bool | None = None,
 ) -> Any:
     """Register a function as a task, under its ``__name__`` or ``name``.
 
@@ -844,13 +897,18 @@ def task(
     retries=..., timeout=...)``).  The function is returned unchanged, so
     calling it still runs it locally; ``async def`` functions work too.
 
+    A periodic task (it takes no arguments) gets ``every=SECONDS`` or
+    ``cron="EXPR"`` (with ``tz="Europe/Paris"``, default UTC): the plane runs
+    it at each due time, never two runs at once unless ``overlap=True``.
+
     Raises:
         ValueError: another function is already registered under the name,
             or an option is invalid.
     """
 
     def register(fn: Callable) -> Callable:
-        spec = TaskSpec(fn, name or fn.__name__, priority, retries, timeout)
+        schedule = {"every": every, "cron": cron, "tz": tz, "overlap": overlap}
+        spec = TaskSpec(fn, name or fn.__name__, priority, retries, timeout, schedule)
         old = _registry.get(spec.name)
         if old is not None and _origin(old.fn) != _origin(fn):
             raise ValueError(f"task name {spec.name!r} is already registered by {_origin(old.fn)}")
@@ -895,6 +953,9 @@ def _catalog_of(tasks: Any) -> dict[str, dict]:
             "retries": options.get("retries") or 0,
             "timeout": options.get("timeout"),
         }
+        for key in ("every", "cron", "tz", "overlap"):  # a periodic task's schedule
+            if options.get(key) is not None:
+                out[name][key] = options[key]
     return out
 
 
@@ -1226,6 +1287,190 @@ class ResultCache:
         return CacheInfo(self.hits, self.misses, self.evictions, self.expired, len(self._data), self.max_size, self.ttl)
 
 
+# Cron: when a periodic task is due.  Standard five fields; wall-clock
+# semantics in a time zone, so a daylight-saving change neither skips nor
+# doubles a run: a wall time the change skips runs at the first minute that
+# exists after it, one that occurs twice runs at its first occurrence only.
+
+_CRON_FIELDS = (  # name, lowest, highest, names
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_MACROS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+}
+_CRON_HORIZON = 29 * 366  # days searched for the next match (a given day and weekday can be 28 years apart)
+
+
+def _cron_field(text: str, name: str, lo: int, hi: int, names: tuple) -> frozenset:
+    """The values one cron field allows ("*/15", "1-5,mon", ...)."""
+
+    def value(v: str) -> int:
+        v = v.lower()
+        if v in names:
+            return names.index(v) + (1 if name == "month" else 0)
+        if not v.isdigit():
+            raise ValueError(f"cron {name} field {text!r}: {v!r} is not a number{' or a name' if names else ''}")
+        n = int(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"cron {name} field {text!r}: {n} is out of range {lo}-{hi}")
+        return n
+
+    out: set[int] = set()
+    for part in text.split(","):
+        rng, _, step_text = part.partition("/")
+        step = 1
+        if step_text:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise ValueError(f"cron {name} field {text!r}: the step {step_text!r} must be a whole number > 0")
+            step = int(step_text)
+        if rng == "*":
+            first, last = lo, hi
+        elif "-" in rng:
+            a, _, b = rng.partition("-")
+            first, last = value(a), value(b)
+            if first > last:
+                raise ValueError(f"cron {name} field {text!r}: the range {rng!r} runs backwards")
+        elif rng:
+            first = value(rng)
+            last = hi if step_text else first
+        else:
+            raise ValueError(f"cron {name} field {text!r}: an empty item")
+        out.update(range(first, last + 1, step))
+    if name == "day of week" and 7 in out:  # Sunday is 0 or 7
+        out = (out - {7}) | {0}
+    return frozenset(out)
+
+
+class Cron:
+    """A cron schedule: ``Cron("*/15 9-17 * * mon-fri", tz="Europe/Paris")``.
+
+    Five fields (minute, hour, day of month, month, day of week) with ``*``,
+    lists, ranges, steps and month and weekday names (Sunday is 0 or 7); when
+    both day fields are restricted, a day matching either runs (as Vixie
+    cron does).  ``@hourly``, ``@daily``, ``@weekly``, ``@monthly`` and
+    ``@yearly`` too.  ``tz`` is a zone name (default UTC): the fields are
+    wall-clock times there.
+
+    Raises:
+        ValueError: the expression or the zone is not valid (naming the field).
+    """
+
+    def __init__(self, expression: str, tz: str | None = None) -> None:
+        if type(expression) is not str:
+            raise ValueError(f"a cron expression is a string, not {expression!r}")
+        self.expression = expression
+        self.tz = tz
+        self._zone = _zone(tz)
+        text = _CRON_MACROS.get(expression.strip().lower(), expression)
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"cron expression {expression!r} must have 5 fields (minute hour day-of-month month day-of-week), "
+                f"not {len(fields)}"
+            )
+        self.minutes, self.hours, self.days, self.months, self.weekdays = (
+            _cron_field(f, *spec) for f, spec in zip(fields, _CRON_FIELDS, strict=True)
+        )
+        self._sorted_minutes = sorted(self.minutes)
+        self._sorted_hours = sorted(self.hours)
+        # Vixie cron: a day field that starts with "*" does not restrict the day
+        self._any_day = fields[2].startswith("*") or fields[4].startswith("*")
+        import datetime as dt
+
+        if self._next_day(dt.date(2000, 1, 1)) is None:
+            raise ValueError(f"cron expression {expression!r} never matches a day")
+
+    def __repr__(self) -> str:
+        return f"Cron({self.expression!r}" + (f", tz={self.tz!r})" if self.tz else ")")
+
+    def _day_ok(self, day: Any) -> bool:
+        if day.month not in self.months:
+            return False
+        dom, dow = day.day in self.days, (day.isoweekday() % 7) in self.weekdays
+        return (dom and dow) if self._any_day else (dom or dow)
+
+    def _next_day(self, day: Any) -> Any:
+        """The first day from ``day`` on that matches (None within the horizon)."""
+        import datetime as dt
+
+        for _ in range(_CRON_HORIZON):
+            if self._day_ok(day):
+                return day
+            day += dt.timedelta(days=1)
+        return None
+
+    def next(self, after: Any) -> Any:
+        """The first time strictly after ``after`` (an aware datetime) that
+        the schedule runs, as an aware datetime in its zone."""
+        import datetime as dt
+
+        if not isinstance(after, dt.datetime) or after.utcoffset() is None:
+            raise ValueError(f"Cron.next wants an aware datetime, not {after!r}")
+        zone = self._zone
+        local = after.astimezone(zone)
+        day = local.date()
+        start = (local.hour, local.minute)  # wall minutes before this one are past on the first day
+        while True:
+            found = self._next_day(day)
+            if found is None:
+                raise ValueError(f"cron expression {self.expression!r} has no run after {after.isoformat()}")
+            if found != day:
+                day, start = found, (0, 0)
+            for hour in self._sorted_hours:
+                if (hour, 59) < start:
+                    continue
+                for minute in self._sorted_minutes:
+                    if (hour, minute) < start:
+                        continue
+                    when = _wall_instant(dt.datetime(day.year, day.month, day.day, hour, minute), zone)
+                    if when > after:
+                        return when
+            day += dt.timedelta(days=1)
+            start = (0, 0)
+
+
+def _zone(tz: str | None) -> Any:
+    """The tzinfo of a zone name (None: UTC)."""
+    import datetime as dt
+
+    if tz is None:
+        return dt.timezone.utc
+    if type(tz) is not str:
+        raise ValueError(f"a time zone is a name such as 'Europe/Paris', not {tz!r}")
+    import zoneinfo
+
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"unknown time zone {tz!r}: {e}") from None
+
+
+def _wall_instant(wall: Any, zone: Any) -> Any:
+    """The instant a wall-clock time (naive) first shows in ``zone``; for a
+    time the zone skips (spring forward), the first minute after it that
+    exists."""
+    import datetime as dt
+
+    when = wall.replace(tzinfo=zone, fold=0)
+    if when.astimezone(dt.timezone.utc).astimezone(zone).replace(tzinfo=None) == wall:
+        return when
+    while True:  # in a gap: the next wall minute that exists
+        wall += dt.timedelta(minutes=1)
+        when = wall.replace(tzinfo=zone, fold=0)
+        if when.astimezone(dt.timezone.utc).astimezone(zone).replace(tzinfo=None) == wall:
+            return when
+
+
 ###############################################################################
 # Plane core ###################################################################
 ###############################################################################
@@ -1373,6 +1618,52 @@ class _WorkerState:
         }
 
 
+class _Schedule:
+    """A periodic task as the plane keeps it: when it is next due, and how
+    its runs went.  ``every`` counts from the previous due time (no drift);
+    a due time that passed while nothing could fire it (downtime, a pause)
+    is made up once, not once per missed slot."""
+
+    __slots__ = ("name", "every", "cron", "overlap", "next_due", "last_due", "last_run", "last_state", "runs",
+                 "skipped", "running")  # fmt: skip
+
+    def __init__(self, name: str, options: dict, now: float) -> None:
+        self.name = name
+        self.every = options.get("every")
+        self.cron = Cron(options["cron"], options.get("tz")) if options.get("cron") else None
+        self.overlap = bool(options.get("overlap"))
+        self.next_due = self.following(now, now)
+        self.last_due: float | None = None
+        self.last_run: str | None = None  # id of its latest run
+        self.last_state: str | None = None  # that run's state
+        self.runs = self.skipped = 0
+        self.running = 0  # runs not finished (retries included)
+
+    def following(self, due: float, now: float) -> float:
+        """The first due time after ``now``, counting from ``due``."""
+        if self.every is not None:
+            return due + (int((now - due) // self.every) + 1) * self.every
+        import datetime as dt
+
+        return self.cron.next(dt.datetime.fromtimestamp(now, dt.timezone.utc)).timestamp()
+
+    def saved(self) -> list:
+        return [self.next_due, self.last_due, self.last_run, self.last_state, self.runs, self.skipped]
+
+    def summary(self, tasks: dict) -> dict:
+        """What stats() and the dashboard show (``tasks``: the core's unfinished ones)."""
+        s: dict[str, Any] = {"name": self.name}
+        if self.every is not None:
+            s["every"] = self.every
+        else:
+            s["cron"], s["tz"] = self.cron.expression, self.cron.tz or "UTC"
+        s.update(overlap=self.overlap, next_run=self.next_due, last_run=self.last_due, last_task=self.last_run,
+                 runs=self.runs, skipped=self.skipped, running=self.running)  # fmt: skip
+        last = tasks.get(self.last_run) if self.last_run else None
+        s["last_state"] = self.last_state if last is None else last.state
+        return s
+
+
 class PlaneCore:
     """The plane's state machine: queue, timers, registry, dispatch, retries,
     result cache and counters, with no I/O (see the section comment).
@@ -1448,6 +1739,11 @@ class PlaneCore:
             self.cache.dropped = []
         self._ripe: set[_ClientState] = set()  # clients with a parked poll and results for it
         self._events: list[dict] = []  # completion events of the event at hand
+        self.schedules: dict[str, _Schedule] = {}  # periodic tasks by name
+        self._saved_schedules: dict[str, list] = {}  # from a journal, for schedules not yet known again
+        self._schedules_known = -1  # len(local_tasks) when the schedules were last looked for
+        self._schedules_dirty = False  # with a journal: a schedule changed in the event at hand
+        self._sync_schedules(now)
 
     # -- the one place a task changes state -------------------------------------
 
@@ -1506,6 +1802,7 @@ class PlaneCore:
             "workers_lost": self.workers_lost,
             "requeued": self.requeued,
             "handed_back": self.handed_back,
+            "schedules": {name: s.saved() for name, s in self.schedules.items()},
         }
 
     def _settle(self, task: _Task, now: float) -> None:
@@ -1519,6 +1816,13 @@ class PlaneCore:
         cs = self.clients.get(task.client)
         if cs is not None:
             self._post(cs, task.item)
+        if not task.client:  # a periodic task's run
+            s = self.schedules.get(task.name)
+            if s is not None:
+                s.running -= 1
+                if s.last_run == task.id:
+                    s.last_state = task.state
+                self._schedules_dirty = self.journaling
         if task.watchers:
             for fetch in task.watchers:
                 fetch.waiting -= 1
@@ -1623,7 +1927,8 @@ class PlaneCore:
             self._acts.append(Publish(self._events))
             self._events = []
         acts, self._acts = self._acts, []
-        if self.journaling and (self._touched or self.cache.dropped):
+        if self.journaling and (self._touched or self.cache.dropped or self._schedules_dirty):
+            self._schedules_dirty = False
             acts.insert(0, Journal(self._journal_records(), self._counters()))
         return acts
 
@@ -1702,9 +2007,9 @@ class PlaneCore:
             )
             self.tasks[tid] = task
             self.submitted += 1
-            delay = t.get("delay")
-            if delay:
-                self._move(task, SCHEDULED, now, due=now + delay)
+            due = t.get("eta") or now + (t.get("delay") or 0)
+            if due > now:
+                self._move(task, SCHEDULED, now, due=due)
             else:
                 self._move(task, QUEUED, now)
         self._dispatch(now)  # the work goes out first: it is what takes time
@@ -1919,6 +2224,7 @@ class PlaneCore:
         self.workers[wid] = w
         self.by_conn[conn] = w
         self._rebuild_catalog()
+        self._sync_schedules(now)
         self._log(logging.INFO, "worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid, w.concurrency)
         return w
 
@@ -2107,6 +2413,10 @@ class PlaneCore:
         due = self.timers.pop_due(now)
         for task in due:
             self._move(task, QUEUED, now)
+        if len(self.local_tasks) != self._schedules_known:
+            self._sync_schedules(now)
+        if self.schedules and now >= self._next_schedule:
+            due += self._fire(now)
         if due:
             self._dispatch(now)
         if now >= self._next_sweep:
@@ -2145,8 +2455,55 @@ class PlaneCore:
     def next_deadline(self) -> float:
         """When ``tick()`` has something to do next."""
         due = self.timers.next_due()
-        wake = min(self._next_sweep, self._next_reap)
+        wake = min(self._next_sweep, self._next_reap, self._next_schedule)
         return wake if due is None or due > wake else due
+
+    # -- periodic tasks -----------------------------------------------------------------
+
+    def _sync_schedules(self, now: float) -> None:
+        """Take up the periodic tasks the plane or a connected worker knows
+        (a schedule stays once known; with a journal, where it left off)."""
+        self._schedules_known = len(self.local_tasks)
+        for source in (self.local_tasks, self.catalog):
+            for name, spec in source.items():
+                options = spec.options if isinstance(spec, TaskSpec) else spec
+                if name in self.schedules or ("every" not in options and "cron" not in options):
+                    continue
+                s = self.schedules[name] = _Schedule(name, options, now)
+                saved = self._saved_schedules.pop(name, None)
+                if saved is not None:
+                    s.next_due, s.last_due, s.last_run, s.last_state, s.runs, s.skipped = saved
+                    s.running = sum(1 for t in self.tasks.values() if t.name == name and not t.client)
+                self.timers_changed = True
+        self._next_schedule = min((s.next_due for s in self.schedules.values()), default=float("inf"))
+
+    def _fire(self, now: float) -> list:
+        """Create one run of each periodic task that is due (or skip it if
+        its last run is still going); the runs are queued."""
+        runs = []
+        for s in self.schedules.values():
+            if s.next_due > now:
+                continue
+            due, s.next_due = s.next_due, s.following(s.next_due, now)
+            self._schedules_dirty = self.journaling
+            opts = self.options_of(s.name)
+            tid = f"{s.name}@{due:.3f}"
+            if opts is None or self.stopping or (s.running and not s.overlap) or tid in self.tasks:
+                s.skipped += 1
+                why = "no one runs it" if opts is None else "the plane stops" if self.stopping else "still running"
+                self._log(logging.INFO, "periodic task %s: run due at %.3f skipped (%s)", s.name, due, why)
+                continue
+            task = _Task({"id": tid, "name": s.name, "args": [], "kwargs": {}}, _RANK[opts["priority"]],
+                         opts["retries"], opts["timeout"], "", now)  # fmt: skip
+            self.tasks[tid] = task
+            self.submitted += 1
+            s.runs += 1
+            s.running += 1
+            s.last_due, s.last_run, s.last_state = due, tid, QUEUED
+            self._move(task, QUEUED, now)
+            runs.append(task)
+        self._next_schedule = min(s.next_due for s in self.schedules.values())
+        return runs
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -2240,6 +2597,12 @@ class PlaneCore:
             self.counts[state] = 0
         for key in ("retried", "late", "workers_lost", "requeued", "handed_back"):
             setattr(self, key, counters.get(key, 0))
+        saved_schedules = counters.get("schedules") or {}
+        for name, v in saved_schedules.items():
+            if not (type(v) is list and len(v) == 6 and type(v[0]) in _NUM and type(v[1]) in (*_NUM, type(None))
+                    and type(v[2]) in (str, type(None)) and type(v[3]) in (str, type(None))
+                    and type(v[4]) is int and type(v[5]) is int):  # fmt: skip
+                raise JournalError(f"the journal holds a malformed schedule for {name!r}")
         for task in tasks.values():
             self.tasks[task.id] = task
             self.counts[task.state] += 1
@@ -2248,6 +2611,10 @@ class PlaneCore:
             elif task.state == SCHEDULED:
                 self.timers.push(task, task.due)
         self.submitted = sum(self.counts.values())  # the accounting holds whatever the counters said
+        self._saved_schedules = dict(saved_schedules)  # schedules pick up where they left off, once known again
+        known, self.schedules = self.schedules, {}
+        self._sync_schedules(now)
+        self.schedules.update((name, s) for name, s in known.items() if name not in self.schedules)
         self.queue.resume_after(last_seq)
         for task in sorted(finished, key=lambda t: t.finished or 0.0):
             self.cache.put(task.id, task, task.finished or now)
@@ -2315,6 +2682,7 @@ class PlaneCore:
                 "expired": info.expired,
             },
             "clients": len(self.clients),
+            "schedules": [s.summary(self.tasks) for s in self.schedules.values()],
             "errors": dict(self.errors),
         }
 
@@ -3228,19 +3596,31 @@ class Client(concurrent.futures.Executor):
         delay: float | None = None,
         retries: int | None = None,
         timeout: float | None = None,
+        eta: Any = None,
     ) -> Future:
         """Submit a task with explicit options; ``None`` keeps the task's
         default.  ``priority`` is one of critical, high, normal, low;
-        ``delay`` is seconds before the task may run; ``retries`` how often a
-        failed run is retried; ``timeout`` the time limit of one run.
+        ``delay`` is seconds before the task may run, or ``eta`` the time
+        (an aware ``datetime`` or seconds since the epoch; by the plane's
+        clock); ``retries`` how often a failed run is retried; ``timeout``
+        the time limit of one run.
 
         Raises:
             TypeError: an argument is not JSON-serializable (nothing is sent).
-            ValueError: an option is invalid or the task is too large.
+            ValueError: an option is invalid (a naive datetime too) or the
+                task is too large.
         """
         tid = f"{self._id}-{next(self._ids)}"
         data = encode_task(
-            tid, _task_name(fn), args, kwargs, priority=priority, retries=retries, timeout=timeout, delay=delay
+            tid,
+            _task_name(fn),
+            args,
+            kwargs,
+            priority=priority,
+            retries=retries,
+            timeout=timeout,
+            delay=delay,
+            eta=None if eta is None else _epoch(eta),
         )
         if len(data) > self.max_message_size - 4096:
             raise ValueError(f"task {tid} is {len(data)} bytes, over the message size limit")
@@ -4729,6 +5109,7 @@ _PAGE = """<!doctype html>
 <section class="cards" id="cards"></section>
 <h2>Queues</h2><table id="queues"></table>
 <h2>Workers</h2><table id="workers"></table>
+<h2>Periodic tasks</h2><table id="schedules"></table>
 <h2>Recent tasks</h2><table id="tasks"></table>
 <script src="app.js"></script></body></html>
 """
@@ -4788,6 +5169,9 @@ async function refresh() {
     table("workers", ["name", "host", "pid", "load", "in flight", "concurrency", "last heartbeat", "state"],
       s.workers.map(w => [w.name, w.host, w.pid, (100 * w.in_flight / w.concurrency).toFixed(0) + " %",
         w.in_flight, w.concurrency, when(w.last_heartbeat), w.state || "connected"]));
+    table("schedules", ["name", "schedule", "next run", "last run", "last outcome", "runs", "skipped"],
+      s.schedules.map(p => [p.name, p.cron ? p.cron + " (" + p.tz + ")" : "every " + p.every + " s",
+        when(p.next_run), when(p.last_run), p.last_state || "", p.runs, p.skipped]));
     table("tasks", ["id", "name", "state", "priority", "attempts", "worker", "submitted", "duration s", "error"],
       tasks.map(t => [t.id, t.name, t.state, t.priority, t.attempts, t.worker, when(t.submitted_at),
         t.duration === null ? "" : t.duration.toFixed(4), t.error]));
@@ -5477,6 +5861,19 @@ def _client_from_args(args: argparse.Namespace) -> Client:
     )
 
 
+def _iso_time(text: str) -> Any:
+    """An aware datetime from ISO 8601 text with an offset ("Z" too)."""
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (2026-11-26T09:30:00+01:00)") from None
+    if when.utcoffset() is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no offset: add one (+01:00, Z)")
+    return when
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     kwargs = _parse_arg(args.kwargs) if args.kwargs else {}
     if not isinstance(kwargs, dict):
@@ -5490,6 +5887,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             priority=args.priority,
             retries=args.retries,
             delay=args.delay,
+            eta=args.eta,
         )
         if args.no_wait:
             client.close()  # sends it and waits for the plane to accept it
@@ -5706,6 +6104,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--priority", choices=PRIORITIES)
     p.add_argument("--retries", type=int)
     p.add_argument("--delay", type=float, metavar="SECONDS")
+    p.add_argument("--eta", type=_iso_time, metavar="TIME", help="when to run it: ISO 8601 with an offset")
     p.add_argument("--no-wait", action="store_true", help="print the task id instead of waiting")
     client_opts(p)
     p.set_defaults(func=_cmd_submit)

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import datetime
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zoneinfo
 
 import pynng
 import pytest
@@ -600,7 +602,8 @@ class Core:
         self.closed = []  # connections the core cut
 
     def new_core(self, plane_id):
-        core = fw.PlaneCore(plane_id, {n: spec(n) for n in self.local}, self.now, **self.kw)
+        specs = [n if isinstance(n, fw.TaskSpec) else spec(n) for n in self.local]
+        core = fw.PlaneCore(plane_id, {s.name: s for s in specs}, self.now, **self.kw)
         if self.zero_depth is not None:
             core._zero_depth = self.zero_depth
         return core
@@ -1248,6 +1251,304 @@ def run_random_sequence(seed, steps=40):
 def test_core_random_event_sequences_keep_the_accounting_and_end_every_task_once():
     for seed in range(1500):
         run_random_sequence(seed)
+
+
+# -- time: ETA, periodic and cron tasks (the core's clock) ----------------------------------
+
+
+UTC = datetime.timezone.utc
+CRON_NAMES = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "jun": 6, "jul": 7, "aug": 8, "sep": 9, "oct": 10,
+              "nov": 11, "dec": 12, "sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}  # fmt: skip
+
+
+def reference_values(text, lo, hi):
+    """What one cron field allows, the slow obvious way."""
+    values = set()
+    for part in text.split(","):
+        base, _, step = part.partition("/")
+        step = int(step) if step else 1
+        if base == "*":
+            a, b = lo, hi
+        elif "-" in base:
+            a, b = (int(CRON_NAMES.get(x, x)) for x in base.split("-"))
+        else:
+            a = int(CRON_NAMES.get(base, base))
+            b = hi if "/" in part else a
+        values |= {v for v in range(a, b + 1) if (v - a) % step == 0}
+    return {0 if v == 7 and hi == 7 else v for v in values}
+
+
+def reference_next(expr, after):
+    """The next minute after ``after`` (UTC) that ``expr`` matches, found by
+    walking the days and then the minutes of a matching day."""
+    fields = expr.split()
+    minute, hour, dom, month, dow = (
+        reference_values(f, lo, hi)
+        for f, (lo, hi) in zip(fields, [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)], strict=True)
+    )
+    either = not fields[2].startswith("*") and not fields[4].startswith("*")
+    t = after.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
+    for _ in range(30 * 366):
+        in_dom, in_dow = t.day in dom, (t.isoweekday() % 7) in dow
+        if t.month in month and ((in_dom or in_dow) if either else (in_dom and in_dow)):
+            while True:
+                if t.hour in hour and t.minute in minute:
+                    return t
+                t += datetime.timedelta(minutes=1)
+                if t.hour == 0 and t.minute == 0:
+                    break
+        else:
+            t = (t + datetime.timedelta(days=1)).replace(hour=0, minute=0)
+    return None
+
+
+def random_field(rng, lo, hi, names):
+    def one():
+        kind = rng.randrange(6)
+        a = rng.randint(lo, hi)
+        b = rng.randint(a, hi)
+        if kind == 0:
+            return "*"
+        if kind == 1:
+            return f"*/{rng.randint(1, hi - lo + 1)}"
+        if kind == 2:
+            return f"{a}-{b}" + (f"/{rng.randint(1, 5)}" if rng.random() < 0.4 else "")
+        if kind == 3 and names:
+            return rng.choice(names)
+        return str(a)
+
+    return ",".join(one() for _ in range(rng.choice([1, 1, 1, 2, 3])))
+
+
+def test_cron_matches_a_brute_force_reference_on_random_expressions_and_dates():
+    rng = random.Random(10)
+    months, days = list(CRON_NAMES)[:12], list(CRON_NAMES)[12:]
+    checked = 0
+    while checked < 1500:
+        expr = " ".join(
+            [random_field(rng, 0, 59, []), random_field(rng, 0, 23, []), random_field(rng, 1, 31, []),
+             random_field(rng, 1, 12, months), random_field(rng, 0, 7, days)]
+        )  # fmt: skip
+        try:
+            cron = fw.Cron(expr)
+        except ValueError as e:
+            assert "never matches" in str(e), (expr, e)
+            continue
+        after = datetime.datetime(2024, 1, 1, tzinfo=UTC) + datetime.timedelta(seconds=rng.randrange(5 * 365 * 86400))
+        expected = reference_next(expr, after)
+        assert cron.next(after) == expected, expr
+        checked += 1
+
+
+@pytest.mark.parametrize(
+    "expr, after, expected",
+    [
+        ("@hourly", "2026-11-26T10:15:00", "2026-11-26T11:00:00"),
+        ("@daily", "2026-11-26T10:15:00", "2026-11-27T00:00:00"),
+        ("@weekly", "2026-11-26T10:15:00", "2026-11-29T00:00:00"),  # a Sunday
+        ("@monthly", "2026-11-26T10:15:00", "2026-12-01T00:00:00"),
+        ("@yearly", "2026-11-26T10:15:00", "2027-01-01T00:00:00"),
+        ("0 9 * * 7", "2026-11-26T10:15:00", "2026-11-29T09:00:00"),  # Sunday as 7
+        ("0 9 * * sun", "2026-11-26T10:15:00", "2026-11-29T09:00:00"),
+        ("0 9 13 * fri", "2026-11-26T10:15:00", "2026-11-27T09:00:00"),  # Vixie: the 13th or a Friday
+        ("1-30/5 * * * *", "2026-11-26T10:15:00", "2026-11-26T10:16:00"),
+        ("0 0 29 feb *", "2026-11-26T10:15:00", "2028-02-29T00:00:00"),
+        ("15 10 26 nov thu", "2026-11-26T10:15:00", "2027-11-04T10:15:00"),  # strictly after; November only
+    ],
+)
+def test_cron_fields_names_macros_and_the_vixie_day_rule(expr, after, expected):
+    got = fw.Cron(expr).next(datetime.datetime.fromisoformat(after).replace(tzinfo=UTC))
+    assert got == datetime.datetime.fromisoformat(expected).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "expr, field",
+    [("* * * * * *", "5 fields"), ("61 * * * *", "minute"), ("*/0 * * * *", "minute"), ("5-1 * * * *", "minute"),
+     ("", "5 fields"), ("* 24 * * *", "hour"), ("* * 0 * *", "day of month"), ("* * * 13 *", "month"),
+     ("* * * * 8", "day of week"), ("* * * foo *", "month"), ("0 0 31 2 *", "never matches"), ("* * * * mon-", "week")],
+)  # fmt: skip
+def test_cron_refuses_a_bad_expression_naming_the_field(expr, field):
+    with pytest.raises(ValueError, match=field):
+        fw.Cron(expr)
+    with pytest.raises(ValueError, match=field):
+        fw.task(name="never.registered", cron=expr)(lambda: None)
+
+
+def test_cron_wants_aware_datetimes_and_a_real_zone():
+    with pytest.raises(ValueError, match="aware"):
+        fw.Cron("* * * * *").next(datetime.datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="zone"):
+        fw.Cron("* * * * *", tz="Mars/Olympus")
+    got = fw.Cron("0 9 * * *", tz="Europe/Paris").next(datetime.datetime(2026, 11, 26, tzinfo=UTC))
+    assert got.utcoffset() == datetime.timedelta(hours=1) and got.astimezone(UTC).hour == 8
+
+
+def periodic(name, **schedule):
+    return fw.TaskSpec(lambda: None, name, schedule=schedule)
+
+
+def epoch(text, tz="Europe/Paris"):
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=zoneinfo.ZoneInfo(tz)).timestamp()
+
+
+def run_schedule_until(h, end, step=60.0):
+    """Tick the core's clock minute by minute to ``end``; finish each run of
+    worker zero at once; the (wall clock in Paris) times runs started."""
+    started = []
+    while h.now < end:
+        h.tick(step)
+        for job in list(h.jobs):
+            started.append(datetime.datetime.fromtimestamp(h.now, zoneinfo.ZoneInfo("Europe/Paris")))
+            h.finish(job)
+    return [t.strftime("%m-%d %H:%M%z") for t in started]
+
+
+def test_a_cron_task_across_both_daylight_saving_changes_runs_once_per_day():
+    h = Core(local=(periodic("nightly", cron="30 2 * * *", tz="Europe/Paris"),))
+    h.now = epoch("2026-03-27T12:00:00")
+    h.core = h.new_core("plane-1")
+    spring = run_schedule_until(h, epoch("2026-03-31T12:00:00"))
+    assert spring == ["03-28 02:30+0100", "03-29 03:00+0200", "03-30 02:30+0200", "03-31 02:30+0200"]
+    h.now = epoch("2026-10-23T12:00:00")
+    h.core = h.new_core("plane-1")
+    autumn = run_schedule_until(h, epoch("2026-10-27T12:00:00"))
+    assert autumn == ["10-24 02:30+0200", "10-25 02:30+0200", "10-26 02:30+0100", "10-27 02:30+0100"]
+
+
+def test_an_every_15_minutes_cron_neither_doubles_nor_skips_around_the_changes():
+    h = Core(local=(periodic("often", cron="*/15 * * * *", tz="Europe/Paris"),))
+    h.now = epoch("2026-10-25T01:50:00")
+    h.core = h.new_core("plane-1")
+    autumn = run_schedule_until(h, epoch("2026-10-25T03:35:00"))
+    # 02:00-02:45 happen twice (CEST, then CET): the first time only
+    assert autumn[:7] == ["10-25 02:00+0200", "10-25 02:15+0200", "10-25 02:30+0200", "10-25 02:45+0200",
+                          "10-25 03:00+0100", "10-25 03:15+0100", "10-25 03:30+0100"]  # fmt: skip
+    h.now = epoch("2026-03-29T01:20:00")
+    h.core = h.new_core("plane-1")
+    spring = run_schedule_until(h, epoch("2026-03-29T03:35:00"))
+    assert spring == ["03-29 01:30+0100", "03-29 01:45+0100", "03-29 03:00+0200", "03-29 03:15+0200",
+                      "03-29 03:30+0200"]  # fmt: skip
+
+
+def test_every_counts_from_the_due_time_and_a_run_still_going_skips_the_next():
+    h = Core(local=(periodic("tick", every=10.0),))
+    s = h.core.schedules["tick"]
+    assert s.next_due == h.now + 10
+    h.tick(10.4)  # a little late: the next is still due 20 s after the start (no drift)
+    assert [j.name for j in h.jobs] == ["tick"] and s.next_due == 1020.0
+    h.tick(10.0)  # the first run is still going: skipped and counted
+    assert len(h.jobs) == 1 and s.skipped == 1 and s.running == 1
+    h.finish(h.jobs[0])
+    assert s.last_state == "succeeded" and s.running == 0
+    h.tick(10.0)
+    assert len(h.jobs) == 1 and s.runs == 2
+    stats = h.core.stats(h.now)["schedules"]
+    assert stats == [{"name": "tick", "every": 10.0, "overlap": False, "next_run": 1040.0, "last_run": 1030.0,
+                      "last_task": "tick@1030.000", "last_state": "running", "runs": 2, "skipped": 1,
+                      "running": 1}]  # fmt: skip
+
+
+def test_overlap_lets_runs_go_on_at_once():
+    h = Core(local=(periodic("tick", every=10.0, overlap=True),), concurrency=4)
+    h.tick(10)
+    h.tick(10)
+    assert len(h.jobs) == 2 and h.core.schedules["tick"].skipped == 0
+
+
+def test_after_a_long_pause_a_missed_schedule_runs_once():
+    h = Core(local=(periodic("tick", every=10.0), periodic("hourly", cron="0 * * * *")))
+    h.tick(7200.0)  # two hours with nothing to fire them (a paused process)
+    assert sorted(j.name for j in h.jobs) == ["hourly", "tick"]
+    s = h.core.schedules["tick"]
+    assert s.next_due == 1000.0 + 7210.0 and s.skipped == 0
+
+
+def test_with_a_journal_the_last_run_of_a_schedule_survives_a_restart():
+    h = Core(local=(periodic("tick", every=10.0),), journaling=True, zero_depth=1)
+    h.tick(10)
+    h.finish(h.jobs[0])
+    h.tick(5)
+    h.restart(600)  # down for ten minutes: the run due meanwhile happens once, at start
+    s = h.core.schedules["tick"]
+    assert (s.runs, s.last_due, s.last_state) == (1, 1010.0, "succeeded")
+    h.tick(0)
+    assert [j.name for j in h.jobs] == ["tick"] and s.runs == 2 and s.next_due == 1620.0
+
+
+def test_eta_and_delay_schedule_a_task_and_cancel_frees_it_at_once():
+    h = Core()
+    h.poll("c")
+    h.submit("c", item("late", eta=h.now - 50), item("later", eta=h.now + 30), item("d", delay=30.0))
+    assert h.core.tasks["late"].state == "running"  # an ETA in the past: at once
+    assert h.core.counts["scheduled"] == 2 and len(h.core.timers) == 2
+    cancel = h.request()
+    h.apply(h.core.cancel(cancel, ["later"], h.now))
+    assert h.reply(cancel).fields["ids"] == ["later"] and len(h.core.timers) == 1
+    h.tick(29)
+    assert h.core.tasks["d"].state == "scheduled"
+    h.tick(1)
+    assert h.core.tasks["d"].state in ("queued", "running")
+
+
+def test_eta_wants_an_aware_time_and_not_with_a_delay(client):
+    with pytest.raises(ValueError, match="aware"):
+        client.submit_with("t.add", (1, 2), eta=datetime.datetime.now())
+    with pytest.raises(ValueError, match="eta"):
+        client.submit_with("t.add", (1, 2), eta=time.time() + 5, delay=5)
+    for bad in (float("nan"), float("inf"), -1, True, "tomorrow"):
+        with pytest.raises(ValueError, match="eta"):
+            client.submit_with("t.add", (1, 2), eta=bad)
+    at = datetime.datetime.now(datetime.timezone(datetime.timedelta(hours=5))) + datetime.timedelta(seconds=0.3)
+    fut = client.submit_with("t.add", (1, 2), eta=at)
+    assert client.status(fut.task_id)["state"] == "scheduled"
+    assert fut.result(timeout=5) == 3 and time.time() >= at.timestamp()
+    assert client.submit_with("t.add", (2, 2), eta=time.time() - 3600).result(timeout=5) == 4  # the past: at once
+
+
+def test_cli_submit_takes_an_eta_with_an_offset(plane_proc):
+    ready = plane_proc()
+    soon = (datetime.datetime.now(UTC) + datetime.timedelta(seconds=0.5)).isoformat().replace("+00:00", "Z")
+    r = run_cli("submit", "add", "2", "3", "--eta", soon, "--plane", ready["listen"])
+    assert (r.returncode, r.stdout) == (0, "5\n"), r.stderr
+    r = run_cli("submit", "add", "2", "3", "--eta", "2026-11-26T10:00:00", "--plane", ready["listen"])
+    assert r.returncode == 2 and "offset" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+PERIODIC_MODULE = """
+import os, time
+import fastworker
+
+@fastworker.task(every=0.3)
+def beat():
+    path = os.environ["BEAT_LOG"]
+    with open(path, "a") as f:
+        f.write(f"start {time.time()}\\n")
+    time.sleep(0.5)  # longer than the period: the next due time finds it running
+    with open(path, "a") as f:
+        f.write(f"end {time.time()}\\n")
+"""
+
+
+def test_a_periodic_task_runs_again_and_again_and_never_twice_at_once(procs, tmp_path):
+    (tmp_path / "beats.py").write_text(PERIODIC_MODULE)
+    log = tmp_path / "beats.log"
+    env = {"BEAT_LOG": str(log)}
+    plane = procs("plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--tasks", "beats",
+                  cwd=tmp_path, env=env)  # fmt: skip
+    ready = plane.ready()
+    procs("worker", "--plane", ready["listen"], "--tasks", "beats", cwd=tmp_path, env=env).ready()
+
+    def lines():
+        return log.read_text().split() if log.exists() else []
+
+    wait_until(lambda: lines().count("end") >= 4, 20, "four runs")
+    depth = 0
+    for kind in lines()[::2]:  # never two at once: starts and ends alternate
+        depth += 1 if kind == "start" else -1
+        assert depth in (0, 1)
+    with fw.Client(ready["listen"]) as c:
+        (s,) = c.stats()["schedules"]
+    assert s["name"] == "beat" and s["runs"] >= 4 and s["skipped"] >= 1 and s["every"] == 0.3
 
 
 # -- the journal file (SQLite, no sockets) ---------------------------------------------------
