@@ -137,7 +137,8 @@ OUTBOX_IDLE = 60.0  # a client that has not asked for this long keeps its undeli
 MAX_OUTBOX = 100_000  # undelivered results kept per client (past that the oldest go; it asks for them)
 MAX_PARKED = 10_000  # client polls the plane holds at once...
 MAX_PARKED_PER_CONN = 64  # ...and per connection
-QUERY_CHUNK = 1000  # a long status or cancel request is done this many ids at a time
+QUERY_CHUNK = 1000  # a long status or fetch request is done this many ids at a time...
+CANCEL_CHUNK = 200  # ...and a cancel this many (each cancelled task settles: a few ms under the lock in all)
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
 SHUTDOWN_GRACE = 5.0  # seconds running tasks get to finish on stop
 _BATCH_BYTES = 1024 * 1024  # a client sends at most this much per message
@@ -4614,11 +4615,11 @@ class Plane(_Role):
 
     def _on_cancel(self, h: int, msg: dict, pipe: int) -> None:
         ids = msg["ids"]
-        if len(ids) <= QUERY_CHUNK:
+        if len(ids) <= CANCEL_CHUNK:
             return self._call(self.core.cancel, h, ids)
         cancelled: list = []
-        for i in range(0, len(ids), QUERY_CHUNK):
-            self._call(self.core.cancel_some, ids[i : i + QUERY_CHUNK], cancelled)
+        for i in range(0, len(ids), CANCEL_CHUNK):
+            self._call(self.core.cancel_some, ids[i : i + CANCEL_CHUNK], cancelled)
         self._call(self.core.answer, h, "cancelled", {"ids": cancelled}, None)
 
     def _on_bye(self, h: int, msg: dict, pipe: int) -> None:
@@ -4927,7 +4928,10 @@ class Worker(_Role):
                     self._done, self._returned = [], []
                     self._announce = False
                     self._pulls += 1
-                    fields: dict[str, Any] = {"worker": self.id, "credit": 0 if self._draining else self.concurrency}
+                    # slots still busy with runs for a plane that is gone (it restarted) are not offered
+                    orphans = sum(1 for job in self._running.values() if job.plane != self._plane_id)
+                    credit = 0 if self._draining else max(0, self.concurrency - orphans)
+                    fields: dict[str, Any] = {"worker": self.id, "credit": credit}
                     if not self._registered:
                         fields["info"] = self._info()
                     if returned:
@@ -5078,8 +5082,12 @@ class Worker(_Role):
 
     def _report(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
         with self._lock:
-            if self._running.pop(job.id, None) is None or job.plane != self._plane_id:
-                return  # handed back, or its plane is gone: nobody wants it
+            if self._running.pop(job.id, None) is None:
+                return  # handed back: nobody wants it
+            if job.plane != self._plane_id:  # its plane is gone: nobody wants it, but its slot is free again
+                self._announce = True
+                self._wake.notify()
+                return
             self._held.discard(job.id)
             self._done.append(item)
             self._wake.notify()  # a lane sends it
@@ -5239,12 +5247,30 @@ def _dashboard_handler() -> type:
         """Serves the page, the JSON API, /metrics and /healthz of one plane."""
 
         server_version = f"fastworker/{__version__}"
-        timeout = DASHBOARD_TIMEOUT  # seconds a connection may take to send its request
+        timeout = DASHBOARD_TIMEOUT  # seconds a connection may take to send its request (each read...)
         plane: Plane  # set on the subclass made per server
         token: bytes | None  # what a request must show (None: nothing)
         host_ok: Callable[[str], bool]  # whether a Host header names this machine
 
+        def setup(self) -> None:
+            super().setup()
+            # ...and the whole request: one trickled in a byte at a time is cut off all the same
+            self._watchdog = threading.Timer(self.timeout, self._cut_off)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+        def _cut_off(self) -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # gone already
+
+        def finish(self) -> None:
+            self._watchdog.cancel()
+            super().finish()
+
         def do_GET(self) -> None:
+            self._watchdog.cancel()  # the request is in
             url = urllib.parse.urlsplit(self.path)
             path = url.path.rstrip("/") or "/"
             if not self.host_ok(self.headers.get("Host") or ""):  # a page on another name (DNS rebinding)

@@ -3292,6 +3292,21 @@ def test_dashboard_caps_connections_and_times_idle_ones_out(monkeypatch):
             for s in idle:  # an idle connection is closed after the timeout
                 assert s.recv(1) == b""
             assert time.monotonic() - t0 < 3
+            with socket.create_connection((host, int(port)), timeout=5) as trickle:
+                t0 = time.monotonic()
+
+                def cut_off():  # a request trickled in a byte at a time is cut off too
+                    try:
+                        trickle.send(b"G")
+                        trickle.settimeout(0.1)
+                        return trickle.recv(1) == b""
+                    except TimeoutError:
+                        return False
+                    except OSError:
+                        return True
+
+                wait_until(cut_off, 5, "the trickled request to be cut off")
+                assert time.monotonic() - t0 < 3
             assert http_get(plane.dashboard_url + "healthz")[0] == 200
             with fw.Client(plane.address, timeout=5) as c:
                 assert c.submit("fastworker.echo", 7).result(timeout=5) == 7
