@@ -565,7 +565,7 @@ def encode_task(
         data = _json_bytes(task)
     except RecursionError:
         data = b""
-    if not data or _too_deep(task["args"]) or _too_deep(task["kwargs"]):
+    if not data or ((task["args"] or task["kwargs"]) and (_too_deep(task["args"]) or _too_deep(task["kwargs"]))):
         raise ValueError(f"the arguments of task {name!r} are nested more than {MAX_DEPTH} deep")
     return data
 
@@ -1462,14 +1462,11 @@ def _wall_instant(wall: Any, zone: Any) -> Any:
     exists."""
     import datetime as dt
 
-    when = wall.replace(tzinfo=zone, fold=0)
-    if when.astimezone(dt.timezone.utc).astimezone(zone).replace(tzinfo=None) == wall:
-        return when
-    while True:  # in a gap: the next wall minute that exists
-        wall += dt.timedelta(minutes=1)
+    while True:
         when = wall.replace(tzinfo=zone, fold=0)
         if when.astimezone(dt.timezone.utc).astimezone(zone).replace(tzinfo=None) == wall:
             return when
+        wall += dt.timedelta(minutes=1)  # in a gap: the next wall minute may exist
 
 
 ###############################################################################
@@ -2613,9 +2610,8 @@ class PlaneCore:
                 self.timers.push(task, task.due)
         self.submitted = sum(self.counts.values())  # the accounting holds whatever the counters said
         self._saved_schedules = dict(saved_schedules)  # schedules pick up where they left off, once known again
-        known, self.schedules = self.schedules, {}
+        self.schedules = {}
         self._sync_schedules(now)
-        self.schedules.update((name, s) for name, s in known.items() if name not in self.schedules)
         self.queue.resume_after(last_seq)
         for task in sorted(finished, key=lambda t: t.finished or 0.0):
             self.cache.put(task.id, task, task.finished or now)
@@ -4223,7 +4219,7 @@ class Plane(_Role):
         self._lock = threading.Lock()  # guards the core: every call into it, and nothing else
         self._tick = threading.Condition(self._lock)  # the housekeeper waits for the core's next deadline
         self._drained = threading.Condition(self._lock)  # stop() waits for running tasks, then for clients
-        self._no_results = self._no_tasks = b""  # the empty replies, encoded once by start()
+        self._no_results = self._no_tasks = b""  # the empty unsigned replies, encoded once by start()
         self._handlers = {
             "submit": self._on_submit,
             "poll": self._on_poll,
@@ -4275,8 +4271,8 @@ class Plane(_Role):
                 raise
             self.id = self.core.id  # a plane keeps its identity across restarts
         # the empty replies never change: encode them once
-        self._no_results = encode_batch("results", "results", [], self._secret, plane=self.id, boot=self.boot)
-        self._no_tasks = encode_batch("tasks", "tasks", [], self._secret, plane=self.id)
+        self._no_results = encode_batch("results", "results", [], None, plane=self.id, boot=self.boot)
+        self._no_tasks = encode_batch("tasks", "tasks", [], None, plane=self.id)
         tls = _tls_for(self.listen, self._tls, True)  # the same for every socket of the plane
         sock = pynng.Rep0(recv_max_size=2 * self.max_message_size, tls_config=tls)
         # NNG calls this on its own thread with a socket lock held: hand the
@@ -4597,21 +4593,23 @@ class Plane(_Role):
         ids = msg["ids"]
         if len(ids) <= QUERY_CHUNK:
             return self._call(self.core.fetch, h, pipe, ids, msg["wait"])
-        items: list = []  # a long one is answered at once, a piece at a time
-        for i in range(0, len(ids), QUERY_CHUNK):
-            with self._lock:
-                items += self.core.fetch_items(ids[i : i + QUERY_CHUNK], self._clock())
+        items = self._in_pieces(self.core.fetch_items, ids)  # a long one is answered at once
         self._call(self.core.answer, h, "results", _NOTHING, items)
 
     def _on_status(self, h: int, msg: dict, pipe: int) -> None:
         ids = msg["ids"]
         if len(ids) <= QUERY_CHUNK:
             return self._call(self.core.status, h, ids)
-        statuses: list = []  # a piece at a time: others get the lock in between
+        self._call(self.core.answer, h, "statuses", {"statuses": self._in_pieces(self.core.statuses, ids)}, None)
+
+    def _in_pieces(self, query: Callable[[list, float], list], ids: list) -> list:
+        """A read-only query of the core over many ids, QUERY_CHUNK at a time
+        under the lock, so that others get it in between."""
+        out: list = []
         for i in range(0, len(ids), QUERY_CHUNK):
             with self._lock:
-                statuses += self.core.statuses(ids[i : i + QUERY_CHUNK], self._clock())
-        self._call(self.core.answer, h, "statuses", {"statuses": statuses}, None)
+                out += query(ids[i : i + QUERY_CHUNK], self._clock())
+        return out
 
     def _on_cancel(self, h: int, msg: dict, pipe: int) -> None:
         ids = msg["ids"]
