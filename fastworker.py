@@ -51,6 +51,7 @@ __all__ = [
     "JournalError",
     "AuthenticationError",
     "PlaneUnavailable",
+    "AddressInUse",
     "PRIORITIES",
     "TLSFiles",
     "derived_dashboard_token",
@@ -66,6 +67,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import errno
 import functools
 import gc
 import heapq
@@ -73,6 +75,7 @@ import importlib
 import inspect
 import itertools
 import json
+import linecache
 import logging
 import os
 import queue
@@ -140,6 +143,13 @@ MAX_PARKED_PER_CONN = 64  # ...and per connection
 QUERY_CHUNK = 1000  # a long status or fetch request is done this many ids at a time...
 CANCEL_CHUNK = 200  # ...and a cancel this many (each cancelled task settles: a few ms under the lock in all)
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
+MAX_RECENT = 10_000  # tasks one listing of recent tasks may ask for...
+RECENT_SCAN = 50_000  # ...and how many it looks at, at most
+MAX_RUNS_KEPT = 10  # failed runs of one task kept for its page (the newest)
+MAX_TRACEBACK = 16 * 1024  # characters of a failed run's traceback kept for its page (the end)
+MAX_NAMES = 1000  # task names the plane keeps figures for (more are counted under "(other)")
+NAME_DURATIONS = 1000  # durations kept per task name for its percentiles (the newest)
+THROUGHPUT_WINDOW = 600  # seconds of finished-task counts kept for the dashboard's chart
 SHUTDOWN_GRACE = 5.0  # seconds running tasks get to finish on stop
 _BATCH_BYTES = 1024 * 1024  # a client sends at most this much per message
 HEARTBEAT_MAX_SIZE = 64 * 1024  # bytes a heartbeat message may have
@@ -224,6 +234,10 @@ class PlaneUnavailable(FastworkerError, ConnectionError):
     """The plane could not be reached in time, or went away."""
 
 
+class AddressInUse(FastworkerError, OSError):
+    """A plane cannot listen: another process has the address."""
+
+
 class JournalError(FastworkerError):
     """The plane's journal file cannot be used (not a journal, corrupt,
     written by a newer version, in use by another plane) or written."""
@@ -270,6 +284,12 @@ _loads = json.loads
 
 def _json_bytes(obj: Any) -> bytes:
     return _dumps(obj).encode()
+
+
+def _percentile(sorted_values: list, p: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    k = max(0, min(len(sorted_values) - 1, -(-len(sorted_values) * p // 100) - 1))
+    return sorted_values[int(k)]
 
 
 def _require_pynng() -> None:
@@ -384,6 +404,11 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #   statuses   plane -> client   statuses:[{id, state, ...}]
 #   cancel     client -> plane   ids:[str]
 #   cancelled  plane -> client   ids:[str]              (those it cancelled)
+#   purge      client -> plane   priority?:str          (cancel every queued task
+#                                of that priority, or of all)
+#   purged     plane -> client   count:int
+#   recent     client -> plane   limit:int, state?:str, search?:str (recent
+#                                tasks, newest first: answered with "statuses")
 #   stats      client -> plane   -
 #   report     plane -> client   stats:{...}            (as /api/stats)
 #   hello      any -> plane      -
@@ -392,8 +417,9 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #   ok         plane -> client   -
 #   pull       worker -> plane   worker:str, credit:int, results:[RESULT],
 #                                info?:WORKER (to register), returned?:[str]
-#                                (ids handed back unfinished); held until
-#                                there is work for the worker
+#                                (ids handed back unfinished), leaving?:bool
+#                                (its last: it stops); held until there is
+#                                work for the worker
 #   tasks      plane -> worker   plane:str, tasks:[TASK], register?:bool (send
 #                                info), heartbeat?:str, heartbeat_interval?:num
 #   heartbeat  worker -> plane   worker:{id:str, ...}       (PUB/SUB)
@@ -445,6 +471,9 @@ OPS: dict[str, dict[str, Any]] = {
     "statuses": {"statuses": list},
     "cancel": {"ids": list},
     "cancelled": {"ids": list},
+    "purge": {},
+    "purged": {"count": int},
+    "recent": {"limit": int},
     "stats": {},
     "report": {"stats": dict},
     "hello": {},
@@ -565,9 +594,23 @@ def encode_task(
         data = _json_bytes(task)
     except RecursionError:
         data = b""
+    except TypeError:
+        raise TypeError(_not_json(name, task["args"], task["kwargs"])) from None
     if not data or ((task["args"] or task["kwargs"]) and (_too_deep(task["args"]) or _too_deep(task["kwargs"]))):
         raise ValueError(f"the arguments of task {name!r} are nested more than {MAX_DEPTH} deep")
     return data
+
+
+def _not_json(name: str, args: list, kwargs: dict) -> str:
+    """Which argument of a task JSON cannot carry, and what to do."""
+    where = [(f"argument {i + 1}", v) for i, v in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for label, value in where:
+        try:
+            _json_bytes(value)
+        except (TypeError, ValueError, RecursionError) as e:
+            return (f"{label} of task {name!r} cannot be sent: {e}; pass JSON values only (str, int, float, bool, "
+                    "None, list, dict with str keys): convert it first, e.g. list(a_set) or a_datetime.isoformat()")  # fmt: skip
+    return f"the arguments of task {name!r} cannot be sent as JSON"
 
 
 def _epoch(when: Any) -> float:
@@ -758,6 +801,17 @@ def _validate(msg: dict) -> dict:
             info = msg.get("info")
             if info is not None and type(info) is not dict:
                 raise ProtocolError("field 'info' must be an object")
+            if type(msg.get("leaving", False)) is not bool:
+                raise ProtocolError("field 'leaving' must be true or false")
+    elif op == "purge":
+        if msg.get("priority") not in (None, *PRIORITIES):
+            raise ProtocolError("field 'priority' must be one of " + ", ".join(PRIORITIES))
+    elif op == "recent":
+        state, search = msg.get("state"), msg.get("search")
+        if not 0 <= msg["limit"] <= MAX_RECENT or state not in (None, *STATES):
+            raise ProtocolError(f"a 'recent' needs a limit of 0 to {MAX_RECENT} and a state of " + ", ".join(STATES))
+        if search is not None and (type(search) is not str or len(search) > _MAX_ID):
+            raise ProtocolError("field 'search' must be a string of at most 200 characters")
     elif op == "heartbeat":
         wid = msg["worker"].get("id")
         if type(wid) is not str or not 0 < len(wid) <= _MAX_ID:
@@ -836,7 +890,7 @@ class TaskSpec:
     every submission.
     """
 
-    __slots__ = ("fn", "name", "options", "is_async")
+    __slots__ = ("fn", "name", "options", "is_async", "_arity")
 
     def __init__(
         self,
@@ -859,6 +913,33 @@ class TaskSpec:
         self.fn = fn
         self.name = name
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._arity: tuple | None = None  # (fewest, most positional, needs keywords); worked out on first use
+
+    def check_call(self, args: tuple | list, kwargs: dict | None) -> None:
+        """Raise TypeError, naming the task, if its function cannot take
+        these arguments.  Cheap for positional arguments: the common case
+        compares two numbers."""
+        if self._arity is None:
+            try:
+                sig = inspect.signature(self.fn)
+            except (TypeError, ValueError):  # a builtin without a signature: the worker will tell
+                self._arity = (0, None, False)
+                return
+            params = sig.parameters.values()
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            fewest = sum(1 for p in positional if p.default is p.empty)
+            most = None if any(p.kind == p.VAR_POSITIONAL for p in params) else len(positional)
+            needs_kw = any(p.kind == p.KEYWORD_ONLY and p.default is p.empty for p in params)
+            self._arity = (fewest, most, needs_kw, sig)
+        fewest, most, needs_kw, *sig = self._arity
+        if not kwargs and not needs_kw and fewest <= len(args) and (most is None or len(args) <= most):
+            return
+        if not sig:
+            return
+        try:
+            sig[0].bind(*args, **(kwargs or {}))
+        except TypeError as e:
+            raise TypeError(f"task {self.name!r} cannot take these arguments: {e} (its signature: {sig[0]})") from None
 
     @property
     def priority(self) -> str:
@@ -1025,6 +1106,7 @@ class _Task:
         "timer",
         "wire",
         "crashes",
+        "failures",
     )
 
     def __init__(self, t: dict, rank: int, retries: int, timeout: float | None, client: str, now: float) -> None:
@@ -1053,6 +1135,7 @@ class _Task:
         self.timer = None  # its live entry in the timer heap
         self.wire = None  # the TASK item a worker receives, encoded once
         self.crashes = 0  # plane crashes it was running through (journal)
+        self.failures = None  # its failed runs, oldest first (at most MAX_ATTEMPTS_KEPT): see attempt_log()
 
     def wire_bytes(self) -> bytes:
         """The TASK item for a worker, without the attempt number."""
@@ -1081,11 +1164,27 @@ class _Task:
             "error": self.error,
         }
 
+    def detail(self, now: float, show_args: bool) -> dict:
+        """What a task's page shows: its summary, every run with worker,
+        times and error (the last failure's traceback in full), and its
+        arguments if the operator opted in."""
+        out = self.summary(now)
+        runs = [dict(f) for f in self.failures or ()]
+        if self.started is not None and (self.state != FAILED or not runs or runs[-1]["started_at"] != self.started):
+            end = self.finished if self.state in TERMINAL else None
+            runs.append({"run": self.runs, "worker": self.worker, "started_at": self.started, "finished_at": end,
+                         "state": self.state, "error": None, "traceback": None})  # fmt: skip
+        out["runs"] = runs
+        out["traceback"] = runs[-1]["traceback"] if runs and self.state == FAILED else None
+        if show_args and self.args is not None:
+            out["args"], out["kwargs"] = self.args, self.kwargs
+        return out
+
 
 class _Job:
     """One run of a task, as the process that runs it sees it."""
 
-    __slots__ = ("id", "name", "args", "kwargs", "timeout", "run", "plane", "rank", "seq")
+    __slots__ = ("id", "name", "args", "kwargs", "timeout", "run", "plane", "rank", "seq", "started")
 
     def __init__(
         self,
@@ -1107,6 +1206,7 @@ class _Job:
         self.run = run  # the plane's number for this run, sent back with the result
         self.plane = plane  # the plane that sent it
         self.rank, self.seq = rank, seq  # its place in the plane's queue
+        self.started = 0.0  # time.monotonic() when a worker's runner took it
 
 
 class TaskQueue:
@@ -1616,6 +1716,43 @@ class _WorkerState:
         }
 
 
+class _NameStats:
+    """What the plane knows of one task name's finished runs: counts, the
+    newest durations (for percentiles) and the last failure."""
+
+    __slots__ = ("succeeded", "failed", "cancelled", "durations", "last_failure")
+
+    def __init__(self) -> None:
+        self.succeeded = self.failed = self.cancelled = 0
+        self.durations: collections.deque = collections.deque(maxlen=NAME_DURATIONS)
+        self.last_failure: dict | None = None
+
+    def count(self, state: str, took: float | None, task: Any, now: float) -> None:
+        if state == SUCCEEDED:
+            self.succeeded += 1
+        elif state == FAILED:
+            self.failed += 1
+            self.last_failure = {"id": task.id, "at": now, "error": task.error}
+        else:
+            self.cancelled += 1
+        if took is not None:
+            self.durations.append(took)
+
+    def summary(self, name: str) -> dict:
+        done = self.succeeded + self.failed
+        ds = sorted(self.durations)
+        return {
+            "name": name,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "failure_rate": round(self.failed / done, 4) if done else 0.0,
+            "p50": round(_percentile(ds, 50), 6) if ds else None,
+            "p95": round(_percentile(ds, 95), 6) if ds else None,
+            "last_failure": self.last_failure,
+        }
+
+
 class _Schedule:
     """A periodic task as the plane keeps it: when it is next due, and how
     its runs went.  ``every`` counts from the previous due time (no drift);
@@ -1688,6 +1825,7 @@ class PlaneCore:
         retry_backoff: float = DEFAULT_RETRY_BACKOFF,
         reap_interval: float = REAP_INTERVAL,
         journaling: bool = False,
+        log_args: bool = False,
     ) -> None:
         self.id = plane_id
         self.local_tasks = local_tasks
@@ -1700,6 +1838,8 @@ class PlaneCore:
         self.stopping = False  # no new work; running tasks may finish
         self.closed = False  # stopped: clients collect their last results and learn what will not finish
         self.journaling = journaling  # say what changed, in Journal actions
+        self.log_args = log_args  # the operator opted in: arguments in the log and on the dashboard
+        self.log_tasks = logger.isEnabledFor(logging.DEBUG)  # a DEBUG line per start and finish
         self.timers_changed = False  # a timer came due sooner: the shell's housekeeper must wake
         self.tasks: dict[str, _Task] = {}  # every task not yet finished, in submission order
         self.queue = TaskQueue()
@@ -1714,9 +1854,12 @@ class PlaneCore:
         self.zero = _WorkerState("plane", {"name": "plane", "concurrency": concurrency}, local_tasks, None, now)
         self.counts = dict.fromkeys(STATES, 0)
         self.submitted = self.retried = self.late = 0
-        self.workers_lost = self.requeued = self.handed_back = 0
+        self.workers_lost = self.workers_left = self.requeued = self.handed_back = 0
+        self.names: dict[str, _NameStats] = {}  # figures per task name, for the dashboard
+        self.throughput: collections.deque = collections.deque(maxlen=THROUGHPUT_WINDOW)  # [second, ok, failed]
         self.errors = {"protocol": 0, "auth": 0, "replay": 0, "internal": 0, "send": 0}
-        self.recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)
+        self.recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # finished tasks, oldest first
+        self.recent_failed: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # ...that failed
         self.started_at = now
         self._turns = itertools.count(1)
         self.zero.turn = next(self._turns)
@@ -1778,6 +1921,10 @@ class PlaneCore:
             task.runs += 1
             task.started = now
             task.worker = worker.name
+            if self.log_tasks:
+                args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.log_args else ""
+                self._log(logging.DEBUG, "task %s %s started on %s (run %d)%s", task.id, task.name, worker.name,
+                          task.runs, args)  # fmt: skip
         else:
             self._settle(task, now)
         if self.journaling and task.id not in self._touched:
@@ -1798,6 +1945,7 @@ class PlaneCore:
             "retried": self.retried,
             "late": self.late,
             "workers_lost": self.workers_lost,
+            "workers_left": self.workers_left,
             "requeued": self.requeued,
             "handed_back": self.handed_back,
             "schedules": {name: s.saved() for name, s in self.schedules.items()},
@@ -1808,9 +1956,14 @@ class PlaneCore:
         cache it and tell whoever waits for it."""
         task.finished = now
         del self.tasks[task.id]
-        task.args = task.kwargs = task.wire = None  # keep the outcome, not the input
+        task.wire = None
+        if not self.log_args:
+            task.args = task.kwargs = None  # keep the outcome, not the input
+        self._count_finished(task, now)
         self.cache.put(task.id, task, now)
         self.recent.append(task)
+        if task.state == FAILED:
+            self.recent_failed.append(task)
         cs = self.clients.get(task.client)
         if cs is not None:
             self._post(cs, task.item)
@@ -1831,6 +1984,24 @@ class PlaneCore:
         if self.subscribers:
             self._events.append(task.summary(now))
 
+    def _count_finished(self, task: _Task, now: float) -> None:
+        """The figures per task name and the throughput chart."""
+        state, names = task.state, self.names
+        figures = names.get(task.name)
+        if figures is None:
+            name = task.name if len(names) < MAX_NAMES else "(other)"
+            figures = names.get(name) or names.setdefault(name, _NameStats())
+        took = None if task.started is None or state == CANCELLED else now - task.started
+        figures.count(state, took, task, now)
+        if self.log_tasks:
+            where = "" if took is None else f" on {task.worker} in {took:.6f} s"
+            self._log(logging.DEBUG, "task %s %s %s%s", task.id, task.name, state, where)
+        if state != CANCELLED:
+            second, chart = int(now), self.throughput
+            if not chart or chart[-1][0] != second:
+                chart.append([second, 0, 0])
+            chart[-1][1 if state == SUCCEEDED else 2] += 1
+
     def _outcome(self, task: _Task, state: str, item: bytes, error: Any, now: float) -> None:
         """The outcome of one run of a running task: retry it, or make it
         final.  A task that raised waits 1 s, 2 s, 4 s ... (from the retry
@@ -1839,6 +2010,7 @@ class PlaneCore:
         err = error if type(error) is dict else None
         if err is not None:
             task.error = f"{err.get('type')}: {err.get('message')}"
+            self._failed_run(task, err, now)
         kind = err.get("kind") if err is not None else None
         if state == FAILED and kind in ("raised", "lost") and task.attempts <= task.retries:
             self.retried += 1
@@ -1853,6 +2025,23 @@ class PlaneCore:
             task.error = None  # an earlier attempt's error is history
         task.item = item
         self._move(task, state, now)
+
+    def _failed_run(self, task: _Task, err: dict, now: float) -> None:
+        """Keep a failed run for the task's page, and say so at WARNING."""
+        tb = str(err.get("traceback") or "")
+        if len(tb) > MAX_TRACEBACK:  # the end says the most
+            tb = "...\n" + tb[-MAX_TRACEBACK:]
+        run = {"run": task.runs, "worker": task.worker, "started_at": task.started, "finished_at": now,
+               "state": FAILED, "error": task.error, "traceback": tb or None}  # fmt: skip
+        if task.failures is None:
+            task.failures = []
+        elif len(task.failures) >= MAX_RUNS_KEPT:
+            del task.failures[0]
+        task.failures.append(run)
+        took = "" if task.started is None else f" after {now - task.started:.3f} s"
+        args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.log_args else ""
+        self._log(logging.WARNING, "task %s %s failed on %s%s (run %d): %s%s", task.id, task.name, task.worker,
+                  took, task.runs, task.error, args)  # fmt: skip
 
     # -- building actions ---------------------------------------------------------
 
@@ -2089,10 +2278,21 @@ class PlaneCore:
         self._cancel(ids, cancelled, now)
         return self._done()
 
-    def _cancel(self, ids: list, cancelled: list, now: float) -> None:
+    def purge_some(self, ids: list, cancelled: list, now: float) -> list:
+        """Cancel those of ``ids`` that are still queued (a purge, a piece
+        at a time: see queued_ids())."""
+        self._cancel(ids, cancelled, now, (QUEUED,))
+        return self._done()
+
+    def queued_ids(self, priority: str | None) -> list[str]:
+        """The ids of the queued tasks, of one priority or of all."""
+        rank = None if priority is None else _RANK[priority]
+        return [t.id for t in self.tasks.values() if t.state == QUEUED and (rank is None or t.rank == rank)]
+
+    def _cancel(self, ids: list, cancelled: list, now: float, states: tuple = (QUEUED, SCHEDULED)) -> None:
         for tid in ids:
             task = self.tasks.get(tid)
-            if task is not None and (task.state == QUEUED or task.state == SCHEDULED):
+            if task is not None and task.state in states:
                 task.item = encode_result(tid, CANCELLED)
                 self._move(task, CANCELLED, now)
                 cancelled.append(tid)
@@ -2124,12 +2324,14 @@ class PlaneCore:
         returned: list[str],
         info: dict | None,
         now: float,
+        leaving: bool = False,
     ) -> list:
         """A worker's request for work.  It carries the results of earlier
         runs and the ids of tasks it hands back; the reply carries new tasks,
         as soon as there are any.  The first pull (with ``info``) registers
         the worker; one that ran tasks for this plane before it restarted
-        (a journal) registers again and reports them.
+        (a journal) registers again and reports them.  A worker that stops
+        cleanly says it is ``leaving`` in its last pull.
 
         Raises:
             ProtocolError: the registration info is invalid (nothing changed).
@@ -2161,6 +2363,10 @@ class PlaneCore:
                 task.attempts -= 1  # it never ran to the end: not an attempt
                 self.handed_back += 1
                 self._move(task, QUEUED, now, keep_seq=True)
+        if leaving and not registered:
+            self._leave(w, now)
+            self._reply(req, "tasks", items=[])
+            return self._done()
         if registered or w.ghost:
             fields = {"register": True} if w.ghost else self._welcome_worker
             self._reply(req, "tasks", fields, [])
@@ -2257,6 +2463,23 @@ class PlaneCore:
         if w is not None:
             self._drop(w, "connection closed", now)
         return self._done()
+
+    def _leave(self, w: _WorkerState, now: float) -> None:
+        """A worker stopped cleanly, having handed back what it did not
+        finish; anything it still held runs again."""
+        del self.workers[w.id]
+        self.by_conn.pop(w.conn, None)
+        self._rebuild_catalog()
+        if w.pull is not None:
+            self._reply(w.pull, "tasks", items=[])
+            w.pull = None
+        for task in list(w.in_flight.values()):
+            task.attempts -= 1
+            self.handed_back += 1
+            self._move(task, QUEUED, now, keep_seq=True)
+        self.workers_left += 1
+        self._log(logging.INFO, "worker %s (%s, pid %s) left", w.name, w.host, w.pid)
+        self._dispatch(now)
 
     def _drop(self, w: _WorkerState, why: str, now: float) -> None:
         """A worker is gone: requeue or fail what it was running."""
@@ -2593,7 +2816,7 @@ class PlaneCore:
         self.counts.update(counters.get("counts") or {})
         for state in (QUEUED, SCHEDULED, RUNNING):
             self.counts[state] = 0
-        for key in ("retried", "late", "workers_lost", "requeued", "handed_back"):
+        for key in ("retried", "late", "workers_lost", "workers_left", "requeued", "handed_back"):
             setattr(self, key, counters.get(key, 0))
         saved_schedules = counters.get("schedules") or {}
         for name, v in saved_schedules.items():
@@ -2616,6 +2839,8 @@ class PlaneCore:
         for task in sorted(finished, key=lambda t: t.finished or 0.0):
             self.cache.put(task.id, task, task.finished or now)
             self.recent.append(task)
+            if task.state == FAILED:
+                self.recent_failed.append(task)
         for task, holder in running:
             task.crashes += 1
             w = self.zero if holder == self.zero.id else self._ghost(holder, task.worker, now)
@@ -2664,6 +2889,7 @@ class PlaneCore:
             "workers": [w.summary() for w in self.workers.values()],
             "dispatch": {
                 "workers_lost": self.workers_lost,
+                "workers_left": self.workers_left,
                 "requeued": self.requeued,
                 "handed_back": self.handed_back,
                 "late_results": self.late,
@@ -2683,19 +2909,58 @@ class PlaneCore:
             "errors": dict(self.errors),
         }
 
-    def recent_tasks(self, limit: int, state: str | None, now: float) -> list[dict]:
-        """Recent tasks, newest first: unfinished ones, then finished."""
+    def recent_tasks(self, limit: int, state: str | None, now: float, search: str | None = None) -> list[dict]:
+        """Recent tasks, newest first: unfinished ones, then finished (failed
+        ones are kept apart, so a flood of successes does not hide them).
+        ``search`` is a task's id, or part of its name or of its id.  At most
+        RECENT_SCAN tasks are looked at."""
+        if search:
+            task = self.tasks.get(search) or self.cache.peek(search, now)
+            if task is not None:
+                return [task.summary(now)] if state is None or task.state == state else []
         out: list[dict] = []
-        for task in itertools.chain(reversed(self.tasks.values()), reversed(self.recent)):
+        unfinished = () if state in TERMINAL else reversed(self.tasks.values())
+        finished = (
+            ()
+            if state in (QUEUED, SCHEDULED, RUNNING)
+            else reversed(self.recent_failed if state == FAILED else self.recent)
+        )
+        for task in itertools.islice(itertools.chain(unfinished, finished), RECENT_SCAN):
             if len(out) >= limit:
                 break
-            if state is None or task.state == state:
+            if (state is None or task.state == state) and (not search or search in task.name or search in task.id):
                 out.append(task.summary(now))
         return out
 
-    def task_status(self, tid: str, now: float) -> dict | None:
-        status = self._status(tid, now)
-        return None if status["state"] == "unknown" else status
+    def task_detail(self, tid: str, now: float) -> dict | None:
+        """A task's page: see _Task.detail()."""
+        task = self.tasks.get(tid) or self.cache.peek(tid, now)
+        return None if task is None else task.detail(now, self.log_args)
+
+    def worker_detail(self, wid: str, now: float) -> dict | None:
+        """A worker (or "plane", the plane's own executor) and what it runs."""
+        w = self.zero if wid == self.zero.id else self.workers.get(wid)
+        if w is None:
+            return None
+        running = itertools.islice(w.in_flight.values(), MAX_RECENT)
+        return {**w.summary(), "running": [t.summary(now) for t in running]}
+
+    def name_figures(self) -> list[dict]:
+        """Per task name: counts, failure rate, p50/p95 durations, last failure."""
+        return [f.summary(name) for name, f in sorted(self.names.items())]
+
+    def throughput_chart(self, now: float, step: int = 10) -> list[list]:
+        """Tasks finished per ``step`` seconds over THROUGHPUT_WINDOW seconds,
+        oldest first: [[start, succeeded, failed], ...]."""
+        last = int(now) // step * step
+        first = last - THROUGHPUT_WINDOW + step
+        chart = [[t, 0, 0] for t in range(first, last + step, step)]
+        for second, ok, failed in self.throughput:
+            if second >= first:
+                bucket = chart[min((second - first) // step, len(chart) - 1)]
+                bucket[1] += ok
+                bucket[2] += failed
+        return chart
 
     def task_names(self) -> list[str]:
         return sorted(set(self.catalog) | set(self.local_tasks))
@@ -2758,8 +3023,24 @@ async def _contained(coro: Any) -> Any:
         raise _Escaped(e) from None
 
 
-def _failure(kind: str, exc: BaseException, skip_frames: int = 1) -> dict:
+def _failure(kind: str, exc: BaseException, skip_frames: int = 1, fn: Callable | None = None) -> dict:
+    """The ERROR of a run that raised ``exc``, its traceback starting at the
+    task (``skip_frames`` of ours dropped).  An exception that never got
+    into ``fn`` (the call itself failed: wrong arguments) gets a traceback
+    that points at ``fn``'s definition, not at fastworker."""
     tb = exc.__traceback__
+    if fn is not None and skip_frames and (tb is None or tb.tb_next is None):
+        code = getattr(inspect.unwrap(fn), "__code__", None)
+        if code is not None:
+            line = code.co_firstlineno  # its first decorator: find the "def" line below it
+            for n in range(line, line + 20):
+                if linecache.getline(code.co_filename, n).lstrip().startswith(("def ", "async def ")):
+                    line = n
+                    break
+            frame = traceback.FrameSummary(code.co_filename, line, code.co_name)
+            text = "Traceback (most recent call last):\n" + "".join(traceback.format_list([frame]))
+            text += "".join(traceback.format_exception_only(type(exc), exc))
+            return _error(kind, type(exc).__name__, str(exc), text)
     for _ in range(skip_frames):  # start the traceback at the task, not at us
         tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
     text = "".join(traceback.format_exception(type(exc), exc, tb))
@@ -2866,7 +3147,7 @@ class _Executor:
         try:
             value = spec.fn(*job.args, **job.kwargs)
         except BaseException as e:  # noqa: B036 - a task's exception, whatever it is, is its outcome
-            return self._failed(job, _failure("raised", e))
+            return self._failed(job, _failure("raised", e, fn=spec.fn))
         return self._encode(job, value)
 
     def _run(self, job: _Job) -> None:
@@ -2878,7 +3159,7 @@ class _Executor:
             try:
                 coro = spec.fn(*job.args, **job.kwargs)
             except BaseException as e:  # noqa: B036 - wrong arguments fail before there is a coroutine
-                return self._done(job, *self._failed(job, _failure("raised", e)))
+                return self._done(job, *self._failed(job, _failure("raised", e, fn=spec.fn)))
             coro = _contained(coro)
             if job.timeout:
                 coro = asyncio.wait_for(coro, job.timeout)
@@ -3019,6 +3300,15 @@ class _Chan:
 def _close_pipe(pipe_id: int) -> None:
     """Close one connection by its pipe id (cut off a silent worker)."""
     _nng.nng_pipe_close(_ffi.new("nng_pipe *", {"id": pipe_id})[0])
+
+
+def _listen(sock: Any, address: str, flag: str) -> None:
+    try:
+        sock.listen(address)
+    except pynng.AddressInUse:
+        raise AddressInUse(
+            f"address {address} is in use: is another plane running there? Stop it, or pick another with {flag}"
+        ) from None
 
 
 def _check_address(address: str) -> None:
@@ -3571,6 +3861,7 @@ class Client(concurrent.futures.Executor):
         self._boot: str | None = None  # ... and its process (the poller only)
         self._closing = False  # no new submissions; the sender flushes and exits
         self._stopping = False  # the poller exits
+        self._streams: list[_EventStream] = []  # on_complete's subscriptions, closed with the client
 
     # -- submitting -----------------------------------------------------
 
@@ -3603,14 +3894,23 @@ class Client(concurrent.futures.Executor):
         the time limit of one run.
 
         Raises:
-            TypeError: an argument is not JSON-serializable (nothing is sent).
+            TypeError: an argument is not JSON-serializable, or the task's
+                function (when this process knows it: the function itself,
+                or a task of that name registered here) cannot take the
+                arguments.  Nothing is sent.
             ValueError: an option is invalid (a naive datetime too) or the
                 task is too large.
         """
         tid = f"{self._id}-{next(self._ids)}"
+        name = _task_name(fn)
+        spec = _registry.get(name) if isinstance(fn, str) else getattr(fn, "__fastworker_task__", None)
+        if spec is not None:
+            if type(args) is not tuple and type(args) is not list:
+                args = tuple(args)
+            spec.check_call(args, kwargs)
         data = encode_task(
             tid,
-            _task_name(fn),
+            name,
             args,
             kwargs,
             priority=priority,
@@ -3726,7 +4026,10 @@ class Client(concurrent.futures.Executor):
             logger.debug("could not tell the plane of %d cancelled task(s): %s", len(ids), e)
 
     def _unreachable(self) -> PlaneUnavailable:
-        return PlaneUnavailable(f"no answer from the plane at {self.address} within {self.timeout:g} s")
+        return PlaneUnavailable(
+            f"no answer from the plane at {self.address} within {self.timeout:g} s: "
+            f"is `python fastworker.py plane` running at {self.address}?"
+        )
 
     def _fail(self, futs: list[Future], exc: BaseException | None, errors: dict | None = None) -> None:
         with self._lock:
@@ -3939,12 +4242,41 @@ class Client(concurrent.futures.Executor):
         self._flush()
         return self._call("stats")["stats"]
 
+    def purge(self, priority: str | None = None) -> int:
+        """Cancel every queued task (of one priority, or of all); tasks that
+        are scheduled or running are left alone.  Returns how many it
+        cancelled (they count as cancelled)."""
+        if priority is not None and priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+        self._flush()
+        fields = {} if priority is None else {"priority": priority}
+        return self._call("purge", **fields)["count"]
+
+    def tasks(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[dict]:
+        """Recent tasks as the dashboard lists them, newest first: unfinished
+        ones, then finished; ``state`` keeps one state, ``search`` is a
+        task id, or part of a name or an id."""
+        if not 0 <= limit <= MAX_RECENT or state not in (None, *STATES):
+            raise ValueError(f"limit must be 0..{MAX_RECENT} and state one of {', '.join(STATES)}")
+        fields: dict[str, Any] = {"limit": limit}
+        if state is not None:
+            fields["state"] = state
+        if search:
+            fields["search"] = search
+        return self._call("recent", **fields)["statuses"]
+
     def events(self, timeout: float | None = None) -> Iterator[dict]:
-        """Completion events published by the plane, one dict per finished
-        task, as they happen.  Stops after ``timeout`` seconds without one.
-        Events are best effort (PUB/SUB): use results for anything that matters."""
+        """Completion events published by the plane from now on, one dict per
+        finished task (``{"id", "name", "state", ...}``), as they happen.
+
+        It subscribes when called, before it returns: events published
+        before the call are not replayed.  The iterator stops after
+        ``timeout`` seconds without an event (None: never; ``close()`` it
+        to stop).  Events are best effort (PUB/SUB): use results for
+        anything that matters.
+        """
         welcome = self._call("hello")
-        address, boot, number = welcome.get("events"), welcome.get("b"), 0
+        address = welcome.get("events")
         if not address:
             raise PlaneUnavailable("the plane publishes no events")
         sub = pynng.Sub0(
@@ -3952,32 +4284,38 @@ class Client(concurrent.futures.Executor):
         )
         try:
             sub.subscribe(b"")
-            sub.dial(address, block=False)
-            last = time.monotonic()
-            while True:
-                try:
-                    data = sub.recv()
-                except pynng.Timeout:
-                    if timeout is not None and time.monotonic() - last >= timeout:
-                        return
-                    continue
-                try:
-                    msg = decode(data, self._secret)
-                except FastworkerError:
-                    continue
-                if msg["op"] != "events":
-                    continue
-                if self._secret is not None:  # fresh: from this plane's boot, numbered up (no replays)
-                    n = msg.get("n")
-                    if msg.get("b") != boot and time.monotonic() - last >= 1.0:
-                        boot, number = self._call("hello").get("b"), 0  # it may have started anew
-                    if msg.get("b") != boot or type(n) is not int or n <= number:
-                        continue
-                    number = n
-                last = time.monotonic()
-                yield from msg["events"]
-        finally:
+            sub.dial(address, block=True)
+            welcome = self._call("hello")  # one round trip: the plane has seen the subscriber by now
+        except pynng.NNGException as e:
             sub.close()
+            raise PlaneUnavailable(f"cannot subscribe to the plane's events at {address}: {e}") from None
+        except BaseException:
+            sub.close()
+            raise
+        return _EventStream(self, sub, welcome.get("b"), timeout)
+
+    def on_complete(self, callback: Callable[[dict], Any]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every completion event from now on
+        (see ``events()``), on a thread of its own, until the returned
+        function is called or the client closes.  An exception in the
+        callback is logged, and the next event still comes."""
+        stream = self.events()
+
+        def deliver() -> None:
+            for event in stream:
+                try:
+                    callback(event)
+                except Exception:
+                    logger.exception("the on_complete callback failed on event %s", event.get("id"))
+
+        t = threading.Thread(target=deliver, name="fastworker-client-events", daemon=True)
+        with self._lock:
+            if self._stopping:
+                stream.close()
+                raise RuntimeError("the client is closed")
+            self._streams.append(stream)
+        t.start()
+        return stream.close
 
     # -- lifetime ---------------------------------------------------------
 
@@ -4008,6 +4346,9 @@ class Client(concurrent.futures.Executor):
             self._has_pending.notify_all()
             left = list(self._pending.values())
             self._pending.clear()
+            streams, self._streams = self._streams, []
+        for stream in streams:
+            stream.close()
         for fut in left:
             fut._settle(exc=FastworkerError("the client closed before the result arrived"))
         if self._threads:
@@ -4025,6 +4366,72 @@ class Client(concurrent.futures.Executor):
 
     def __repr__(self) -> str:
         return f"<fastworker.Client {self.address}>"
+
+
+class _EventStream:
+    """What ``Client.events()`` returns: an iterator over completion events,
+    subscribed from the start.  With a secret, only fresh events of the
+    plane's current boot are taken (a replay is dropped)."""
+
+    def __init__(self, client: Client, sub: Any, boot: str | None, timeout: float | None) -> None:
+        self._client = client
+        self._sub = sub
+        self._boot = boot
+        self._number = 0  # the newest event message taken (with a secret)
+        self._timeout = timeout
+        self._events: collections.deque = collections.deque()  # of the message at hand
+        self._last = time.monotonic()
+
+    def __iter__(self) -> _EventStream:
+        return self
+
+    def __next__(self) -> dict:
+        while not self._events:
+            try:
+                data = self._sub.recv()
+            except pynng.Timeout:
+                if self._timeout is not None and time.monotonic() - self._last >= self._timeout:
+                    self.close()
+                    raise StopIteration from None
+                continue
+            except pynng.NNGException:  # closed
+                raise StopIteration from None
+            self._take(data)
+        return self._events.popleft()
+
+    def _take(self, data: bytes) -> None:
+        client = self._client
+        try:
+            msg = decode(data, client._secret)
+        except FastworkerError:
+            return
+        if msg["op"] != "events":
+            return
+        if client._secret is not None:  # fresh: from this plane's boot, numbered up (no replays)
+            n = msg.get("n")
+            if msg.get("b") != self._boot and time.monotonic() - self._last >= 1.0:
+                try:
+                    self._boot, self._number = client._call("hello").get("b"), 0  # it may have started anew
+                except FastworkerError:
+                    return
+            if msg.get("b") != self._boot or type(n) is not int or n <= self._number:
+                return
+            self._number = n
+        self._last = time.monotonic()
+        self._events.extend(msg["events"])
+
+    def close(self) -> None:
+        """Stop: the iterator ends (also when another thread waits in it)."""
+        self._sub.close()
+
+    def __enter__(self) -> _EventStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 ###############################################################################
@@ -4146,6 +4553,9 @@ class Plane(_Role):
             token derived from it by a one-way function
             (``derived_dashboard_token``),
             never the secret itself.
+        log_args: log tasks' arguments (in DEBUG lines and failures) and show
+            them on the dashboard's task pages.  Off by default: arguments
+            often carry what should not be in a log.
     """
 
     def __init__(
@@ -4171,6 +4581,7 @@ class Plane(_Role):
         tls_key: str | None = None,
         tls_ca: str | None = None,
         dashboard_token: str | None = None,
+        log_args: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -4215,6 +4626,7 @@ class Plane(_Role):
             retry_backoff=retry_backoff,
             reap_interval=reap_interval,
             journaling=journal is not None,
+            log_args=log_args,
         )
         self._lock = threading.Lock()  # guards the core: every call into it, and nothing else
         self._tick = threading.Condition(self._lock)  # the housekeeper waits for the core's next deadline
@@ -4226,6 +4638,8 @@ class Plane(_Role):
             "fetch": self._on_fetch,
             "status": self._on_status,
             "cancel": self._on_cancel,
+            "purge": self._on_purge,
+            "recent": self._on_recent,
             "stats": self._on_stats,
             "hello": self._on_hello,
             "bye": self._on_bye,
@@ -4280,21 +4694,27 @@ class Plane(_Role):
         sock.add_post_pipe_remove_cb(lambda pipe: self._gone.put(pipe.id))
         opened = [sock]
         try:
-            sock.listen(self.listen)
+            _listen(sock, self.listen, "--listen")
             self.address = _real_address(sock, self.listen)
             self._pub = pub = pynng.Pub0(tls_config=tls)
             opened.append(pub)
             pub.add_post_pipe_connect_cb(lambda pipe: self._count_subscriber(1))
             pub.add_post_pipe_remove_cb(lambda pipe: self._count_subscriber(-1))
-            pub.listen(_sibling_address(self.address, "events"))
+            _listen(pub, _sibling_address(self.address, "events"), "--listen")
             self.events_address = _real_address(pub, _sibling_address(self.address, "events"))
             self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=HEARTBEAT_MAX_SIZE, tls_config=tls)
             opened.append(hb)
             hb.subscribe(b"")
-            hb.listen(_sibling_address(self.address, "heartbeat"))
+            _listen(hb, _sibling_address(self.address, "heartbeat"), "--listen")
             self.heartbeat_address = _real_address(hb, _sibling_address(self.address, "heartbeat"))
             if self.dashboard:
-                self._http = _start_dashboard(self, self.dashboard, self.insecure)
+                try:
+                    self._http = _start_dashboard(self, self.dashboard, self.insecure)
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise
+                    raise AddressInUse(f"dashboard address {self.dashboard} is in use: is another plane running? "
+                                       "Stop it, or pick another with --dashboard HOST:PORT (or off)") from None  # fmt: skip
                 host, port = self._http.server_address[:2]
                 scheme = "https" if self._tls.cert and self._tls.key else "http"
                 self.dashboard_url = f"{scheme}://{host}:{port}/"
@@ -4318,7 +4738,14 @@ class Plane(_Role):
         self._executor.start("fastworker-plane")
         if self._journal is not None:
             self._journal.flush(wait=True)  # what the restore changed, then its runs
-        logger.info("plane %s listening on %s", self.id, self.address)
+        logger.info(
+            "plane %s listening on %s (events %s, heartbeats %s); tasks it runs itself: %s",
+            self.id,
+            self.address,
+            self.events_address,
+            self.heartbeat_address,
+            ", ".join(sorted(_registry)),
+        )
         if self.dashboard_url:
             derived = self._secret is not None and self.dashboard_token == derived_dashboard_token(self._secret)
             logger.info(
@@ -4620,13 +5047,25 @@ class Plane(_Role):
             self._call(self.core.cancel_some, ids[i : i + CANCEL_CHUNK], cancelled)
         self._call(self.core.answer, h, "cancelled", {"ids": cancelled}, None)
 
+    def _on_purge(self, h: int, msg: dict, pipe: int) -> None:
+        with self._lock:
+            ids = self.core.queued_ids(msg.get("priority"))
+        cancelled: list = []
+        for i in range(0, len(ids), CANCEL_CHUNK):
+            self._call(self.core.purge_some, ids[i : i + CANCEL_CHUNK], cancelled)
+        self._call(self.core.answer, h, "purged", {"count": len(cancelled)}, None)
+
+    def _on_recent(self, h: int, msg: dict, pipe: int) -> None:
+        statuses = self.tasks(msg["limit"], msg.get("state"), msg.get("search"))
+        self._perform([Reply(h, "statuses", {"statuses": statuses}, None)])
+
     def _on_bye(self, h: int, msg: dict, pipe: int) -> None:
         self._call(self.core.bye, h, msg["client"])
 
     def _on_pull(self, h: int, msg: dict, pipe: int) -> None:
         returned = msg.get("returned") or []
-        info = msg.get("info")
-        self._call(self.core.pull, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, info)
+        event = functools.partial(self.core.pull, leaving=True) if msg.get("leaving") else self.core.pull
+        self._call(event, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, msg.get("info"))
 
     def _on_stats(self, h: int, msg: dict, pipe: int) -> None:
         self._perform([Reply(h, "report", {"stats": self.stats()}, None)])
@@ -4742,15 +5181,32 @@ class Plane(_Role):
             plane["journal"] = {"path": j.path, "sync": j.sync, "commits": j.commits, "error": j.error}
         return {"plane": plane, **core}
 
-    def tasks(self, limit: int = 50, state: str | None = None) -> list[dict]:
-        """Recent tasks, newest first: unfinished ones, then finished."""
+    def tasks(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[dict]:
+        """Recent tasks, newest first: unfinished ones, then finished;
+        ``search`` is an id, or part of a name or an id."""
         with self._lock:
-            return self.core.recent_tasks(limit, state, self._clock())
+            return self.core.recent_tasks(limit, state, self._clock(), search)
 
     def task(self, task_id: str) -> dict | None:
-        """The status of one task, or None if the plane does not know it."""
+        """One task's status with each of its runs (worker, times, error,
+        traceback), or None if the plane does not know it."""
         with self._lock:
-            return self.core.task_status(task_id, self._clock())
+            return self.core.task_detail(task_id, self._clock())
+
+    def worker(self, worker_id: str) -> dict | None:
+        """One worker ("plane": the plane's own slots) and the tasks it runs."""
+        with self._lock:
+            return self.core.worker_detail(worker_id, self._clock())
+
+    def names(self) -> list[dict]:
+        """Figures per task name (count, failure rate, p50/p95, last failure)."""
+        with self._lock:
+            return self.core.name_figures()
+
+    def throughput(self) -> list[list]:
+        """Tasks finished per 10 s over the last 10 minutes."""
+        with self._lock:
+            return self.core.throughput_chart(self._clock())
 
 
 ###############################################################################
@@ -4780,6 +5236,7 @@ class Worker(_Role):
             (``python fastworker.py worker`` re-executes itself).
         tls_ca, tls_cert, tls_key: PEM files for a ``tls+tcp://`` plane (see
             ``Client``).
+        log_args: put tasks' arguments in its log lines (off by default).
     """
 
     def __init__(
@@ -4795,6 +5252,7 @@ class Worker(_Role):
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        log_args: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -4808,6 +5266,8 @@ class Worker(_Role):
         self.timeout = timeout
         self.max_message_size = max_message_size
         self.registered = threading.Event()  # set once a plane has accepted this worker
+        self.log_args = log_args
+        self._log_tasks = False  # a DEBUG line per start and finish (decided by start())
         self.replace = threading.Event()  # set when a task overran its limit by the margin
         self._secret = _secret_bytes(secret)
         self._session = _Session(self._secret)
@@ -4844,12 +5304,19 @@ class Worker(_Role):
         sock = _dial(self.plane, self.max_message_size, self._tls)
         self._dialer = sock.dialers[-1]
         self._sock = sock
+        self._log_tasks = logger.isEnabledFor(logging.DEBUG)
+        logger.info(
+            "worker %s (%d slots) connecting to %s; tasks: %s",
+            self.name,
+            self.concurrency,
+            self.plane,
+            ", ".join(sorted(_registry)),
+        )
         for target, name in ((self._lane, "lane"), (self._lane, "lane"), (self._heartbeat, "heartbeat")):
             t = threading.Thread(target=target, name=f"fastworker-worker-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         self._executor.start("fastworker-worker")
-        logger.info("worker %s (%d slots) connecting to %s", self.name, self.concurrency, self.plane)
         return self
 
     def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
@@ -4874,16 +5341,18 @@ class Worker(_Role):
             results, registered = self._done, self._registered
             self._running.clear()
             self._done, self._returned = [], []
-        if registered and (results or returned):  # hand back what is left, briefly
+        if registered:  # hand back what is left and say goodbye, briefly
+            wait = self.timeout if results or returned else min(self.timeout, 1.0)
             try:
                 chan = _Chan(self._sock)
                 try:
-                    fields = {"worker": self.id, "credit": 0, "returned": returned}
-                    _exchange(chan, self._session, "pull", self.timeout, key="results", items=results, **fields)
+                    fields = {"worker": self.id, "credit": 0, "returned": returned, "leaving": True}
+                    _exchange(chan, self._session, "pull", wait, key="results", items=results, **fields)
                 finally:
                     chan.close()
             except (pynng.NNGException, FastworkerError):
-                logger.warning("could not hand %d task(s) back to the plane", len(returned))
+                if results or returned:
+                    logger.warning("could not hand %d task(s) back to the plane", len(returned))
         self._sock.close()
         _join(self._threads, time.monotonic() + 2.0)
         logger.info("worker %s stopped", self.name)
@@ -5018,6 +5487,8 @@ class Worker(_Role):
             if _typed(interval, _NUM) and interval > 0:
                 self._hb_interval = min(HEARTBEAT_INTERVAL, interval)
             self._beat.notify_all()  # announce ourselves on the new address now
+            if not self.registered.is_set():
+                logger.info("worker %s registered with plane %s at %s", self.name, plane, self.plane)
             self.registered.set()
         for t in reply["tasks"]:
             job = _Job(t["id"], t["name"], t["args"], t["kwargs"], t.get("timeout"), t.get("run"), plane)
@@ -5065,7 +5536,11 @@ class Worker(_Role):
                 self._wake.notify()
                 return False
             self._running[job.id] = job
-            return True
+        job.started = time.monotonic()
+        if self._log_tasks:
+            args = f" args={job.args!r} kwargs={job.kwargs!r}" if self.log_args else ""
+            logger.debug("task %s %s started on %s (run %s)%s", job.id, job.name, self.name, job.run, args)
+        return True
 
     def _drain_inbox(self) -> list[_Job]:
         """Take every job not yet started (lock held)."""
@@ -5079,6 +5554,13 @@ class Worker(_Role):
                 jobs.append(job)
 
     def _report(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
+        took = time.monotonic() - job.started
+        if error is not None:
+            args = f" args={job.args!r} kwargs={job.kwargs!r}" if self.log_args else ""
+            logger.warning("task %s %s failed on %s after %.3f s (run %s): %s: %s%s", job.id, job.name, self.name,
+                           took, job.run, error.get("type"), error.get("message"), args)  # fmt: skip
+        elif self._log_tasks:
+            logger.debug("task %s %s %s on %s in %.6f s", job.id, job.name, state, self.name, took)
         with self._lock:
             if self._running.pop(job.id, None) is None:
                 return  # handed back: nobody wants it
@@ -5111,83 +5593,214 @@ _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>fastworker</title><link rel="stylesheet" href="app.css"></head>
-<body><header><h1>fastworker</h1><span id="plane"></span><span id="status"></span></header>
+<body><header><h1><a href="#/">fastworker</a></h1><span id="plane"></span><span id="status"></span></header>
+<div id="banner" hidden></div>
+<main>
+<section id="view-overview">
 <section class="cards" id="cards"></section>
-<h2>Queues</h2><table id="queues"></table>
+<h2>Finished per 10 s, last 10 minutes</h2><div id="chart"></div>
+<div class="cols"><div><h2>Queues</h2><table id="queues"></table></div>
+<div><h2>Periodic tasks</h2><table id="schedules"></table></div></div>
 <h2>Workers</h2><table id="workers"></table>
-<h2>Periodic tasks</h2><table id="schedules"></table>
-<h2>Recent tasks</h2><table id="tasks"></table>
+<h2>Task names</h2><table id="names"></table>
+<h2>Recent tasks</h2>
+<div class="filters"><label>state <select id="state"><option value="">any</option></select></label>
+<label>search <input id="search" type="search" placeholder="task id or name" maxlength="200"></label></div>
+<table id="tasks"></table>
+</section>
+<section id="view-task" hidden><h2>Task <span id="task-id"></span></h2>
+<table id="task-fields"></table><h3>Runs</h3><table id="task-runs"></table>
+<h3>Traceback</h3><pre id="task-traceback"></pre><h3>Arguments</h3><pre id="task-args"></pre></section>
+<section id="view-worker" hidden><h2>Worker <span id="worker-name"></span></h2>
+<table id="worker-fields"></table><h3>Running now</h3><table id="worker-tasks"></table></section>
+</main>
 <script src="app.js"></script></body></html>
 """
 
 _CSS = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
-header{display:flex;gap:1em;align-items:baseline}h1{margin:0}#status{color:#888}
+header{display:flex;gap:1em;align-items:baseline}h1{margin:0}h1 a{color:inherit;text-decoration:none}
+#status{color:#888}a{color:#0550ae}
+#banner{background:#b00;color:#fff;font-weight:bold;font-size:1.2em;padding:.6em 1em;margin:.8em 0;border-radius:6px}
+body.stale main{opacity:.4;filter:grayscale(1)}
 .cards{display:flex;flex-wrap:wrap;gap:.8em;margin:1em 0}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em 1em;min-width:7em}
 .card b{display:block;font-size:1.6em}table{border-collapse:collapse;background:#fff;margin-bottom:1em}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;font-variant-numeric:tabular-nums;vertical-align:top}
 th{background:#f0f0f0}.failed{color:#b00}.succeeded{color:#070}.cancelled{color:#888}
+.cols{display:flex;gap:2em;flex-wrap:wrap}.filters{display:flex;gap:1em;margin:.4em 0}
+pre{background:#fff;border:1px solid #ddd;padding:.8em;overflow:auto;max-height:30em;white-space:pre-wrap}
+svg{background:#fff;border:1px solid #ddd}.ok{fill:#2a7}.bad{fill:#c33}.axis{fill:#666;font-size:10px}
 """
 
-# Every value reaches the page through textContent, never as HTML, so task
-# names, arguments and error texts cannot inject markup.
+# Every value reaches the page through textContent (or an SVG attribute
+# holding a number), never as HTML, so task names, arguments and error
+# texts cannot inject markup.
 _JS = """"use strict";
-let last = null;
+const STATES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled"];
+let last = null, lastGood = null, timer = null;
 function el(tag, text, cls) {
   const e = document.createElement(tag);
   if (text !== undefined && text !== null) e.textContent = String(text);
   if (cls) e.className = cls;
   return e;
 }
-function table(id, head, rows) {
-  const t = document.getElementById(id);
+function link(text, href) { const a = el("a", text); a.href = href; return a; }
+function $(id) { return document.getElementById(id); }
+// A cell is a value (shown as text) or a node made by el()/link().
+function table(id, head, rows, empty) {
+  const t = $(id);
   t.replaceChildren();
   const tr = el("tr");
   head.forEach(h => tr.appendChild(el("th", h)));
   t.appendChild(tr);
   rows.forEach(r => {
     const row = el("tr");
-    r.forEach((c, i) => row.appendChild(el("td", c, i === 2 && id === "tasks" ? c : "")));
+    r.forEach(c => {
+      const td = el("td");
+      if (c instanceof Node) td.appendChild(c); else if (c !== null && c !== undefined) td.textContent = String(c);
+      if (STATES.includes(c)) td.className = c;
+      row.appendChild(td);
+    });
     t.appendChild(row);
   });
+  if (!rows.length && empty) { const row = el("tr"), td = el("td", empty); td.colSpan = head.length;
+    row.appendChild(td); t.appendChild(row); }
 }
 function when(t) { return t ? new Date(t * 1000).toLocaleTimeString() : ""; }
-async function refresh() {
-  try {
-    const [s, tasks] = await Promise.all([
-      fetch("api/stats").then(r => r.json()),
-      fetch("api/tasks?limit=50").then(r => r.json())]);
-    const now = Date.now() / 1000, done = s.tasks.succeeded + s.tasks.failed;
-    const rate = last ? (done - last.done) / (now - last.t) : 0;
-    last = {done: done, t: now};
-    const c = s.cache, reads = c.hits + c.misses;
-    const cards = [["submitted", s.tasks.submitted], ["queued", s.tasks.queued],
-      ["scheduled", s.tasks.scheduled], ["running", s.tasks.running], ["succeeded", s.tasks.succeeded], ["failed", s.tasks.failed],
-      ["cancelled", s.tasks.cancelled], ["tasks/s", rate.toFixed(1)],
-      ["cache", c.size + " / " + c.max_size],
-      ["hit rate", reads ? (100 * c.hits / reads).toFixed(1) + " %" : "-"]];
-    const box = document.getElementById("cards");
-    box.replaceChildren();
-    cards.forEach(([k, v]) => { const d = el("div", null, "card"); d.appendChild(el("b", v));
-      d.appendChild(el("span", k)); box.appendChild(d); });
-    document.getElementById("plane").textContent = s.plane.address + " (pid " + s.plane.pid + ")";
-    table("queues", ["priority", "queued"], Object.entries(s.queues));
-    table("workers", ["name", "host", "pid", "load", "in flight", "concurrency", "last heartbeat", "state"],
-      s.workers.map(w => [w.name, w.host, w.pid, (100 * w.in_flight / w.concurrency).toFixed(0) + " %",
-        w.in_flight, w.concurrency, when(w.last_heartbeat), w.state || "connected"]));
-    table("schedules", ["name", "schedule", "next run", "last run", "last outcome", "runs", "skipped"],
-      s.schedules.map(p => [p.name, p.cron ? p.cron + " (" + p.tz + ")" : "every " + p.every + " s",
-        when(p.next_run), when(p.last_run), p.last_state || "", p.runs, p.skipped]));
-    table("tasks", ["id", "name", "state", "priority", "attempts", "worker", "submitted", "duration s", "error"],
-      tasks.map(t => [t.id, t.name, t.state, t.priority, t.attempts, t.worker, when(t.submitted_at),
-        t.duration === null ? "" : t.duration.toFixed(4), t.error]));
-    document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
-  } catch (e) {
-    document.getElementById("status").textContent = "plane unreachable";
-  }
+function secs(x) { return x === null || x === undefined ? "" : Number(x).toFixed(4); }
+function taskLink(id) { return link(id, "#/task/" + encodeURIComponent(id)); }
+async function get(path) {
+  const r = await fetch(path, {cache: "no-store", signal: AbortSignal.timeout(5000)});
+  if (r.status === 401) throw new Error("the dashboard wants its token (--dashboard-token)");
+  if (r.status === 404) return null;
+  if (!r.ok) throw new Error("the plane answered " + r.status);
+  return r.json();
 }
+function chart(points) {
+  const NS = "http://www.w3.org/2000/svg", W = 600, H = 120, bw = W / points.length;
+  const top = Math.max(1, ...points.map(p => p[1] + p[2]));
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("width", W); svg.setAttribute("height", H + 16); svg.setAttribute("role", "img");
+  points.forEach((p, i) => {
+    [[p[1], "ok", 0], [p[2], "bad", p[1]]].forEach(([n, cls, below]) => {
+      if (!n) return;
+      const r = document.createElementNS(NS, "rect"), h = H * n / top;
+      r.setAttribute("x", i * bw + 1); r.setAttribute("width", bw - 2);
+      r.setAttribute("y", H - H * below / top - h); r.setAttribute("height", h);
+      r.setAttribute("class", cls);
+      const tip = document.createElementNS(NS, "title");
+      tip.textContent = when(p[0]) + ": " + n + (cls === "ok" ? " succeeded" : " failed");
+      r.appendChild(tip); svg.appendChild(r);
+    });
+  });
+  [[2, 10, "start", top + " per 10 s"], [2, H + 12, "start", "10 min ago"], [W - 2, H + 12, "end", "now"]]
+    .forEach(([x, y, anchor, text]) => { const t = document.createElementNS(NS, "text");
+      t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("text-anchor", anchor);
+      t.setAttribute("class", "axis"); t.textContent = text; svg.appendChild(t); });
+  $("chart").replaceChildren(svg);
+}
+async function overview() {
+  const state = $("state").value, search = $("search").value.trim();
+  let q = "api/tasks?limit=50";
+  if (state) q += "&state=" + encodeURIComponent(state);
+  if (search) q += "&search=" + encodeURIComponent(search);
+  const [s, tasks, names, points] = await Promise.all([get("api/stats"), get(q), get("api/names"),
+    get("api/throughput")]);
+  const now = Date.now() / 1000, done = s.tasks.succeeded + s.tasks.failed;
+  const rate = last ? (done - last.done) / (now - last.t) : 0;
+  last = {done: done, t: now};
+  const c = s.cache, reads = c.hits + c.misses;
+  const cards = [["submitted", s.tasks.submitted], ["queued", s.tasks.queued],
+    ["scheduled", s.tasks.scheduled], ["running", s.tasks.running], ["succeeded", s.tasks.succeeded],
+    ["failed", s.tasks.failed], ["cancelled", s.tasks.cancelled], ["tasks/s", rate.toFixed(1)],
+    ["workers", s.workers.length], ["cache", c.size + " / " + c.max_size],
+    ["hit rate", reads ? (100 * c.hits / reads).toFixed(1) + " %" : "-"]];
+  const box = $("cards");
+  box.replaceChildren();
+  cards.forEach(([k, v]) => { const d = el("div", null, "card"); d.appendChild(el("b", v));
+    d.appendChild(el("span", k)); box.appendChild(d); });
+  $("plane").textContent = s.plane.address + " (pid " + s.plane.pid + ")";
+  chart(points);
+  table("queues", ["priority", "queued"], Object.entries(s.queues));
+  const plane = {id: "plane", name: "plane (its own slots)", host: "", pid: s.plane.pid, in_flight: s.local.running,
+    concurrency: s.local.concurrency, completed: s.local.completed, last_heartbeat: null, state: "connected"};
+  table("workers", ["name", "host", "pid", "load", "running", "slots", "completed", "last heartbeat", "state"],
+    [plane].concat(s.workers).map(w => [link(w.name, "#/worker/" + encodeURIComponent(w.id)), w.host, w.pid,
+      (100 * w.in_flight / w.concurrency).toFixed(0) + " %", w.in_flight, w.concurrency, w.completed,
+      when(w.last_heartbeat), w.state]));
+  table("schedules", ["name", "schedule", "next run", "last run", "last outcome", "runs", "skipped"],
+    s.schedules.map(p => [p.name, p.cron ? p.cron + " (" + p.tz + ")" : "every " + p.every + " s",
+      when(p.next_run), when(p.last_run), p.last_state || "", p.runs, p.skipped]), "none");
+  table("names", ["name", "succeeded", "failed", "failure rate", "p50 s", "p95 s", "last failure"],
+    names.map(n => { const f = n.last_failure, cell = el("span");
+      if (f) { cell.appendChild(taskLink(f.id)); cell.appendChild(el("span", " " + when(f.at) + " " + (f.error || ""))); }
+      const name = link(n.name, "#/");
+      name.addEventListener("click", ev => { ev.preventDefault(); $("search").value = n.name;
+        if (location.hash.length > 2) location.hash = "#/"; else refresh(); });
+      return [name, n.succeeded, n.failed, (100 * n.failure_rate).toFixed(1) + " %", secs(n.p50), secs(n.p95), cell];
+    }), "no finished tasks yet");
+  table("tasks", ["id", "name", "state", "priority", "attempts", "worker", "submitted", "duration s", "error"],
+    tasks.map(t => [taskLink(t.id), t.name, t.state, t.priority, t.attempts, t.worker, when(t.submitted_at),
+      secs(t.duration), t.error]), "no tasks match");
+}
+async function taskView(id) {
+  const t = await get("api/tasks/" + encodeURIComponent(id));
+  $("task-id").textContent = id;
+  if (t === null) { table("task-fields", ["unknown task"], []); table("task-runs", [], []);
+    $("task-traceback").textContent = ""; $("task-args").textContent = ""; return; }
+  table("task-fields", ["field", "value"], [["name", t.name], ["state", t.state], ["priority", t.priority],
+    ["attempts", t.attempts], ["worker", t.worker], ["submitted", when(t.submitted_at)],
+    ["finished", when(t.finished_at)], ["due", when(t.due_at)], ["duration s", secs(t.duration)], ["error", t.error]]);
+  table("task-runs", ["run", "worker", "started", "finished", "duration s", "state", "error"],
+    t.runs.map(r => [r.run, r.worker, when(r.started_at), when(r.finished_at),
+      r.finished_at && r.started_at ? secs(r.finished_at - r.started_at) : "", r.state, r.error]), "not run yet");
+  const tb = t.traceback || t.runs.map(r => r.traceback).filter(Boolean).pop();
+  $("task-traceback").textContent = tb || "(none)";
+  $("task-args").textContent = "args" in t ? JSON.stringify({args: t.args, kwargs: t.kwargs}, null, 2)
+    : "hidden (start the plane with --log-args to show them)";
+}
+async function workerView(id) {
+  const w = await get("api/workers/" + encodeURIComponent(id));
+  $("worker-name").textContent = w ? w.name : id + " (gone)";
+  if (w === null) { table("worker-fields", [], []); table("worker-tasks", [], []); return; }
+  table("worker-fields", ["field", "value"], [["id", w.id], ["host", w.host], ["pid", w.pid],
+    ["slots", w.concurrency], ["running", w.in_flight], ["completed", w.completed],
+    ["registered", when(w.registered_at)], ["last heartbeat", when(w.last_heartbeat)], ["state", w.state],
+    ["tasks", w.tasks.join(", ")]]);
+  table("worker-tasks", ["id", "name", "priority", "run", "started", "running for s"],
+    w.running.map(t => [taskLink(t.id), t.name, t.priority, t.attempts, when(t.started_at), secs(t.duration)]),
+    "idle");
+}
+function route() {
+  const h = location.hash.slice(1), parts = h.split("/");
+  const view = parts[1] === "task" || parts[1] === "worker" ? parts[1] : "overview";
+  ["overview", "task", "worker"].forEach(v => { $("view-" + v).hidden = v !== view; });
+  return [view, decodeURIComponent(parts.slice(2).join("/"))];
+}
+async function refresh() {
+  clearTimeout(timer);
+  const [view, arg] = route();
+  try {
+    if (view === "task") await taskView(arg); else if (view === "worker") await workerView(arg); else await overview();
+    lastGood = new Date();
+    document.body.classList.remove("stale");
+    $("banner").hidden = true;
+    $("status").textContent = "updated " + lastGood.toLocaleTimeString();
+  } catch (e) {
+    document.body.classList.add("stale");
+    const b = $("banner");
+    b.hidden = false;
+    b.textContent = "Plane unreachable: " + e.message + ". The figures below are from " +
+      (lastGood ? lastGood.toLocaleTimeString() : "never") + " and may be stale.";
+    $("status").textContent = "plane unreachable";
+  }
+  timer = setTimeout(refresh, 1000);
+}
+STATES.forEach(s => { const o = el("option", s); o.value = s; $("state").appendChild(o); });
+$("state").addEventListener("change", refresh);
+$("search").addEventListener("input", refresh);
+window.addEventListener("hashchange", refresh);
 refresh();
-setInterval(refresh, 1000);
 """
 
 _CSP = (
@@ -5292,17 +5905,21 @@ def _dashboard_handler() -> type:
                     return self._json(plane.stats())
                 if path == "/api/workers":
                     return self._json(plane.stats()["workers"])
+                if path == "/api/names":
+                    return self._json(plane.names())
+                if path == "/api/throughput":
+                    return self._json(plane.throughput())
                 if path == "/api/tasks":
                     limit = int(query.get("limit", ["50"])[0])
                     state = query.get("state", [None])[0]
-                    if not 0 <= limit <= 10_000 or (state is not None and state not in STATES):
-                        raise ValueError("limit must be 0..10000 and state one of " + ", ".join(STATES))
-                    return self._json(plane.tasks(limit, state))
-                if path.startswith("/api/tasks/"):
-                    status = plane.task(urllib.parse.unquote(path[len("/api/tasks/") :]))
-                    if status is None:
-                        return self._json({"error": "unknown task"}, 404)
-                    return self._json(status)
+                    search = query.get("search", [""])[0][:_MAX_ID]
+                    if not 0 <= limit <= MAX_RECENT or (state is not None and state not in STATES):
+                        raise ValueError(f"limit must be 0..{MAX_RECENT} and state one of " + ", ".join(STATES))
+                    return self._json(plane.tasks(limit, state, search or None))
+                for prefix, lookup in (("/api/tasks/", plane.task), ("/api/workers/", plane.worker)):
+                    if path.startswith(prefix):
+                        found = lookup(urllib.parse.unquote(path[len(prefix) :]))
+                        return self._json({"error": "unknown"}, 404) if found is None else self._json(found)
                 if path == "/metrics":
                     return self._send(200, _metrics(plane.stats()).encode(), "text/plain; version=0.0.4")
             except ValueError as e:
@@ -5482,12 +6099,6 @@ def _demo_tasks() -> None:
 ###############################################################################
 # Benchmark ####################################################################
 ###############################################################################
-
-
-def _percentile(sorted_values: list, p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    k = max(0, min(len(sorted_values) - 1, -(-len(sorted_values) * p // 100) - 1))
-    return sorted_values[int(k)]
 
 
 def _spawn_role(argv: list[str], timeout: float = 30.0) -> tuple[Any, dict]:
@@ -5755,6 +6366,33 @@ def bench(
 
 
 _GRACE_HELP = "on SIGTERM/Ctrl-C, seconds running tasks get to finish"
+_LOG_ARGS_HELP = "put tasks' arguments in the log and on the dashboard's task pages (off: they may be secret)"
+
+
+class _JsonLogFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def _setup_logging(level: str, form: str) -> None:
+    handler = logging.StreamHandler()
+    if form == "json":
+        handler.setFormatter(_JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.getLogger("pynng").setLevel(max(logging.INFO, logging.root.level))  # its DEBUG is per connection
 
 
 class _Parser(argparse.ArgumentParser):
@@ -5816,6 +6454,7 @@ def _plane_from_args(args: argparse.Namespace, **overrides: Any) -> Plane:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         dashboard_token=args.dashboard_token,
+        log_args=args.log_args,
     )
 
 
@@ -5844,6 +6483,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        log_args=args.log_args,
     )
     stop = _stop_event()
     worker.start()
@@ -5932,10 +6572,137 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         client.close()
 
 
+def _cmd_result(args: argparse.Namespace) -> int:
+    with _client_from_args(args) as client:
+        try:
+            value = client.result(args.task_id, timeout=args.wait)
+        except TaskError as e:
+            print(f"fastworker result: task {args.task_id} failed: {e}", file=sys.stderr)
+            if e.traceback:
+                print(e.traceback.rstrip(), file=sys.stderr)
+            return 1
+        except concurrent.futures.CancelledError:
+            print(f"fastworker result: task {args.task_id} was cancelled", file=sys.stderr)
+            return 1
+        except TimeoutError as e:
+            print(f"fastworker result: {e}; --wait SECONDS waits for it", file=sys.stderr)
+            return 1
+    print(json.dumps(value), flush=True)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with _client_from_args(args) as client:
+        cancelled = set(client._call("cancel", ids=args.task_ids)["ids"])
+        left = [tid for tid in args.task_ids if tid not in cancelled]
+        states = {s["id"]: s["state"] for s in client._call("status", ids=left)["statuses"]} if left else {}
+    for tid in args.task_ids:
+        print(f"{tid}: cancelled" if tid in cancelled else f"{tid}: not cancelled (it is {states.get(tid)})")
+    return 0 if not left else 1
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    with _client_from_args(args) as client:
+        n = client.purge(args.priority)
+    print(f"cancelled {n} queued task(s){'' if args.priority is None else ' of priority ' + args.priority}")
+    return 0
+
+
+def _ago(now: float, t: float | None) -> str:
+    if not t:
+        return "-"
+    d = max(0.0, now - t)
+    return f"{d:.1f} s ago" if d < 60 else f"{d / 60:.0f} min ago" if d < 3600 else f"{d / 3600:.1f} h ago"
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    """Plain text columns."""
+    cells = [head] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def _summary(s: dict) -> str:
+    """``status`` without an id: the plane in a few lines."""
+    p, t, d, c, loc = s["plane"], s["tasks"], s["dispatch"], s["cache"], s["local"]
+    up = p["uptime"]
+    lines = [
+        f"plane {p['id']} at {p['address']} (pid {p['pid']}, version {p['version']}), "
+        f"up {up / 60:.0f} min, {p['rss_mb']} MB",
+        f"queued {t['queued']} ("
+        + ", ".join(f"{k} {v}" for k, v in s["queues"].items())
+        + f"), scheduled {t['scheduled']}, running {t['running']}",
+        f"finished: {t['succeeded']} succeeded, {t['failed']} failed, {t['cancelled']} cancelled "
+        f"({t['submitted']} submitted, {t['retried']} retried)",
+    ]
+    ws = s["workers"]
+    busy, slots = sum(w["in_flight"] for w in ws), sum(w["concurrency"] for w in ws)
+    lines.append(
+        f"workers: {len(ws)} ({busy} of {slots} slots busy); the plane's own: {loc['running']} of "
+        f"{loc['concurrency']} busy; {d['workers_lost']} lost, {d.get('workers_left', 0)} left"
+    )
+    reads = c["hits"] + c["misses"]
+    rate = f"{100 * c['hits'] / reads:.1f} %" if reads else "-"
+    lines.append(f"result cache: {c['size']} of {c['max_size']} (ttl {c['ttl']:g} s), hit rate {rate}")
+    if s.get("schedules"):
+        lines.append("periodic: " + ", ".join(x["name"] for x in s["schedules"]))
+    errors = {k: v for k, v in s["errors"].items() if v}
+    if errors:
+        lines.append("refused requests: " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+    if "journal" in p:
+        j = p["journal"]
+        lines.append(f"journal: {j['path']} (sync {j['sync']}){' ERROR ' + j['error'] if j['error'] else ''}")
+    return "\n".join(lines)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     with _client_from_args(args) as client:
         out = client.status(args.task_id) if args.task_id else client.stats()
-    print(json.dumps(out, indent=2), flush=True)
+    if args.json:
+        print(json.dumps(out, indent=2), flush=True)
+    elif args.task_id:
+        now = time.time()
+        line = f"task {out['id']}: {out['state']}"
+        if out["state"] != "unknown":
+            line += f" ({out['name']}, priority {out['priority']}, {out['attempts']} attempt(s)"
+            line += f", worker {out['worker']})" if out["worker"] else ")"
+            line += f"; submitted {_ago(now, out['submitted_at'])}"
+            if out["duration"] is not None:
+                line += f", ran {out['duration']:.3f} s"
+            if out["error"]:
+                line += f"; error: {out['error']}"
+        print(line, flush=True)
+    else:
+        print(_summary(out), flush=True)
+    return 0
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    with _client_from_args(args) as client:
+        workers = client.stats()["workers"]
+    if args.json:
+        print(json.dumps(workers, indent=2), flush=True)
+        return 0
+    now = time.time()
+    rows = [[w["name"], w["host"], w["pid"], w["concurrency"], w["in_flight"], w["completed"],
+             _ago(now, w["last_heartbeat"]), w["state"]] for w in workers]  # fmt: skip
+    head = ["name", "host", "pid", "slots", "running", "completed", "heartbeat", "state"]
+    print(_table(head, rows) if rows else "no workers connected (the plane runs the tasks itself)", flush=True)
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    with _client_from_args(args) as client:
+        tasks = client.tasks(args.limit, args.state, args.search)
+    if args.json:
+        print(json.dumps(tasks, indent=2), flush=True)
+        return 0
+    now = time.time()
+    rows = [[t["id"], t["name"], t["state"], t["priority"], t["attempts"], t["worker"] or "",
+             _ago(now, t["submitted_at"]), "" if t["duration"] is None else f"{t['duration']:.3f}",
+             (t["error"] or "")[:80]] for t in tasks]  # fmt: skip
+    head = ["id", "name", "state", "priority", "attempts", "worker", "submitted", "seconds", "error"]
+    print(_table(head, rows) if rows else "no tasks", flush=True)
     return 0
 
 
@@ -6040,7 +6807,13 @@ def _build_parser() -> _Parser:
 
     def common(p: argparse.ArgumentParser, level: str = "warning") -> None:
         p.add_argument("--secret", help="shared secret for message tags (default: $FASTWORKER_SECRET)")
-        p.add_argument("--log-level", default=level, choices=["debug", "info", "warning", "error"])
+        p.add_argument(
+            "--log-level",
+            default=level,
+            choices=["debug", "info", "warning", "error"],
+            help=f"info: starts, stops, workers; debug: every task's start and finish (default {level})",
+        )
+        p.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
         p.add_argument("--tls-cert", metavar="PEM", help="this side's certificate, for tls+tcp:// addresses")
         p.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
         p.add_argument(
@@ -6089,6 +6862,7 @@ def _build_parser() -> _Parser:
             metavar="TOKEN",
             help="what the dashboard asks for (default with a secret: one derived from it, logged at start)",
         )
+        p.add_argument("--log-args", action="store_true", help=_LOG_ARGS_HELP)
         p.add_argument(
             "--event-details",
             action="store_true",
@@ -6106,6 +6880,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="MODULE", help="task modules to import")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="tasks run at once")
     p.add_argument("--name", help="name shown in stats (default HOST-PID)")
+    p.add_argument("--log-args", action="store_true", help="put tasks' arguments in the log (off: they may be secret)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to reach the plane per attempt")
     p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE, metavar="SECONDS", help=_GRACE_HELP)
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE, metavar="BYTES")
@@ -6135,12 +6910,56 @@ def _build_parser() -> _Parser:
 
     p = sub.add_parser(
         "status",
-        help="print the plane's statistics or a task's status",
-        description="Print the plane's statistics, or one task's status.",
+        help="summarize the plane, or one task's status",
+        description="Summarize the plane (or one task) in a few lines; --json prints the raw statistics.",
     )
     p.add_argument("task_id", nargs="?", metavar="TASK_ID")
+    p.add_argument("--json", action="store_true", help="the raw statistics (or status) as JSON")
     client_opts(p)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "result",
+        help="print a task's result (after submit --no-wait)",
+        description="Print a task's result as JSON; exit 1 if it failed, was cancelled or is not done.",
+    )
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for it (default 0)")
+    client_opts(p)
+    p.set_defaults(func=_cmd_result)
+
+    p = sub.add_parser(
+        "cancel", help="cancel tasks that have not started", description="Cancel queued or scheduled tasks."
+    )
+    p.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    client_opts(p)
+    p.set_defaults(func=_cmd_cancel)
+
+    p = sub.add_parser(
+        "purge",
+        help="cancel every queued task",
+        description="Cancel every queued task (scheduled and running ones stay); they count as cancelled.",
+    )
+    p.add_argument("--priority", choices=PRIORITIES, help="only the queued tasks of this priority")
+    client_opts(p)
+    p.set_defaults(func=_cmd_purge)
+
+    p = sub.add_parser("workers", help="list the connected workers", description="List the connected workers.")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    client_opts(p)
+    p.set_defaults(func=_cmd_workers)
+
+    p = sub.add_parser(
+        "tasks",
+        help="list recent tasks",
+        description="List recent tasks, newest first: unfinished ones, then finished.",
+    )
+    p.add_argument("--state", choices=STATES, help="only tasks in this state")
+    p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--search", metavar="TEXT", help="a task id, or part of a name or an id")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    client_opts(p)
+    p.set_defaults(func=_cmd_tasks)
 
     p = sub.add_parser(
         "events",
@@ -6195,7 +7014,7 @@ def main(argv: list[str] | None = None) -> int:
     # when it runs as __main__, so that both share one task registry.
     sys.modules.setdefault("fastworker", sys.modules[__name__])
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.log_level, args.log_format)
     expected: tuple = (FastworkerError, _StartupError, ValueError, OSError, RuntimeError)
     if pynng is not None:
         expected += (pynng.NNGException,)

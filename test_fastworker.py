@@ -706,7 +706,7 @@ class FakeWorker:
         self.running = {}  # task id -> run
         self.pulls = []  # requests outstanding
 
-    def pull(self, results=(), returned=(), credit=None, info=False, holding=None):
+    def pull(self, results=(), returned=(), credit=None, info=False, holding=None, leaving=False):
         h = self.h.request()
         self.pulls.append(h)
         info = {"name": self.id, "concurrency": self.concurrency, "tasks": self.tasks} if info else None
@@ -715,7 +715,9 @@ class FakeWorker:
         if info and self.max_message_size:
             info["max_message_size"] = self.max_message_size
         credit = self.concurrency if credit is None else credit
-        acts = self.h.core.pull(h, self.conn, self.id, credit, list(results), list(returned), info, self.h.now)
+        acts = self.h.core.pull(
+            h, self.conn, self.id, credit, list(results), list(returned), info, self.h.now, leaving=leaving
+        )
         self.h.apply(acts)
         self.collect()
         return h
@@ -793,7 +795,7 @@ def test_core_retries_wait_their_backoff_then_run_again():
     assert h.core.tasks["t"].due == h.now + 2.0  # doubles
     h.tick(2.0)
     h.finish(h.jobs[0], value="ok")
-    status = h.core.task_status("t", h.now)
+    status = h.core.task_detail("t", h.now)
     assert (status["state"], status["attempts"], status["error"]) == ("succeeded", 3, None)
     assert h.core.retried == 2
 
@@ -979,6 +981,87 @@ def test_core_a_lost_worker_requeues_at_once_or_fails_with_worker_lost():
     assert h.core.tasks["keep"].attempts == 2
 
 
+def test_core_a_worker_that_leaves_cleanly_is_counted_as_left_and_its_tasks_run_elsewhere():
+    h = Core(local=())
+    w = FakeWorker(h, "w", ["job"], concurrency=2)
+    w.register()
+    h.submit("c", item("done", "job"), item("back", "job"))
+    w.collect()
+    h.apply(h.core.tick(h.now))
+    w.pull(results=[w.result("done", value=1)], returned=["back"], credit=0, leaving=True)
+    d = h.core.stats(h.now)["dispatch"]
+    assert (d["workers_left"], d["workers_lost"]) == (1, 0) and "w" not in h.core.workers
+    assert h.core.tasks["back"].state == "queued" and h.core.tasks["back"].attempts == 0
+    assert not w.pulls  # every request of the worker answered
+    other = FakeWorker(h, "w2", ["job"])
+    other.register()
+    assert list(other.collect().running) == ["back"]
+
+
+def test_core_task_page_has_every_run_and_a_success_shows_no_earlier_error():
+    h = Core(local=(), retry_backoff=1.0)
+    w = FakeWorker(h, "w", ["job"], concurrency=1)
+    w.register()
+    h.submit("c", item("t", "job", retries=1, args=["secret-arg"]))
+    w.park().collect()
+    err = fw._error("raised", "ValueError", "<img src=x>", "Traceback ...\nValueError: <img src=x>\n")
+    h.now += 0.5
+    w.pull(results=[w.result("t", "failed", error=err)])
+    h.tick(1.5)
+    w.park().collect()
+    h.now += 0.25
+    w.pull(results=[w.result("t", value=2)])
+    summary = h.core.statuses(["t"], h.now)[0]
+    assert summary["state"] == "succeeded" and summary["error"] is None  # the retry succeeded
+    page = h.core.task_detail("t", h.now)
+    assert [(r["run"], r["state"], r["worker"]) for r in page["runs"]] == [(1, "failed", "w"), (2, "succeeded", "w")]
+    assert page["runs"][0]["error"] == "ValueError: <img src=x>" and "Traceback" in page["runs"][0]["traceback"]
+    assert page["runs"][0]["finished_at"] - page["runs"][0]["started_at"] == 0.5
+    assert page["traceback"] is None and "args" not in page  # arguments only when the operator opts in
+    shown = Core(local=("a",), log_args=True)
+    shown.submit("c", item("x", "a", args=["visible"]))
+    [job] = shown.jobs
+    shown.finish(job, "failed", error=err)
+    page = shown.core.task_detail("x", shown.now)
+    assert page["args"] == ["visible"] and page["traceback"].endswith("ValueError: <img src=x>\n")
+
+
+def test_core_figures_per_name_throughput_chart_and_failures_kept_in_view():
+    h = Core(local=("a", "b"), concurrency=1)
+    h.submit("c", item("bad", "b"))
+    h.now += 2
+    h.finish(h.jobs[0], "failed", error=raised("nope"))
+    for i in range(fw.RECENT_TASKS + 10):  # a flood of successes after one failure
+        h.submit("c", item(f"ok{i}", "a"))
+        h.now += 0.1
+        h.finish(h.jobs[0], value=i)
+    figures = {f["name"]: f for f in h.core.name_figures()}
+    assert figures["a"]["succeeded"] == fw.RECENT_TASKS + 10 and figures["a"]["failure_rate"] == 0
+    assert figures["a"]["p50"] == pytest.approx(0.1) and figures["a"]["p95"] == pytest.approx(0.1)
+    assert figures["b"]["failed"] == 1 and figures["b"]["failure_rate"] == 1.0
+    assert figures["b"]["last_failure"]["id"] == "bad" and figures["b"]["p50"] == pytest.approx(2.0)
+    chart = h.core.throughput_chart(h.now)
+    assert len(chart) == 60 and sum(b[1] for b in chart) == fw.RECENT_TASKS + 10 and sum(b[2] for b in chart) == 1
+    assert [t["id"] for t in h.core.recent_tasks(5, "failed", h.now)] == ["bad"]  # still in view
+    assert [t["id"] for t in h.core.recent_tasks(5, None, h.now, "bad")] == ["bad"]
+    assert len(h.core.recent_tasks(3, None, h.now, "ok")) == 3
+    h.now += fw.THROUGHPUT_WINDOW + 20
+    assert sum(b[1] + b[2] for b in h.core.throughput_chart(h.now)) == 0  # older than 10 minutes
+
+
+def test_core_purge_cancels_queued_tasks_only():
+    h = Core(local=("a",), concurrency=1)
+    h.submit("c", item("run", "a"), item("q1", "a"), item("q2", "a", priority="low"), item("later", "a", delay=60))
+    ids = h.core.queued_ids(None)
+    assert ids == ["q1", "q2"] and h.core.queued_ids("low") == ["q2"]
+    cancelled = []
+    h.apply(h.core.purge_some(h.core.queued_ids("low"), cancelled, h.now))
+    h.apply(h.core.purge_some(["q1", "later", "run"], cancelled, h.now))
+    assert cancelled == ["q2", "q1"]
+    t = h.core.stats(h.now)["tasks"]
+    assert (t["cancelled"], t["scheduled"], t["running"], t["queued"]) == (2, 1, 1, 0)
+
+
 def test_core_heartbeat_expiry_drops_a_silent_worker_and_cuts_it_off():
     h = Core(local=(), heartbeat_timeout=5.0)
     w = FakeWorker(h, "w", ["job"])
@@ -1092,7 +1175,7 @@ def test_core_restarts_from_its_journal_with_queue_order_times_and_results():
         ran.append(h.jobs[0].id)
         h.finish(h.jobs[0])
     assert ran == ["q2", "q3", "block", "q1"] and core.tasks["later"].state == "scheduled"
-    assert core.task_status("block", h.now)["attempts"] == 1
+    assert core.task_detail("block", h.now)["attempts"] == 1
     h.tick(25)
     assert [j.id for j in h.jobs] == ["later"]
 
@@ -1104,7 +1187,7 @@ def test_core_a_task_running_at_two_plane_crashes_fails_instead_of_running_again
     h.restart()
     assert [j.id for j in h.jobs] == ["poison"] and h.core.tasks["poison"].crashes == 1
     h.restart()
-    status = h.core.task_status("poison", h.now)
+    status = h.core.task_detail("poison", h.now)
     assert status["state"] == "failed" and "crashed, twice" in status["error"] and not h.jobs
 
 
@@ -1206,7 +1289,16 @@ def run_random_sequence(seed, steps=40):
             w.pull(results=results, returned=returned)
         elif event < 0.8 and workers:
             w = workers.pop(rng.randrange(len(workers)))
-            h.apply(h.core.conn_closed(w.conn, h.now))
+            if rng.random() < 0.5:
+                h.apply(h.core.conn_closed(w.conn, h.now))
+            else:  # it stops cleanly: reports some, hands back the rest, leaves
+                w.collect()
+                done = [w.result(tid, value=tid) for tid in list(w.running)[: rng.randint(0, len(w.running))]]
+                w.pull(results=done, returned=list(w.running), credit=0, leaving=True)
+                h.apply(h.core.conn_closed(w.conn, h.now))
+        elif event < 0.82:
+            cancelled = []
+            h.apply(h.core.purge_some(h.core.queued_ids(rng.choice([None, *fw.PRIORITIES])), cancelled, h.now))
         elif event < 0.85 and accepted:
             ids = rng.sample(list(accepted), min(len(accepted), 2))
             h.apply(h.core.fetch(h.request(), 7, ids, rng.choice([0, 2.0]), h.now))
@@ -3315,6 +3407,246 @@ def test_dashboard_caps_connections_and_times_idle_ones_out(monkeypatch):
                 s.close()
 
 
+# -- the operator's day ---------------------------------------------------------------------------
+
+
+def test_logs_name_each_roles_tasks_and_every_run_but_never_arguments_unless_asked(tasks_dir, procs):
+    plane = procs(
+        "plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--tasks", "fwtasks",
+        "--log-level", "debug", "--log-format", "json", cwd=tasks_dir,
+    )  # fmt: skip
+    ready = plane.ready()
+    quiet = procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", "--name", "w-quiet", "--log-level",
+                  "debug", "--concurrency", "1", cwd=tasks_dir)  # fmt: skip
+    quiet.ready()
+    with fw.Client(ready["listen"], timeout=5) as c:
+        ok = c.submit("add", "hush-1", "hush-2")
+        assert ok.result(timeout=5) == "hush-1hush-2"
+        bad = c.submit("fail")
+        with pytest.raises(fw.TaskError):
+            bad.result(timeout=5)
+        assert quiet.stop() == 0  # a clean stop: the plane counts it as left, not lost
+        d = wait_until(lambda: (s := c.stats()["dispatch"])["workers_left"] and s, 5, "the worker to leave")
+        assert (d["workers_left"], d["workers_lost"]) == (1, 0)
+        talker = procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", "--name", "w-talker",
+                       "--log-level", "debug", "--log-args", cwd=tasks_dir)  # fmt: skip
+        talker.ready()
+        assert c.submit("add", "told-1", "told-2").result(timeout=5) == "told-1told-2"
+    assert talker.stop() == 0 and plane.stop() == 0
+    records = [json.loads(line) for line in "".join(plane.stderr).splitlines()]  # every line is one JSON object
+    text = "\n".join(f"{r['level']} {r['message']}" for r in records)
+    assert f"INFO plane {ready['listen']}" not in text  # (the id comes first)
+    assert any(r["level"] == "INFO" and ready["listen"] in r["message"] and "add" in r["message"] for r in records)
+    assert f"DEBUG task {ok.task_id} add started on w-quiet" in text
+    assert f"DEBUG task {ok.task_id} add succeeded on w-quiet in " in text
+    assert f"WARNING task {bad.task_id} fail failed on w-quiet" in text and "ValueError: boom" in text
+    assert "INFO worker w-quiet" in text and "left" in text and "lost" not in text
+    quiet_log = "".join(quiet.stderr)
+    assert "connecting to " + ready["listen"] in quiet_log and "tasks: add, async_wait_file" in quiet_log
+    assert f"task {ok.task_id} add succeeded on w-quiet" in quiet_log and "WARNING" in quiet_log
+    assert "hush" not in text + quiet_log  # argument values stay out of the log...
+    assert "told-1" in "".join(talker.stderr) and "told-1" not in text  # ...unless the worker is told
+
+
+def test_errors_a_newcomer_causes_say_what_to_do(plane_proc, tmp_path):
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    r = run_cli("submit", "add", "1", "2", "--plane", nowhere, "--timeout", "0.5")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert f"is `python fastworker.py plane` running at {nowhere}?" in r.stderr
+    r = run_cli("submit", "add", "1", "2", "--plane", "127.0.0.1:5555")
+    assert r.returncode == 1 and "has no scheme" in r.stderr and "tcp://127.0.0.1:5555" in r.stderr
+    ready = plane_proc()
+    r = run_cli("plane", "--listen", ready["listen"], "--dashboard", "off")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert f"address {ready['listen']} is in use" in r.stderr and "--listen" in r.stderr
+    with fw.Client(ready["listen"], timeout=5) as c:
+        with pytest.raises(TypeError, match=r"argument 2 of task 'add' cannot be sent: .*set.*convert it first"):
+            c.submit("add", 1, {1, 2})
+        with pytest.raises(TypeError, match=r"argument 'y' of task 'add' cannot be sent: .*object"):
+            c.submit("add", 1, y=object())
+
+        @fw.task(name="known_here")
+        def known_here(x, y):
+            return x + y
+
+        try:  # this process knows the function: checked before anything is sent
+            with pytest.raises(TypeError, match=r"task 'known_here' cannot take these arguments: .*\(x, y\)"):
+                c.submit("known_here", 1, 2, 3)
+            with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
+                c.submit(known_here, 1, 2, z=3)
+        finally:
+            del fw._registry["known_here"]
+        with pytest.raises(fw.TaskError) as e:  # only the plane knows "add": its failure points at the task
+            c.submit("add", 1, 2, 3).result(timeout=5)
+        assert e.value.type == "TypeError" and "takes 2 positional arguments but 3 were given" in str(e.value)
+        lines = e.value.traceback.strip().splitlines()
+        assert "fwtasks.py" in lines[-3] and "in add" in lines[-3] and lines[-2].strip() == "def add(x, y):"
+        assert "fastworker.py" not in e.value.traceback
+
+
+def test_events_subscribe_when_called_and_on_complete_pushes_them(plane_proc):
+    ready = plane_proc()
+    with fw.Client(ready["listen"], timeout=5) as c:
+        stream = c.events(timeout=5)
+        fut = c.submit("add", 1, 1)
+        assert fut.result(timeout=5) == 2
+        event = next(stream)  # published before the first next(): not missed
+        assert (event["id"], event["state"]) == (fut.task_id, "succeeded")
+        stream.close()
+        assert list(stream) == []
+        got = queue.Queue()
+        stop = c.on_complete(got.put)
+        futs = [c.submit("add", i, 1) for i in range(5)]
+        assert [f.result(timeout=5) for f in futs] == [1, 2, 3, 4, 5]
+        seen = {got.get(timeout=5)["id"] for _ in futs}
+        assert seen == {f.task_id for f in futs}
+        stop()
+        t0 = time.monotonic()
+        assert list(c.events(timeout=0.3)) == []  # nothing happens: it ends after its timeout
+        assert time.monotonic() - t0 < 3
+
+
+def test_cli_result_cancel_purge_status_workers_and_tasks(plane_proc, procs, tasks_dir, tmp_path):
+    ready = plane_proc()
+    plane = ready["listen"]
+    worker = procs("worker", "--plane", plane, "--tasks", "fwtasks", "--name", "cli-w", "--concurrency", "1",
+                   cwd=tasks_dir)  # fmt: skip
+    worker.ready()
+    gate = tmp_path / "gate"
+    c = fw.Client(plane, timeout=5)
+    try:
+        blocker = c.submit("wait_file", str(gate))
+        wait_until(lambda: c.status(blocker.task_id)["state"] == "running", 5, "the blocker to run")
+        lows = [c.submit_with("add", (i, 1), priority="low") for i in range(3)]
+        high = c.submit_with("add", (9, 9), priority="high")
+        later = c.submit_with("add", (1, 1), delay=600)
+        assert c.status(later.task_id)["state"] == "scheduled"
+        r = run_cli("result", blocker.task_id, "--plane", plane)
+        assert r.returncode == 1 and "is still running" in r.stderr and "--wait" in r.stderr
+        r = run_cli("cancel", later.task_id, "nope", "--plane", plane)
+        assert r.returncode == 1 and r.stdout.splitlines() == [
+            f"{later.task_id}: cancelled",
+            "nope: not cancelled (it is unknown)",
+        ]
+        r = run_cli("purge", "--priority", "low", "--plane", plane)
+        assert (r.returncode, r.stdout) == (0, "cancelled 3 queued task(s) of priority low\n"), r.stderr
+        r = run_cli("status", "--plane", plane)
+        assert r.returncode == 0 and len(r.stdout.splitlines()) <= 8, r.stdout
+        assert "queued 1 (critical 0, high 1, normal 0, low 0), scheduled 0, running 1" in r.stdout
+        assert "4 cancelled" in r.stdout and "workers: 1 (1 of 1 slots busy)" in r.stdout
+        r = run_cli("status", "--json", "--plane", plane)
+        assert json.loads(r.stdout)["tasks"]["cancelled"] == 4
+        r = run_cli("workers", "--plane", plane)
+        [head, row] = r.stdout.splitlines()
+        assert head.split()[:4] == ["name", "host", "pid", "slots"] and row.split()[0] == "cli-w"
+        gate.touch()
+        r = run_cli("result", blocker.task_id, "--wait", "10", "--plane", plane)
+        assert r.returncode == 0 and json.loads(r.stdout) == worker.p.pid
+        assert high.result(timeout=5) == 18
+        r = run_cli("result", lows[0].task_id, "--plane", plane)
+        assert r.returncode == 1 and "was cancelled" in r.stderr
+        r = run_cli("tasks", "--state", "cancelled", "--plane", plane)
+        ids = [line.split()[0] for line in r.stdout.splitlines()[1:]]
+        assert sorted(ids) == sorted([later.task_id] + [f.task_id for f in lows])
+        r = run_cli("tasks", "--json", "--limit", "2", "--plane", plane)
+        assert [t["id"] for t in json.loads(r.stdout)] == [high.task_id, blocker.task_id]  # the last to finish
+        r = run_cli("status", blocker.task_id, "--plane", plane)
+        assert r.stdout.startswith(f"task {blocker.task_id}: succeeded (wait_file, priority normal, 1 attempt(s)")
+    finally:
+        c.shutdown(wait=False, cancel_futures=True)
+
+
+def chromium():
+    """The path of a Chromium, or skip (fail under CI, which installs it)."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("CI must run the browser test: apt-get install -y chromium")
+    pytest.skip("no Chromium here (CI installs it: apt-get install -y chromium)")
+
+
+def browse(url, tmp_path, *, screenshot=None, size="1280,1800"):
+    """Load ``url`` in headless Chromium and let its scripts run; return the DOM as HTML."""
+    argv = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--window-size={size}",
+            "--virtual-time-budget=4000"]  # fmt: skip
+    if screenshot:
+        r = subprocess.run([*argv, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+        assert r.returncode == 0 and os.path.getsize(screenshot) > 10_000, r.stderr[-2000:]
+    r = subprocess.run([*argv, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_dashboard_in_a_real_browser_shows_live_data_and_injected_markup_as_text(
+    plane_proc, procs, tasks_dir, tmp_path
+):
+    ready = plane_proc("--log-args")
+    worker = procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", "--name", "browser-w", cwd=tasks_dir)
+    worker.ready()
+    attack = "<img src=x onerror=alert(1)>"
+    marker = "<img src=y onerror=\"document.title='pwned'\">"
+    with fw.Client(ready["listen"], timeout=5) as c:
+        assert [c.submit("add", i, 1).result(timeout=5) for i in range(3)] == [1, 2, 3]
+        failed = c.submit("fail", attack)
+        with pytest.raises(fw.TaskError):
+            failed.result(timeout=5)
+        with pytest.raises(fw.TaskError):
+            c.submit("fail", marker).result(timeout=5)
+        gate = tmp_path / "gate"
+        holds = [c.submit_with("wait_file", (str(gate),), priority="low") for _ in range(10)]  # 8 run, 2 wait
+        wait_until(lambda: c.stats()["queues"]["low"] == 2, 5, "two tasks queued")
+        dom = browse(ready["dashboard"], tmp_path, screenshot=tmp_path / "overview.png")
+        page = browse(ready["dashboard"] + "#/task/" + failed.task_id, tmp_path, screenshot=tmp_path / "task.png")
+        [w] = c.stats()["workers"]
+        drill = browse(ready["dashboard"] + "#/worker/" + w["id"], tmp_path)
+        gate.touch()
+        assert all(f.result(timeout=10) for f in holds)
+    assert "<title>fastworker</title>" in dom and "pwned" not in dom.split("<body")[0]  # no script ran
+    assert "<img" not in dom and "<img" not in page  # markup shows as text...
+    assert "&lt;img src=x onerror=alert(1)&gt;" in dom and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "browser-w" in dom and 'id="banner" hidden' in dom  # live data, the plane reachable
+    assert "<td>low</td><td>2</td>" in dom  # queue depths
+    assert failed.task_id in dom and "<td>add</td>" in dom and "<rect" in dom  # recent tasks, names, the chart
+    assert "raise ValueError(message)" in page and "fwtasks.py" in page  # the failed task's traceback
+    assert "ValueError: &lt;img src=x onerror=alert(1)&gt;" in page and '"args": [' in page
+    running = {f.task_id for f in holds if f.task_id in drill}  # the worker's page: what it runs now
+    assert "<h2>Worker <span" in drill and len(running) == 8 and drill.count("<td>wait_file</td>") == 8
+
+
+def test_dashboard_in_a_real_browser_says_when_the_plane_is_unreachable(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Gone(BaseHTTPRequestHandler):  # the page as the plane served it; the plane has gone since
+        def do_GET(self):
+            assets = {"/": (fw._PAGE, "text/html"), "/app.js": (fw._JS, "text/javascript"),
+                      "/app.css": (fw._CSS, "text/css")}  # fmt: skip
+            body, kind = assets.get(self.path, ("", ""))
+            if not kind:
+                self.connection.close()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gone)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        dom = browse(f"http://127.0.0.1:{server.server_address[1]}/", tmp_path, screenshot=tmp_path / "gone.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join(5)
+    assert 'class="stale"' in dom and 'id="banner">Plane unreachable' in dom
+
+
 # -- command line -------------------------------------------------------------------------------
 
 
@@ -3341,9 +3673,9 @@ def test_cli_submit_no_wait_prints_the_id_and_status_follows_it(plane_proc):
     task_id = r.stdout.strip()
     with fw.Client(ready["listen"], timeout=5) as c:
         assert c.result(task_id, timeout=5) == 2
-    r = run_cli("status", task_id, "--plane", ready["listen"])
+    r = run_cli("status", task_id, "--json", "--plane", ready["listen"])
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
-    r = run_cli("status", "--plane", ready["listen"])
+    r = run_cli("status", "--json", "--plane", ready["listen"])
     assert r.returncode == 0 and json.loads(r.stdout)["tasks"]["succeeded"] == 1
 
 
@@ -3394,7 +3726,22 @@ def test_exit_handlers_of_task_modules_run_when_a_role_stops(tmp_path, procs):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["plane"], ["worker"], ["submit"], ["status"], ["events"], ["demo"], ["bench"]]
+    "command",
+    [
+        [],
+        ["plane"],
+        ["worker"],
+        ["submit"],
+        ["status"],
+        ["result"],
+        ["cancel"],
+        ["purge"],
+        ["workers"],
+        ["tasks"],
+        ["events"],
+        ["demo"],
+        ["bench"],
+    ],  # fmt: skip
 )
 def test_cli_help_everywhere(command):
     r = run_cli(*command, "--help")
