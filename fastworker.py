@@ -52,6 +52,7 @@ __all__ = [
     "AuthenticationError",
     "PlaneUnavailable",
     "AddressInUse",
+    "QueueFull",
     "PRIORITIES",
     "TLSFiles",
     "derived_dashboard_token",
@@ -145,6 +146,7 @@ CANCEL_CHUNK = 200  # ...and a cancel this many (each cancelled task settles: a 
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
 MAX_RECENT = 10_000  # tasks one listing of recent tasks may ask for...
 RECENT_SCAN = 50_000  # ...and how many it looks at, at most
+WHY_IDS = 10  # a status request for at most this many tasks says why each one waits
 MAX_RUNS_KEPT = 10  # failed runs of one task kept for its page (the newest)
 MAX_TRACEBACK = 16 * 1024  # characters of a failed run's traceback kept for its page (the end)
 MAX_NAMES = 1000  # task names the plane keeps figures for (more are counted under "(other)")
@@ -234,6 +236,11 @@ class PlaneUnavailable(FastworkerError, ConnectionError):
     """The plane could not be reached in time, or went away."""
 
 
+class QueueFull(FastworkerError):
+    """The plane holds as many waiting tasks as its ``--max-queued`` allows:
+    the submission was refused at once (nothing accepted is ever dropped)."""
+
+
 class AddressInUse(FastworkerError, OSError):
     """A plane cannot listen: another process has the address."""
 
@@ -255,6 +262,7 @@ _ERROR_KINDS: dict[str, type[BaseException]] = {
     "auth": AuthenticationError,
     "unavailable": PlaneUnavailable,
     "cancelled": concurrent.futures.CancelledError,
+    "queue_full": QueueFull,
 }
 
 
@@ -538,6 +546,25 @@ def _check_options(opts: Any, error: type[Exception] = ValueError) -> None:
     p = opts.get("priority")
     if p is not None and (type(p) is not str or p not in _RANK):
         raise bad("priority", f"one of {', '.join(PRIORITIES)}", p)
+    for name in ("key", "tenant"):
+        v = opts.get(name)
+        if v is not None and (type(v) is not str or not 0 < len(v) <= _MAX_ID):
+            raise bad(name, f"a string of 1 to {_MAX_ID} characters", v)
+    for name in ("concurrency", "tenant_concurrency"):
+        v = opts.get(name)
+        if v is not None and (type(v) is not int or not 1 <= v <= 1_000_000):
+            raise bad(name, "an integer from 1 to 1000000", v)
+    rate = opts.get("rate")
+    if rate is not None and _rate_interval(rate) is None:
+        raise bad("rate", "a rate like '100/s', '10/m' or '500/h' (1 to 1000000 per unit)", rate)
+    deb, deb_max = opts.get("debounce"), opts.get("debounce_max")
+    for name, v in (("debounce", deb), ("debounce_max", deb_max)):
+        if v is not None and (type(v) not in _NUM or not 0 < v <= MAX_DELAY):
+            raise bad(name, f"a number of seconds > 0 and <= {MAX_DELAY:g}", v)
+    if deb is not None and opts.get("key") is None:
+        raise bad("debounce", "given with a key (debouncing groups the submissions of one key)", deb)
+    if deb_max is not None and (deb is None or deb_max < deb):
+        raise bad("debounce_max", "given with a debounce, and at least as long", deb_max)
     r = opts.get("retries")
     if r is not None and (type(r) is not int or not 0 <= r <= MAX_RETRIES):
         raise bad("retries", f"an integer from 0 to {MAX_RETRIES}", r)
@@ -569,6 +596,22 @@ def _check_options(opts: Any, error: type[Exception] = ValueError) -> None:
         raise bad("overlap", "True or False", overlap)
 
 
+_FLOW_OPTIONS = ("key", "debounce", "debounce_max", "tenant", "concurrency", "rate", "tenant_concurrency")
+_LIMITS = ("concurrency", "rate", "tenant_concurrency")  # a task name's limits, known to the plane
+
+
+def _rate_interval(rate: Any) -> float | None:
+    """Seconds between starts for a rate like "100/s" ("/m", "/h"), or None
+    if it is not one."""
+    if type(rate) is not str or len(rate) > 20:
+        return None
+    count, _, unit = rate.partition("/")
+    seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
+    if seconds is None or not count.strip().isdigit() or not 1 <= int(count) <= 1_000_000:
+        return None
+    return seconds / int(count)
+
+
 def encode_task(
     id: str,
     name: str,
@@ -580,13 +623,21 @@ def encode_task(
     timeout: float | None = None,
     delay: float | None = None,
     eta: float | None = None,
+    **flow: Any,
 ) -> bytes:
-    """One TASK item.  Raises TypeError if an argument is not JSON-serializable
-    and ValueError for a bad option."""
+    """One TASK item.  ``flow`` holds the flow-control options (key,
+    debounce, debounce_max, tenant, concurrency, rate, tenant_concurrency).
+    Raises TypeError if an argument is not JSON-serializable and ValueError
+    for a bad option."""
     task: dict[str, Any] = {"id": id, "name": name, "args": list(args), "kwargs": kwargs or {}}
     options = (("priority", priority), ("retries", retries), ("timeout", timeout), ("delay", delay), ("eta", eta))
     for key, value in options:
         if value is not None:
+            task[key] = value
+    for key, value in flow.items():
+        if value is not None:
+            if key not in _FLOW_OPTIONS:
+                raise TypeError(f"unknown task option {key!r}")
             task[key] = value
     if len(task) > 4:
         _check_options(task)
@@ -890,7 +941,7 @@ class TaskSpec:
     every submission.
     """
 
-    __slots__ = ("fn", "name", "options", "is_async", "_arity")
+    __slots__ = ("fn", "name", "options", "is_async", "_arity", "key", "debounce", "debounce_max")
 
     def __init__(
         self,
@@ -900,6 +951,10 @@ class TaskSpec:
         retries: int = 0,
         timeout: float | None = None,
         schedule: dict | None = None,
+        limits: dict | None = None,
+        key: Callable[..., str] | None = None,
+        debounce: float | None = None,
+        debounce_max: float | None = None,
     ) -> None:
         if type(name) is not str or not 0 < len(name) <= _MAX_ID:
             raise ValueError(f"a task name must be a string of 1 to {_MAX_ID} characters, not {name!r}")
@@ -909,7 +964,12 @@ class TaskSpec:
             self.options.update(given)
             if "every" not in given and "cron" not in given:
                 raise ValueError("'tz' and 'overlap' go with a periodic task ('every' or 'cron')")
+        self.options.update({k: v for k, v in (limits or {}).items() if v is not None})
         _check_options(self.options)
+        if key is not None and not callable(key):
+            raise ValueError(f"key must be a function of the task's arguments that returns a string, not {key!r}")
+        _check_options({"key": "k" if key else None, "debounce": debounce, "debounce_max": debounce_max})
+        self.key, self.debounce, self.debounce_max = key, debounce, debounce_max
         self.fn = fn
         self.name = name
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -972,6 +1032,12 @@ def task(
     cron: str | None = None,
     tz: str | None = None,
     overlap: bool | None = None,
+    key: Callable[..., str] | None = None,
+    debounce: float | None = None,
+    debounce_max: float | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
+    tenant_concurrency: int | None = None,
 ) -> Any:
     """Register a function as a task, under its ``__name__`` or ``name``.
 
@@ -983,6 +1049,13 @@ def task(
     ``cron="EXPR"`` (with ``tz="Europe/Paris"``, default UTC): the plane runs
     it at each due time, never two runs at once unless ``overlap=True``.
 
+    Flow control: ``key(*args, **kwargs)`` gives each submission a key (a
+    string): a submission whose key is taken by an unfinished task joins it
+    (see ``Client.submit_with``), and with ``debounce=SECONDS`` waits that
+    long for newer ones.  ``concurrency=N`` caps the runs of this task at
+    once, over the plane and every worker; ``rate="100/s"`` ("/m", "/h")
+    spaces their starts; ``tenant_concurrency=N`` caps one tenant's runs.
+
     Raises:
         ValueError: another function is already registered under the name,
             or an option is invalid.
@@ -990,7 +1063,9 @@ def task(
 
     def register(fn: Callable) -> Callable:
         schedule = {"every": every, "cron": cron, "tz": tz, "overlap": overlap}
-        spec = TaskSpec(fn, name or fn.__name__, priority, retries, timeout, schedule)
+        limits = {"concurrency": concurrency, "rate": rate, "tenant_concurrency": tenant_concurrency}
+        spec = TaskSpec(fn, name or fn.__name__, priority, retries, timeout, schedule, limits, key, debounce,
+                        debounce_max)  # fmt: skip
         old = _registry.get(spec.name)
         if old is not None and _origin(old.fn) != _origin(fn):
             raise ValueError(f"task name {spec.name!r} is already registered by {_origin(old.fn)}")
@@ -1035,7 +1110,7 @@ def _catalog_of(tasks: Any) -> dict[str, dict]:
             "retries": options.get("retries") or 0,
             "timeout": options.get("timeout"),
         }
-        for key in ("every", "cron", "tz", "overlap"):  # a periodic task's schedule
+        for key in ("every", "cron", "tz", "overlap", *_LIMITS):  # a periodic task's schedule, its limits
             if options.get(key) is not None:
                 out[name][key] = options[key]
     return out
@@ -1107,6 +1182,12 @@ class _Task:
         "wire",
         "crashes",
         "failures",
+        "tenant",
+        "key",
+        "limits",
+        "blocked",
+        "joined",
+        "burst",
     )
 
     def __init__(self, t: dict, rank: int, retries: int, timeout: float | None, client: str, now: float) -> None:
@@ -1135,7 +1216,13 @@ class _Task:
         self.timer = None  # its live entry in the timer heap
         self.wire = None  # the TASK item a worker receives, encoded once
         self.crashes = 0  # plane crashes it was running through (journal)
-        self.failures = None  # its failed runs, oldest first (at most MAX_ATTEMPTS_KEPT): see attempt_log()
+        self.failures = None  # its failed runs, oldest first (at most MAX_RUNS_KEPT): see detail()
+        self.tenant = t.get("tenant")  # whose turn it waits for in its priority (None: the untenanted line)
+        self.key = t.get("key")  # while it is unfinished, submissions with this key join it
+        self.limits = None  # (concurrency, seconds between starts, per-tenant concurrency) or None: no limit
+        self.blocked = None  # set aside by a limit while queued: "concurrency", "rate" or "tenant"
+        self.joined = None  # clients whose submissions joined it (by its key): they get its result too
+        self.burst = None  # a debounced task: (its burst's first submission, debounce, debounce_max)
 
     def wire_bytes(self) -> bytes:
         """The TASK item for a worker, without the attempt number."""
@@ -1210,16 +1297,19 @@ class _Job:
 
 
 class TaskQueue:
-    """The one dispatch heap: higher priority first, FIFO within a priority.
+    """The one dispatch queue: higher priority first; within a priority, the
+    tenants take turns (round robin), and each tenant's tasks go first in,
+    first out (tasks without a tenant are one more tenant, ``None``).
 
-    Entries are ``(rank, seq, task)``; rank 0 is "critical", and ``seq`` keeps
-    equal ranks in submission order (tasks themselves are never compared).
-    ``remove()`` only marks a task: its entry is skipped when it comes up.
-    ``counts`` holds the live tasks per rank.
+    Per priority and tenant a heap of ``(seq, task)``; ``seq`` keeps
+    submission order (tasks themselves are never compared).  ``remove()``
+    only marks a task: its entry is skipped when it comes up.  ``counts``
+    holds the live tasks per rank.
     """
 
     def __init__(self) -> None:
-        self._heap: list = []
+        self._groups: list[dict] = [{} for _ in PRIORITIES]  # rank -> {tenant: [heap, live tasks]}
+        self._turns: list[collections.deque] = [collections.deque() for _ in PRIORITIES]  # tenants with work
         self._seq = itertools.count()
         self.counts = [0] * len(PRIORITIES)
 
@@ -1229,16 +1319,34 @@ class TaskQueue:
         if not keep_seq or task.seq is None:
             task.seq = next(self._seq)
         task.queued = True
-        heapq.heappush(self._heap, (task.rank, task.seq, task))
-        self.counts[task.rank] += 1
+        rank, tenant = task.rank, task.tenant
+        group = self._groups[rank].get(tenant)
+        if group is None:
+            group = self._groups[rank][tenant] = [[], 0]
+        if not group[1]:
+            self._turns[rank].append(tenant)
+        heapq.heappush(group[0], (task.seq, task))
+        group[1] += 1
+        self.counts[rank] += 1
 
     def pop(self) -> _Task | None:
-        heap = self._heap
-        while heap:
-            task = heapq.heappop(heap)[2]
-            if task.queued:
+        counts = self.counts
+        for rank in range(len(counts)):
+            if counts[rank]:
+                turns = self._turns[rank]
+                group = self._groups[rank][turns[0]]
+                heap = group[0]
+                while True:
+                    task = heapq.heappop(heap)[1]
+                    if task.queued:
+                        break
                 task.queued = False
-                self.counts[task.rank] -= 1
+                counts[rank] -= 1
+                group[1] -= 1
+                if group[1]:
+                    turns.rotate(-1)  # its next task waits for the other tenants' turns
+                else:
+                    del self._groups[rank][turns.popleft()]
                 return task
         return None
 
@@ -1250,10 +1358,27 @@ class TaskQueue:
     def remove(self, task: _Task) -> None:
         """Take a task out of the queue (its heap entry is skipped later)."""
         task.queued = False
-        self.counts[task.rank] -= 1
-        if len(self._heap) > 2 * len(self) + 64:  # mostly dead entries: rebuild
-            self._heap = [e for e in self._heap if e[2].queued]
-            heapq.heapify(self._heap)
+        rank, tenant = task.rank, task.tenant
+        self.counts[rank] -= 1
+        group = self._groups[rank][tenant]
+        group[1] -= 1
+        if not group[1]:
+            self._turns[rank].remove(tenant)
+            del self._groups[rank][tenant]
+        elif len(group[0]) > 2 * group[1] + 64:  # mostly dead entries: rebuild
+            group[0] = [e for e in group[0] if e[1].queued]
+            heapq.heapify(group[0])
+
+    def ahead_of(self, task: _Task) -> int:
+        """How many queued tasks go before this one: those of a higher
+        priority, and of its own priority those ahead in its tenant's line
+        or in the other tenants' (round robin: up to as many as its own)."""
+        n = sum(self.counts[: task.rank])
+        groups = self._groups[task.rank]
+        own = groups.get(task.tenant)
+        mine = 0 if own is None else sum(1 for seq, t in own[0] if t.queued and seq < task.seq)
+        others = sum(min(g[1], mine + 1) for tenant, g in groups.items() if tenant != task.tenant)
+        return n + mine + others
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -1826,6 +1951,7 @@ class PlaneCore:
         reap_interval: float = REAP_INTERVAL,
         journaling: bool = False,
         log_args: bool = False,
+        max_queued: int | None = None,
     ) -> None:
         self.id = plane_id
         self.local_tasks = local_tasks
@@ -1840,6 +1966,16 @@ class PlaneCore:
         self.journaling = journaling  # say what changed, in Journal actions
         self.log_args = log_args  # the operator opted in: arguments in the log and on the dashboard
         self.log_tasks = logger.isEnabledFor(logging.DEBUG)  # a DEBUG line per start and finish
+        self.max_queued = max_queued  # more tasks waiting (queued or scheduled) are refused: QueueFull
+        self.refused = 0  # submissions refused because the queue was full
+        self.joined = 0  # submissions that joined an unfinished task of their key
+        self.keys: dict[str, _Task] = {}  # key -> its unfinished task
+        self.running_by_name: collections.Counter = collections.Counter()  # for the concurrency limits
+        self.running_by_tenant: collections.Counter = collections.Counter()  # (name, tenant) -> running
+        self.next_start: dict[str, float] = {}  # a rate-limited name -> the earliest its next run may start
+        self.held: dict[Any, list] = {}  # name or (name, tenant) -> heap of (rank, seq, task) set aside by a limit
+        self.held_count = 0
+        self._rate_wake: float | None = None  # the earliest a task held by its rate may start
         self.timers_changed = False  # a timer came due sooner: the shell's housekeeper must wake
         self.tasks: dict[str, _Task] = {}  # every task not yet finished, in submission order
         self.queue = TaskQueue()
@@ -1901,12 +2037,19 @@ class PlaneCore:
             if old == QUEUED:
                 if task.queued:  # not popped by dispatch: cancelled
                     self.queue.remove(task)
+                elif task.blocked is not None:  # set aside by a limit: cancelled
+                    self._unhold(task)
             elif old == SCHEDULED:
                 if task.timer is not None:  # not come due: cancelled
                     self.timers.remove(task)
             elif old == RUNNING:
                 del task.holder.in_flight[task.id]
                 task.holder = None
+                self.running_by_name[task.name] -= 1
+                if task.tenant is not None:
+                    self.running_by_tenant[task.name, task.tenant] -= 1
+                if self.held:
+                    self._release(task)
         counts[state] += 1
         task.state = state
         if state == QUEUED:
@@ -1921,6 +2064,13 @@ class PlaneCore:
             task.runs += 1
             task.started = now
             task.worker = worker.name
+            self.running_by_name[task.name] += 1
+            if task.tenant is not None:
+                self.running_by_tenant[task.name, task.tenant] += 1
+            if task.limits is not None and task.limits[1] is not None:  # its rate: the next start waits
+                at = self.next_start[task.name] = max(now, self.next_start.get(task.name, now)) + task.limits[1]
+                if ("rate", task.name) in self.held and (self._rate_wake is None or at < self._rate_wake):
+                    self._rate_wake = at
             if self.log_tasks:
                 args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.log_args else ""
                 self._log(logging.DEBUG, "task %s %s started on %s (run %d)%s", task.id, task.name, worker.name,
@@ -1967,6 +2117,13 @@ class PlaneCore:
         cs = self.clients.get(task.client)
         if cs is not None:
             self._post(cs, task.item)
+        if task.key is not None:
+            if self.keys.get(task.key) is task:
+                del self.keys[task.key]  # the key is free again
+            for client in task.joined or ():
+                other = self.clients.get(client)
+                if other is not None:
+                    self._post(other, task.item)
         if not task.client:  # a periodic task's run
             s = self.schedules.get(task.name)
             if s is not None:
@@ -2168,7 +2325,8 @@ class PlaneCore:
             self._reply(req, "error", {"error": _error("unavailable", "PlaneUnavailable", "the plane is stopping")})
             return self._done()
         cs = self._client(client, now)
-        rejected = []
+        rejected, joined = [], []
+        counts = self.counts
         for t in tasks:
             tid = t["id"]
             known = self.tasks.get(tid) or self.cache.peek(tid, now)
@@ -2183,6 +2341,19 @@ class PlaneCore:
                 err = _error("unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}")
                 rejected.append({"id": tid, "error": err})
                 continue
+            key = t.get("key")
+            if key is not None and key in self.keys:
+                joined.append([tid, self._join(self.keys[key], t, client, now)])
+                continue
+            if self.max_queued is not None and counts[QUEUED] + counts[SCHEDULED] >= self.max_queued:
+                self._dispatch(now)  # what can start now does not wait
+            if self.max_queued is not None and counts[QUEUED] + counts[SCHEDULED] >= self.max_queued:
+                self.refused += 1
+                err = _error(
+                    "queue_full", "QueueFull", f"the plane holds {self.max_queued} waiting tasks (--max-queued)"
+                )
+                rejected.append({"id": tid, "error": err})
+                continue
             retries = t.get("retries")
             task = _Task(
                 t,
@@ -2192,16 +2363,119 @@ class PlaneCore:
                 client,
                 now,
             )
+            if len(t) > 4:  # options: flow control too?
+                task.limits = self._limits_of(t, opts)
+            elif "concurrency" in opts or "rate" in opts or "tenant_concurrency" in opts:
+                task.limits = self._limits_of(t, opts)
             self.tasks[tid] = task
             self.submitted += 1
             due = t.get("eta") or now + (t.get("delay") or 0)
+            if key is not None:
+                self.keys[key] = task
+                debounce = t.get("debounce")
+                if debounce is not None:
+                    task.burst = (now, debounce, t.get("debounce_max") or 10 * debounce)
+                    due = max(due, now + debounce)
             if due > now:
                 self._move(task, SCHEDULED, now, due=due)
             else:
                 self._move(task, QUEUED, now)
         self._dispatch(now)  # the work goes out first: it is what takes time
-        self._reply(req, "accepted", {"rejected": rejected})
+        self._reply(req, "accepted", {"rejected": rejected, "joined": joined} if joined else {"rejected": rejected})
         return self._done()
+
+    @staticmethod
+    def _limits_of(t: dict, opts: dict) -> tuple | None:
+        """A task's limits: its own options, else its name's defaults."""
+        conc = t.get("concurrency") or opts.get("concurrency")
+        rate = t.get("rate") or opts.get("rate")
+        tenant_conc = t.get("tenant_concurrency") or opts.get("tenant_concurrency")
+        if conc is None and rate is None and tenant_conc is None:
+            return None
+        return conc, None if rate is None else _rate_interval(rate), tenant_conc
+
+    def _join(self, task: _Task, t: dict, client: str, now: float) -> str:
+        """A submission whose key ``task`` holds joins it: its client gets the
+        task's result.  A debounced task that is still waiting takes the
+        newer arguments and waits again (no later than its burst's limit)."""
+        self.joined += 1
+        if client != task.client:
+            if task.joined is None:
+                task.joined = set()
+            task.joined.add(client)
+        if task.burst is not None and task.state == SCHEDULED:
+            first, debounce, longest = task.burst
+            task.args, task.kwargs, task.wire = t["args"], t["kwargs"], None
+            self._move(task, SCHEDULED, now, due=min(now + debounce, first + longest))
+            if self.journaling:
+                self._touched[task.id] = (task, True)  # its arguments changed: write its body again
+        return task.id
+
+    # -- limits: tasks set aside while they wait for one -----------------------------------
+
+    def _must_wait(self, task: _Task, now: float) -> bool:
+        """Does a limit keep this (just popped) task from starting now?  Then
+        it is set aside until one of its name's runs ends, or its rate lets
+        it start; it holds no worker's slot meanwhile."""
+        conc, interval, tenant_conc = task.limits
+        name = task.name
+        if conc is not None and self.running_by_name[name] >= conc:
+            return self._hold(task, "concurrency", name)
+        if tenant_conc is not None and self.running_by_tenant[name, task.tenant] >= tenant_conc:
+            return self._hold(task, "tenant", (name, task.tenant))
+        if interval is not None:
+            at = self.next_start.get(name, now)
+            if at > now:
+                if self._rate_wake is None or at < self._rate_wake:
+                    self._rate_wake = at
+                return self._hold(task, "rate", ("rate", name))
+        return False
+
+    def _hold(self, task: _Task, why: str, where: Any) -> bool:
+        task.blocked = why
+        heapq.heappush(self.held.setdefault(where, []), (task.rank, task.seq, task))
+        self.held_count += 1
+        return True
+
+    def _unhold(self, task: _Task) -> None:
+        """A held task leaves (cancelled): its entry is skipped later."""
+        task.blocked = None
+        self.held_count -= 1
+
+    def _release(self, task: _Task) -> None:
+        """A run of ``task``'s name ended: the first task held by its name's
+        (or its tenant's) concurrency goes back into the queue, at its place."""
+        for where in (task.name, (task.name, task.tenant)):
+            heap = self.held.get(where)
+            while heap:
+                waiting = heapq.heappop(heap)[2]
+                if waiting.blocked is not None:  # (not cancelled meanwhile)
+                    self._requeue_held(waiting)
+                    break
+            if heap is not None and not heap:
+                del self.held[where]
+
+    def _requeue_held(self, task: _Task) -> None:
+        task.blocked = None
+        self.held_count -= 1
+        self.queue.push(task, keep_seq=True)
+
+    def _release_rates(self, now: float) -> None:
+        """Tasks held by a rate whose time has come go back into the queue."""
+        self._rate_wake = None
+        for where in [w for w in self.held if type(w) is tuple and w[0] == "rate"]:
+            heap = self.held[where]
+            at = self.next_start.get(where[1], now)
+            if at > now:
+                self._rate_wake = at if self._rate_wake is None else min(self._rate_wake, at)
+                continue
+            while heap:
+                waiting = heapq.heappop(heap)[2]
+                if waiting.blocked is not None:
+                    self._requeue_held(waiting)
+                    break
+            if not heap:
+                del self.held[where]
 
     def poll(self, req: int, conn: int, client: str, wait: float, now: float) -> list:
         """A client's long-poll for its results: answered at once if any
@@ -2253,13 +2527,52 @@ class PlaneCore:
             self.fetches.add(fetch)
         return self._done()
 
-    def _status(self, tid: str, now: float) -> dict:
+    def _status(self, tid: str, now: float, why: bool = False) -> dict:
         task = self.tasks.get(tid) or self.cache.peek(tid, now)
-        return {"id": tid, "state": "unknown"} if task is None else task.summary(now)
+        if task is None:
+            return {"id": tid, "state": "unknown"}
+        out = task.summary(now)
+        if why and (task.state == QUEUED or task.state == SCHEDULED):
+            out["waiting"], out["why"] = self._waiting(task, now)
+        return out
 
     def statuses(self, ids: list, now: float) -> list[dict]:
-        """A query: the status of each task."""
-        return [self._status(tid, now) for tid in ids]
+        """A query: the status of each task (of a few: why one waits, too)."""
+        why = len(ids) <= WHY_IDS
+        return [self._status(tid, now, why) for tid in ids]
+
+    def _waiting(self, task: _Task, now: float) -> tuple[str, str]:
+        """Why a queued or scheduled task does not run yet: a short reason
+        and a sentence."""
+        if task.state == SCHEDULED:
+            left = f"{max(0.0, (task.due or now) - now):.1f} s"
+            if task.burst is not None:
+                return "debounce", f"waits {left} for newer submissions of its key {task.key!r} (debounce)"
+            if task.attempts:
+                return "retry", f"waits {left} of its retry backoff after {task.attempts} failed run(s)"
+            return "scheduled", f"waits {left} for its time"
+        if task.blocked == "concurrency":
+            limit = task.limits[0]
+            return "concurrency", f"waits for its concurrency limit: {limit} of {task.name!r} run at once"
+        if task.blocked == "tenant":
+            return "tenant_concurrency", (f"waits for its tenant's limit: {task.limits[2]} of {task.name!r} "
+                                          f"for tenant {task.tenant!r} run at once")  # fmt: skip
+        if task.blocked == "rate":
+            at = self.next_start.get(task.name, now)
+            return "rate", f"waits {max(0.0, at - now):.2f} s for its rate limit ({task.name!r})"
+        if task.name not in self.catalog and task.name not in self.local_tasks:
+            return "worker", f"waits for a worker that knows {task.name!r}"
+        ahead = self.queue.ahead_of(task)
+        if ahead:
+            higher = sum(self.queue.counts[: task.rank])
+            if task.tenant is not None and ahead > higher and self._first_of_tenant(task):
+                return "tenant_turn", f"waits for its tenant's turn: {ahead} task(s) go first"
+            return "queue", f"behind {ahead} task(s) of higher or equal priority"
+        return "slot", "waits for a free slot on a worker that knows it"
+
+    def _first_of_tenant(self, task: _Task) -> bool:
+        group = self.queue._groups[task.rank].get(task.tenant)
+        return group is None or not any(t.queued and seq < task.seq for seq, t in group[0])
 
     def status(self, req: int, ids: list, now: float) -> list:
         self._reply(req, "statuses", {"statuses": self.statuses(ids, now)})
@@ -2559,6 +2872,8 @@ class PlaneCore:
         skipped = []
         while ready and self.queue:
             task = self.queue.pop()
+            if task.limits is not None and self._must_wait(task, now):
+                continue
             name = task.name
             size = 0  # bytes it takes in a message to a subworker (once one is considered)
             entry, passed = None, []
@@ -2634,6 +2949,9 @@ class PlaneCore:
         due = self.timers.pop_due(now)
         for task in due:
             self._move(task, QUEUED, now)
+        if self._rate_wake is not None and now >= self._rate_wake:
+            self._release_rates(now)
+            due.append(None)  # (dispatch)
         if len(self.local_tasks) != self._schedules_known:
             self._sync_schedules(now)
         if self.schedules and now >= self._next_schedule:
@@ -2677,6 +2995,8 @@ class PlaneCore:
         """When ``tick()`` has something to do next."""
         due = self.timers.next_due()
         wake = min(self._next_sweep, self._next_reap, self._next_schedule)
+        if self._rate_wake is not None and self._rate_wake < wake:
+            wake = self._rate_wake
         return wake if due is None or due > wake else due
 
     # -- periodic tasks -----------------------------------------------------------------
@@ -2905,6 +3225,13 @@ class PlaneCore:
                 "expired": info.expired,
             },
             "clients": len(self.clients),
+            "flow": {
+                "held": self.held_count,
+                "keys": len(self.keys),
+                "joined": self.joined,
+                "refused": self.refused,
+                "max_queued": self.max_queued,
+            },  # fmt: skip
             "schedules": [s.summary(self.tasks) for s in self.schedules.values()],
             "errors": dict(self.errors),
         }
@@ -2933,9 +3260,14 @@ class PlaneCore:
         return out
 
     def task_detail(self, tid: str, now: float) -> dict | None:
-        """A task's page: see _Task.detail()."""
+        """A task's page: see _Task.detail(); why it waits, if it does."""
         task = self.tasks.get(tid) or self.cache.peek(tid, now)
-        return None if task is None else task.detail(now, self.log_args)
+        if task is None:
+            return None
+        out = task.detail(now, self.log_args)
+        if task.state == QUEUED or task.state == SCHEDULED:
+            out["waiting"], out["why"] = self._waiting(task, now)
+        return out
 
     def worker_detail(self, wid: str, now: float) -> dict | None:
         """A worker (or "plane", the plane's own executor) and what it runs."""
@@ -3862,6 +4194,7 @@ class Client(concurrent.futures.Executor):
         self._closing = False  # no new submissions; the sender flushes and exits
         self._stopping = False  # the poller exits
         self._streams: list[_EventStream] = []  # on_complete's subscriptions, closed with the client
+        self._joined: dict[str, list[Future]] = {}  # task id -> more futures of it (submissions that joined it)
 
     # -- submitting -----------------------------------------------------
 
@@ -3885,6 +4218,13 @@ class Client(concurrent.futures.Executor):
         retries: int | None = None,
         timeout: float | None = None,
         eta: Any = None,
+        key: str | None = None,
+        debounce: float | None = None,
+        debounce_max: float | None = None,
+        tenant: str | None = None,
+        concurrency: int | None = None,
+        rate: str | None = None,
+        tenant_concurrency: int | None = None,
     ) -> Future:
         """Submit a task with explicit options; ``None`` keeps the task's
         default.  ``priority`` is one of critical, high, normal, low;
@@ -3892,6 +4232,16 @@ class Client(concurrent.futures.Executor):
         (an aware ``datetime`` or seconds since the epoch; by the plane's
         clock); ``retries`` how often a failed run is retried; ``timeout``
         the time limit of one run.
+
+        Flow control: while a task with the same ``key`` is unfinished, this
+        submission joins it: the future gets its ``task_id`` and its outcome,
+        and nothing runs twice (the task's ``key=`` function gives a key when
+        none is given).  With ``debounce`` seconds (and a key) the task waits
+        that long; a newer submission of the key replaces its arguments and
+        restarts the wait, up to ``debounce_max`` (default 10 x debounce)
+        after the burst's first.  ``tenant`` names whose task it is: within
+        a priority, tenants take turns.  ``concurrency``, ``rate`` ("100/s",
+        "/m", "/h") and ``tenant_concurrency`` override the task's limits.
 
         Raises:
             TypeError: an argument is not JSON-serializable, or the task's
@@ -3908,6 +4258,12 @@ class Client(concurrent.futures.Executor):
             if type(args) is not tuple and type(args) is not list:
                 args = tuple(args)
             spec.check_call(args, kwargs)
+            if spec.key is not None and key is None:
+                key = spec.key(*args, **(kwargs or {}))
+                if type(key) is not str:
+                    raise ValueError(f"the key function of task {name!r} must return a string, not {key!r}")
+            if key is not None and debounce is None and spec.debounce is not None:
+                debounce, debounce_max = spec.debounce, debounce_max or spec.debounce_max
         data = encode_task(
             tid,
             name,
@@ -3918,6 +4274,13 @@ class Client(concurrent.futures.Executor):
             timeout=timeout,
             delay=delay,
             eta=None if eta is None else _epoch(eta),
+            key=key,
+            debounce=debounce,
+            debounce_max=debounce_max,
+            tenant=tenant,
+            concurrency=concurrency,
+            rate=rate,
+            tenant_concurrency=tenant_concurrency,
         )
         if len(data) > self.max_message_size - 4096:
             raise ValueError(f"task {tid} is {len(data)} bytes, over the message size limit")
@@ -4016,6 +4379,25 @@ class Client(concurrent.futures.Executor):
         rejected = {r.get("id"): r.get("error") for r in reply["rejected"] if isinstance(r, dict)}
         if rejected:
             self._fail([f for _, f in batch if f.task_id in rejected], None, rejected)
+        joined = reply.get("joined")
+        if type(joined) is list:
+            self._join(joined)
+
+    def _join(self, joined: list) -> None:
+        """Submissions the plane joined to an unfinished task of their key:
+        each future takes that task's id and waits for its outcome."""
+        with self._lock:
+            for pair in joined:
+                if not (type(pair) is list and len(pair) == 2 and all(type(x) is str for x in pair)):
+                    continue
+                fut = self._pending.pop(pair[0], None)
+                if fut is None:
+                    continue
+                fut.task_id = pair[1]
+                if pair[1] in self._pending:
+                    self._joined.setdefault(pair[1], []).append(fut)
+                else:
+                    self._pending[pair[1]] = fut
 
     def _send_cancels(self, chan: _Chan, ids: list[str]) -> None:
         """Tell the plane about futures cancelled here (best effort: the
@@ -4110,6 +4492,8 @@ class Client(concurrent.futures.Executor):
     def _deliver(self, results: list[dict]) -> None:
         with self._lock:
             done = [(self._pending.pop(r["id"], None), r) for r in results]
+            if self._joined:
+                done += [(f, r) for r in results for f in self._joined.pop(r["id"], ())]
         for fut, r in done:
             if fut is None:
                 continue
@@ -4556,6 +4940,9 @@ class Plane(_Role):
         log_args: log tasks' arguments (in DEBUG lines and failures) and show
             them on the dashboard's task pages.  Off by default: arguments
             often carry what should not be in a log.
+        max_queued: refuse a submission that would make more than this many
+            tasks wait (queued or scheduled): its future fails at once with
+            ``QueueFull`` (None: no limit).
     """
 
     def __init__(
@@ -4582,9 +4969,12 @@ class Plane(_Role):
         tls_ca: str | None = None,
         dashboard_token: str | None = None,
         log_args: bool = False,
+        max_queued: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if max_queued is not None and not 0 <= max_queued <= 10**9:
+            raise ValueError(f"max_queued must be a number of tasks >= 0, not {max_queued!r}")
         if max_message_size < 65536:
             raise ValueError("max_message_size must be >= 65536")
         if not (0 < heartbeat_timeout <= MAX_TIMEOUT and 0 <= retry_backoff <= MAX_BACKOFF and reap_interval > 0):
@@ -4627,6 +5017,7 @@ class Plane(_Role):
             reap_interval=reap_interval,
             journaling=journal is not None,
             log_args=log_args,
+            max_queued=max_queued,
         )
         self._lock = threading.Lock()  # guards the core: every call into it, and nothing else
         self._tick = threading.Condition(self._lock)  # the housekeeper waits for the core's next deadline
@@ -5750,7 +6141,8 @@ async function taskView(id) {
     $("task-traceback").textContent = ""; $("task-args").textContent = ""; return; }
   table("task-fields", ["field", "value"], [["name", t.name], ["state", t.state], ["priority", t.priority],
     ["attempts", t.attempts], ["worker", t.worker], ["submitted", when(t.submitted_at)],
-    ["finished", when(t.finished_at)], ["due", when(t.due_at)], ["duration s", secs(t.duration)], ["error", t.error]]);
+    ["finished", when(t.finished_at)], ["due", when(t.due_at)], ["duration s", secs(t.duration)], ["error", t.error],
+    ["waiting", t.why ? t.why + " (" + t.waiting + ")" : ""]]);
   table("task-runs", ["run", "worker", "started", "finished", "duration s", "state", "error"],
     t.runs.map(r => [r.run, r.worker, when(r.started_at), when(r.finished_at),
       r.finished_at && r.started_at ? secs(r.finished_at - r.started_at) : "", r.state, r.error]), "not run yet");
@@ -6180,12 +6572,20 @@ def _bench_certs(folder: str) -> dict[str, str]:
 
 
 def _bench_topology(
-    workers: int, n: int, m: int, map_n: int, concurrency: int, journal: str = "", security: str = ""
+    workers: int,
+    n: int,
+    m: int,
+    map_n: int,
+    concurrency: int,
+    journal: str = "",
+    security: str = "",
+    flow: bool = False,
 ) -> dict:
     """Throughput, latency and memory with ``workers`` subworkers (and a
     journal with sync mode ``journal``, in a temporary folder; and with
     ``security`` "secret", "tls" or "tls+secret": mutual TLS, certificates
-    made for the run)."""
+    made for the run; ``flow``: the throughput run's tasks spread over
+    10,000 tenants, the first 1,000 with a key each)."""
     import shutil
     import tempfile
 
@@ -6195,6 +6595,8 @@ def _bench_topology(
     peer_args: list[str] = []  # what a worker needs to reach this plane
     client_kw: dict[str, Any] = {}
     folder = tempfile.mkdtemp(prefix="fastworker-bench-") if journal or security else None
+    if flow:
+        label += ", 10k tenants + 1k keys"
     if journal and folder:
         label += f", journal {journal}"
         plane_args += ["--journal", os.path.join(folder, "journal.db"), "--journal-sync", journal]
@@ -6236,7 +6638,11 @@ def _bench_topology(
             _progress(f"{label}: throughput, {n} tasks")
             busy0, ours0 = _cpu_seconds(pids)
             t0 = time.perf_counter()
-            futs = [client.submit(noop) for _ in range(n)]
+            if flow:
+                futs = [client.submit_with(noop, tenant=f"t{i % 10_000}", key=f"k{i}" if i < 1000 else None)
+                        for i in range(n)]  # fmt: skip
+            else:
+                futs = [client.submit(noop) for _ in range(n)]
             for f in futs:
                 f.result(60)
             elapsed = time.perf_counter() - t0
@@ -6338,6 +6744,7 @@ def bench(
     journal_workers: Iterable[int] = (0, 2),
     secure: Iterable[str] = ("secret", "tls", "tls+secret"),
     secure_workers: Iterable[int] = (0, 2),
+    flow_workers: Iterable[int] = (0,),
 ) -> dict:
     """Measure like the peer harness: one client process, one ``submit()``
     per task; every role a process of its own on loopback.  Rows with a
@@ -6352,6 +6759,7 @@ def bench(
             print(f"bench: no {s} rows: the openssl command line is not installed", file=sys.stderr)
             continue
         rows += [_bench_topology(w, tasks, latency, map_items, concurrency, "", s) for w in secure_workers]
+    rows += [_bench_topology(w, tasks, latency, 0, concurrency, flow=True) for w in flow_workers]
     result: dict[str, Any] = {"bench": rows}
     if queued:
         result["queued"] = _bench_queued(queued)
@@ -6455,6 +6863,7 @@ def _plane_from_args(args: argparse.Namespace, **overrides: Any) -> Plane:
         tls_ca=args.tls_ca,
         dashboard_token=args.dashboard_token,
         log_args=args.log_args,
+        max_queued=args.max_queued,
     )
 
 
@@ -6769,6 +7178,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         [int(w) for w in args.journal_workers.split(",") if w.strip()],
         [s for s in args.secure.split(",") if s.strip()],
         [int(w) for w in args.secure_workers.split(",") if w.strip()],
+        [int(w) for w in args.flow.split(",") if w.strip()],
     )
     head = ("topology", "tasks/s", "p50 ms", "p99 ms", "map/s", "plane MB idle/peak", "worker MB idle/peak", "foreign")
     print(" | ".join(head))
@@ -6863,6 +7273,12 @@ def _build_parser() -> _Parser:
             help="what the dashboard asks for (default with a secret: one derived from it, logged at start)",
         )
         p.add_argument("--log-args", action="store_true", help=_LOG_ARGS_HELP)
+        p.add_argument(
+            "--max-queued",
+            type=int,
+            metavar="N",
+            help="refuse submissions (QueueFull) that would make more than N tasks wait (default: no limit)",
+        )
         p.add_argument(
             "--event-details",
             action="store_true",
@@ -7002,6 +7418,12 @@ def _build_parser() -> _Parser:
         help="rows with a secret, TLS (mutual, certificates made with openssl) or both (secret,tls,tls+secret; '': none)",
     )
     p.add_argument("--secure-workers", default="0,2", metavar="W", help="subworker counts for the secure rows (0,2)")
+    p.add_argument(
+        "--flow",
+        default="0",
+        metavar="W",
+        help="subworker counts for rows whose tasks have 10,000 tenants and 1,000 keys (0; '': none)",
+    )
     common(p)
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -250,6 +250,23 @@ def raise_base(kind):
 def stuck(seconds):
     time.sleep(seconds)
     return seconds
+
+
+def stamp(path, what):
+    with open(path, "a") as f:
+        f.write(f"{what} {time.time()!r}\\n")
+
+
+@task(concurrency=2)
+def limited(log, seconds):
+    stamp(log, "start")
+    time.sleep(seconds)
+    stamp(log, "end")
+
+
+@task(rate="20/s")
+def paced(log):
+    stamp(log, "start")
 """
 
 
@@ -563,14 +580,16 @@ def check_invariant(core):
     """The accounting of SPEC §5, and every index agreeing with every state."""
     c = core.counts
     assert core.submitted == sum(c.values()), c
-    assert sum(core.queue.counts) == c["queued"]
+    assert sum(core.queue.counts) + core.held_count == c["queued"]
+    held = [e[2] for heap in core.held.values() for e in heap if e[2].blocked is not None]
+    assert len(held) == len(set(held)) == core.held_count  # a task is held in one place at most
     assert core.timers.live == c["scheduled"]
     workers = [core.zero, *core.workers.values()]
     assert sum(len(w.in_flight) for w in workers) == c["running"]
     assert len(core.tasks) == c["queued"] + c["scheduled"] + c["running"]
     for t in core.tasks.values():
         if t.state == "queued":
-            assert t.queued and t.holder is None
+            assert (t.queued or t.blocked is not None) and not (t.queued and t.blocked) and t.holder is None
         elif t.state == "scheduled":
             assert t.timer is not None and not t.queued
         else:
@@ -1248,6 +1267,12 @@ def run_random_sequence(seed, steps=40):
                 options = {"priority": rng.choice(fw.PRIORITIES), "retries": rng.randint(0, 2)}
                 if rng.random() < 0.3:
                     options["delay"] = rng.choice([0, 0.5, 3.0])
+                if rng.random() < 0.3:  # flow control: tenants, limits, keys (of this client)
+                    options["tenant"] = rng.choice(["x", "y"])
+                if rng.random() < 0.2:
+                    options.update(rng.choice([{"concurrency": 1}, {"tenant_concurrency": 1}, {"rate": "4/s"}]))
+                if rng.random() < 0.15:
+                    options["key"] = f"{client}-k{rng.randint(0, 2)}"
                 tasks.append(item(tid, rng.choice(names), **options))
             h.submit(client, *tasks)
             for t in tasks:
@@ -1343,6 +1368,133 @@ def run_random_sequence(seed, steps=40):
 def test_core_random_event_sequences_keep_the_accounting_and_end_every_task_once():
     for seed in range(1500):
         run_random_sequence(seed)
+
+
+# -- flow control (the core) ---------------------------------------------------------------------
+
+
+def test_core_a_key_joins_the_unfinished_task_and_is_free_once_it_ends():
+    h = Core(local=("a",), concurrency=1)
+    p1, p2 = h.poll("c1"), h.poll("c2")
+    h.submit("c1", item("t1", "a", key="invoice-42"))
+    reply = h.replies[max(h.replies)]
+    h.submit("c2", item("t2", "a", key="invoice-42"), item("t3", "a", key="other"))
+    assert h.replies[max(h.replies)].fields["joined"] == [["t2", "t1"]]
+    assert "t2" not in h.core.tasks and h.core.submitted == 2 and reply.fields["rejected"] == []
+    [job] = h.jobs
+    h.finish(job, value="paid")
+    assert [r["result"] for r in h.delivered["t1"]] == ["paid", "paid"]  # c1's and c2's poll: one run, two futures
+    assert h.reply(p1) and h.reply(p2)
+    assert "invoice-42" not in h.core.keys  # free again: a new submission runs anew
+    h.submit("c1", item("t4", "a", key="invoice-42"))
+    assert "t4" in h.core.tasks and h.core.stats(h.now)["flow"]["joined"] == 1
+
+
+def test_core_debounce_takes_the_newest_arguments_and_runs_by_its_maximum():
+    h = Core(local=("a",))
+    h.poll("c")
+    h.submit("c", item("d1", "a", args=[1], key="k", debounce=1.0, debounce_max=2.5))
+    assert h.core.statuses(["d1"], h.now)[0]["waiting"] == "debounce"
+    for i, step in enumerate([0.75, 0.75, 0.75], start=2):  # each newer one restarts the wait...
+        h.tick(step)
+        assert not h.jobs
+        h.submit("c", item(f"d{i}", "a", args=[i], key="k", debounce=1.0))
+    assert h.core.tasks["d1"].due == 1000.0 + 2.5  # ...but not past the burst's maximum
+    h.tick(0.125)
+    assert not h.jobs
+    h.tick(0.125)
+    [job] = h.jobs
+    assert job.id == "d1" and job.args == [4]  # one run, with the newest arguments
+    h.finish(job, value="done")
+    assert h.core.submitted == 1 and h.core.joined == 3
+
+
+def test_core_a_concurrency_limit_holds_across_workers_and_never_blocks_other_tasks():
+    h = Core(local=())
+    w1, w2 = FakeWorker(h, "w1", ["lim", "free"], concurrency=4), FakeWorker(h, "w2", ["lim", "free"], concurrency=4)
+    w1.register(), w2.register()
+    h.submit("c", *[item(f"l{i}", "lim", concurrency=2) for i in range(6)], item("f1", "free"), item("f2", "free"))
+    running = lambda: [t for w in (w1, w2) for t in w.collect().running]  # noqa: E731
+    assert sorted(running()) == ["f1", "f2", "l0", "l1"]  # two of the limited, and the others beside them
+    status = h.core.statuses(["l2"], h.now)[0]
+    assert status["waiting"] == "concurrency" and "2 of 'lim'" in status["why"]
+    most = 0
+    while h.core.tasks:
+        w = w1 if w1.running else w2
+        tid = sorted(w.running)[0]
+        w.pull(results=[w.result(tid, value=1)])
+        w1.park(), w2.park()
+        most = max(most, sum(1 for t in running() if t.startswith("l")))
+    assert most == 2 and h.core.stats(h.now)["tasks"]["succeeded"] == 8
+
+
+def test_core_a_rate_spaces_starts_and_a_tenant_limit_caps_one_tenant():
+    h = Core(local=("paced", "t"), concurrency=8)
+    h.submit("c", *[item(f"p{i}", "paced", rate="4/s") for i in range(6)])
+    starts = {}
+    for _ in range(40):
+        for job in list(h.jobs):
+            starts.setdefault(job.id, h.now)
+            h.finish(job)
+        h.now = max(h.now, min(h.core.next_deadline(), h.now + 1))
+        h.tick()
+    times = [starts[f"p{i}"] - 1000.0 for i in range(6)]
+    assert [round(b - a, 2) for a, b in itertools.pairwise(times)] == [0.25] * 5  # 4 per second, evenly
+    h2 = Core(local=("t",), concurrency=8)
+    h2.submit("c", *[item(f"a{i}", "t", tenant="acme", tenant_concurrency=2) for i in range(4)],
+              *[item(f"b{i}", "t", tenant="bolt", tenant_concurrency=2) for i in range(4)])  # fmt: skip
+    assert sorted(j.id for j in h2.jobs) == ["a0", "a1", "b0", "b1"]
+    assert h2.core.statuses(["a2"], h2.now)[0]["waiting"] == "tenant_concurrency"
+
+
+def test_core_tenants_take_turns_within_a_priority_behind_a_busy_slot():
+    h = Core(local=("a",), concurrency=1)
+    h.submit("c", item("busy", "a"))
+    h.submit(
+        "c",
+        *[item(f"A{i}", "a", tenant="acme") for i in range(5)],
+        *[item(f"B{i}", "a", tenant="bolt") for i in range(2)],
+    )
+    h.submit("c", item("urgent", "a", priority="high", tenant="bolt"), item("N", "a"))
+    assert h.core.statuses(["B0"], h.now)[0]["waiting"] == "tenant_turn"
+    assert h.core.statuses(["A2"], h.now)[0]["waiting"] == "queue"
+    order = []
+    while h.jobs:
+        order.append(h.jobs[0].id)
+        h.finish(h.jobs[0])
+    assert order == ["busy", "urgent", "A0", "B0", "N", "A1", "B1", "A2", "A3", "A4"]
+
+
+def test_core_max_queued_refuses_what_would_wait_and_drops_nothing():
+    h = Core(local=("a",), concurrency=1, max_queued=3)
+    h.poll("c")
+    rejected = h.submit("c", *[item(f"t{i}", "a") for i in range(6)], item("later", "a", delay=5))
+    assert [r["id"] for r in rejected] == ["t4", "t5", "later"]  # one runs, three wait
+    assert {r["error"]["kind"] for r in rejected} == {"queue_full"}
+    assert isinstance(fw._exception_from_wire(rejected[0]["error"]), fw.QueueFull)
+    s = h.core.stats(h.now)
+    assert s["flow"]["refused"] == 3 and s["tasks"]["submitted"] == 4  # the accounting holds (checked at each step)
+    while h.jobs:
+        h.finish(h.jobs[0])
+    assert h.core.stats(h.now)["tasks"]["succeeded"] == 4  # every accepted task ran
+
+
+def test_core_says_why_a_task_waits():
+    h = Core(local=("a",), concurrency=1, retry_backoff=1.0)
+    h.submit("c", item("busy", "a"))
+    h.submit("c", item("q1", "a", priority="high"), item("q2", "a"), item("t", "a", delay=30))
+    why = {s["id"]: (s.get("waiting"), s.get("why")) for s in h.core.statuses(["busy", "q1", "q2", "t"], h.now)}
+    assert why["busy"] == (None, None) and why["q1"] == ("slot", "waits for a free slot on a worker that knows it")
+    assert why["q2"] == ("queue", "behind 1 task(s) of higher or equal priority")
+    assert why["t"] == ("scheduled", "waits 30.0 s for its time")
+    h.finish(h.jobs[0], "failed", error=raised())  # "busy" had no retries; q1 runs now
+    h.submit("c", item("r", "a", retries=1))
+    h.finish(h.jobs[0])
+    h.finish(h.jobs[0])  # q2
+    h.finish(h.jobs[0], "failed", error=raised())
+    assert h.core.statuses(["r"], h.now)[0]["waiting"] == "retry"
+    h.submit("c", item("nobody", "w.only"))  # a worker's task, the worker gone since
+    assert h.core.task_detail("t", h.now)["waiting"] == "scheduled"
 
 
 # -- time: ETA, periodic and cron tasks (the core's clock) ----------------------------------
@@ -3407,6 +3559,104 @@ def test_dashboard_caps_connections_and_times_idle_ones_out(monkeypatch):
                 s.close()
 
 
+# -- flow control (processes) ----------------------------------------------------------------------
+
+
+def test_a_key_coalesces_eight_threads_into_one_run(plane_proc, tmp_path):
+    ready = plane_proc()
+    gate = tmp_path / "gate"
+    with fw.Client(ready["listen"], timeout=5) as c:
+        first = c.submit_with("wait_file", (str(gate),), key="invoice-42")
+        wait_until(lambda: c.status(first.task_id)["state"] == "running", 5, "the first to run")
+        futs, start = [], threading.Barrier(8)
+
+        def submit():
+            start.wait(5)
+            futs.append(c.submit_with("wait_file", (str(gate),), key="invoice-42"))
+
+        threads = [threading.Thread(target=submit) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        assert c.stats()["flow"]["joined"] == 8  # (stats waits for our submissions to arrive)
+        gate.touch()
+        assert {f.result(timeout=5) for f in futs} == {first.result(timeout=5)}  # one run's outcome for all
+        assert {f.task_id for f in futs} == {first.task_id} and c.stats()["tasks"]["submitted"] == 1
+        again = c.submit_with("wait_file", (str(gate),), key="invoice-42")  # finished: the key is free
+        assert again.result(timeout=5) and again.task_id != first.task_id
+
+
+def test_a_concurrency_limit_holds_over_two_workers(plane_proc, procs, tasks_dir, tmp_path):
+    ready = plane_proc()
+    for name in ("w1", "w2"):
+        procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", "--name", name, "--concurrency", "4",
+              cwd=tasks_dir).ready()  # fmt: skip
+    log = tmp_path / "log"
+    with fw.Client(ready["listen"], timeout=5) as c:
+        futs = [c.submit("limited", str(log), 0.05) for _ in range(12)]
+        others = [c.submit("sleepy", 0.3) for _ in range(4)]  # the limit holds no slot: these run beside
+        t0 = time.monotonic()
+        assert [f.result(timeout=5) for f in others] == [0.3] * 4 and time.monotonic() - t0 < 2
+        for f in futs:
+            f.result(timeout=20)
+    events = sorted((float(t), kind) for kind, t in (line.split() for line in log.read_text().splitlines()))
+    running = most = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        most = max(most, running)
+    assert most == 2 and len(events) == 24
+
+
+def test_a_rate_limit_spaces_the_starts(plane_proc, procs, tasks_dir, tmp_path):
+    ready = plane_proc()
+    procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", "--concurrency", "8", cwd=tasks_dir).ready()
+    log = tmp_path / "log"
+    with fw.Client(ready["listen"], timeout=5) as c:
+        for f in [c.submit("paced", str(log)) for _ in range(30)]:
+            f.result(timeout=10)
+    starts = sorted(float(line.split()[1]) for line in log.read_text().splitlines())
+    in_a_second = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+    assert in_a_second <= 21 and starts[-1] - starts[0] >= 29 * 0.05 * 0.9  # 20/s, whatever the 8 slots could do
+
+
+def test_max_queued_refuses_with_queue_full_and_keeps_the_accounting(plane_proc, tmp_path):
+    ready = plane_proc("--max-queued", "3", "--concurrency", "1")
+    gate = tmp_path / "gate"
+    with fw.Client(ready["listen"], timeout=5) as c:
+        futs = [c.submit("wait_file", str(gate)) for _ in range(6)]
+        wait_until(lambda: all(f.done() for f in futs[4:]), 5, "the refusals")
+        for f in futs[4:]:
+            with pytest.raises(fw.QueueFull, match="--max-queued"):
+                f.result(timeout=1)
+        r = run_cli("submit", "add", "1", "2", "--plane", ready["listen"])
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "max-queued" in r.stderr, r.stderr
+        s = c.stats()
+        t = s["tasks"]
+        assert s["flow"]["refused"] == 3 and t["submitted"] == 4 == t["queued"] + t["running"]
+        gate.touch()
+        assert all(f.result(timeout=10) for f in futs[:4])  # nothing accepted was dropped
+
+
+def test_bad_flow_options_raise_before_anything_is_sent():
+    with fw.Client(f"tcp://127.0.0.1:{free_port()}", timeout=5) as c:
+        for options, what in [
+            ({"rate": "fast"}, "rate"),
+            ({"concurrency": 0}, "concurrency"),
+            ({"key": 5}, "key"),
+            ({"debounce": 1.0}, "debounce"),
+            ({"tenant": ""}, "tenant"),
+            ({"tenant_concurrency": True}, "tenant_concurrency"),
+            ({"key": "k", "debounce": 2.0, "debounce_max": 1.0}, "debounce_max"),
+        ]:
+            with pytest.raises(ValueError, match=what):
+                c.submit_with("fastworker.noop", **options)
+    for options in ({"rate": "10/d"}, {"concurrency": 0}, {"debounce": 1.0}, {"key": "not callable"}):
+        with pytest.raises(ValueError):
+            fw.task(name="never_registered", **options)(lambda: None)
+    assert "never_registered" not in fw._registry
+
+
 # -- the operator's day ---------------------------------------------------------------------------
 
 
@@ -3781,12 +4031,14 @@ def test_bench_reports_well_formed_figures():
     r = run_cli(
         "bench", "--tasks", "200", "--latency", "20", "--map", "500", "--workers", "0,1",
         "--queued", "1000", "--balance", "2", "--balance-tasks", "200", "--journal", "full",
-        "--journal-workers", "0", "--secure", "secret,tls+secret", "--secure-workers", "1", timeout=120,
+        "--journal-workers", "0", "--secure", "secret,tls+secret", "--secure-workers", "1", "--flow", "0",
+        timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "plane only: throughput" in r.stderr  # the progress display
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    plane_only, one, journaled, signed, *tls = out["bench"]
+    plane_only, one, journaled, signed, *tls, flow = out["bench"]
+    assert flow["topology"] == "plane only, 10k tenants + 1k keys" and flow["tasks_per_s"] > 0
     assert (plane_only["topology"], one["topology"]) == ("plane only", "1 worker")
     assert journaled["topology"] == "plane only, journal full" and signed["topology"] == "1 worker, secret"
     assert [row["topology"] for row in tls] == (["1 worker, tls+secret"] if shutil.which("openssl") else [])
