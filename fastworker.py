@@ -420,7 +420,8 @@ def _memory(pid: int | str = "self") -> tuple[float, float]:
 #   stats      client -> plane   -
 #   report     plane -> client   stats:{...}            (as /api/stats)
 #   hello      any -> plane      -
-#   welcome    plane -> any      plane:str, version:str, events:str, tasks:[str]
+#   welcome    plane -> any      plane:str, version:str, events:str, heartbeats:str,
+#                                tasks:[str]
 #   bye        client -> plane   client:str
 #   ok         plane -> client   -
 #   pull       worker -> plane   worker:str, credit:int, results:[RESULT],
@@ -1217,8 +1218,8 @@ class _Task:
         self.wire = None  # the TASK item a worker receives, encoded once
         self.crashes = 0  # plane crashes it was running through (journal)
         self.failures = None  # its failed runs, oldest first (at most MAX_RUNS_KEPT): see detail()
-        self.tenant = t.get("tenant")  # whose turn it waits for in its priority (None: the untenanted line)
-        self.key = t.get("key")  # while it is unfinished, submissions with this key join it
+        self.tenant = None  # whose turn it waits for in its priority (None: the untenanted line)
+        self.key = None  # while it is unfinished, submissions with this key join it
         self.limits = None  # (concurrency, seconds between starts, per-tenant concurrency) or None: no limit
         self.blocked = None  # set aside by a limit while queued: "concurrency", "rate" or "tenant"
         self.joined = None  # clients whose submissions joined it (by its key): they get its result too
@@ -1331,22 +1332,21 @@ class TaskQueue:
 
     def pop(self) -> _Task | None:
         counts = self.counts
-        for rank in range(len(counts)):
-            if counts[rank]:
+        for rank, n in enumerate(counts):
+            if n:
                 turns = self._turns[rank]
                 group = self._groups[rank][turns[0]]
                 heap = group[0]
-                while True:
+                task = heapq.heappop(heap)[1]
+                while not task.queued:  # removed: skip it
                     task = heapq.heappop(heap)[1]
-                    if task.queued:
-                        break
                 task.queued = False
-                counts[rank] -= 1
+                counts[rank] = n - 1
                 group[1] -= 1
-                if group[1]:
-                    turns.rotate(-1)  # its next task waits for the other tenants' turns
-                else:
+                if not group[1]:
                     del self._groups[rank][turns.popleft()]
+                elif len(turns) > 1:
+                    turns.rotate(-1)  # its next task waits for the other tenants' turns
                 return task
         return None
 
@@ -1848,20 +1848,9 @@ class _NameStats:
     __slots__ = ("succeeded", "failed", "cancelled", "durations", "last_failure")
 
     def __init__(self) -> None:
-        self.succeeded = self.failed = self.cancelled = 0
+        self.succeeded = self.failed = self.cancelled = 0  # (counted by PlaneCore._count_finished)
         self.durations: collections.deque = collections.deque(maxlen=NAME_DURATIONS)
         self.last_failure: dict | None = None
-
-    def count(self, state: str, took: float | None, task: Any, now: float) -> None:
-        if state == SUCCEEDED:
-            self.succeeded += 1
-        elif state == FAILED:
-            self.failed += 1
-            self.last_failure = {"id": task.id, "at": now, "error": task.error}
-        else:
-            self.cancelled += 1
-        if took is not None:
-            self.durations.append(took)
 
     def summary(self, name: str) -> dict:
         done = self.succeeded + self.failed
@@ -1993,6 +1982,7 @@ class PlaneCore:
         self.workers_lost = self.workers_left = self.requeued = self.handed_back = 0
         self.names: dict[str, _NameStats] = {}  # figures per task name, for the dashboard
         self.throughput: collections.deque = collections.deque(maxlen=THROUGHPUT_WINDOW)  # [second, ok, failed]
+        self._bucket: list = [None, 0, 0]  # the newest of them
         self.errors = {"protocol": 0, "auth": 0, "replay": 0, "internal": 0, "send": 0}
         self.recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # finished tasks, oldest first
         self.recent_failed: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # ...that failed
@@ -2045,11 +2035,12 @@ class PlaneCore:
             elif old == RUNNING:
                 del task.holder.in_flight[task.id]
                 task.holder = None
-                self.running_by_name[task.name] -= 1
-                if task.tenant is not None:
-                    self.running_by_tenant[task.name, task.tenant] -= 1
-                if self.held:
-                    self._release(task)
+                if task.limits is not None:
+                    self.running_by_name[task.name] -= 1
+                    if task.tenant is not None:
+                        self.running_by_tenant[task.name, task.tenant] -= 1
+                    if self.held:
+                        self._release(task)
         counts[state] += 1
         task.state = state
         if state == QUEUED:
@@ -2064,13 +2055,14 @@ class PlaneCore:
             task.runs += 1
             task.started = now
             task.worker = worker.name
-            self.running_by_name[task.name] += 1
-            if task.tenant is not None:
-                self.running_by_tenant[task.name, task.tenant] += 1
-            if task.limits is not None and task.limits[1] is not None:  # its rate: the next start waits
-                at = self.next_start[task.name] = max(now, self.next_start.get(task.name, now)) + task.limits[1]
-                if ("rate", task.name) in self.held and (self._rate_wake is None or at < self._rate_wake):
-                    self._rate_wake = at
+            if task.limits is not None:  # (the runs of tasks with limits are counted)
+                self.running_by_name[task.name] += 1
+                if task.tenant is not None:
+                    self.running_by_tenant[task.name, task.tenant] += 1
+                if task.limits[1] is not None:  # its rate: the next start waits
+                    at = self.next_start[task.name] = max(now, self.next_start.get(task.name, now)) + task.limits[1]
+                    if ("rate", task.name) in self.held and (self._rate_wake is None or at < self._rate_wake):
+                        self._rate_wake = at
             if self.log_tasks:
                 args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.log_args else ""
                 self._log(logging.DEBUG, "task %s %s started on %s (run %d)%s", task.id, task.name, worker.name,
@@ -2143,21 +2135,32 @@ class PlaneCore:
 
     def _count_finished(self, task: _Task, now: float) -> None:
         """The figures per task name and the throughput chart."""
-        state, names = task.state, self.names
-        figures = names.get(task.name)
-        if figures is None:
-            name = task.name if len(names) < MAX_NAMES else "(other)"
-            figures = names.get(name) or names.setdefault(name, _NameStats())
+        state = task.state
+        figures = self.names.get(task.name) or self._figures(task.name)
+        if state == SUCCEEDED:
+            figures.succeeded += 1
+        elif state == FAILED:
+            figures.failed += 1
+            figures.last_failure = {"id": task.id, "at": now, "error": task.error}
+        else:
+            figures.cancelled += 1
         took = None if task.started is None or state == CANCELLED else now - task.started
-        figures.count(state, took, task, now)
+        if took is not None:
+            figures.durations.append(took)
         if self.log_tasks:
             where = "" if took is None else f" on {task.worker} in {took:.6f} s"
             self._log(logging.DEBUG, "task %s %s %s%s", task.id, task.name, state, where)
         if state != CANCELLED:
-            second, chart = int(now), self.throughput
-            if not chart or chart[-1][0] != second:
-                chart.append([second, 0, 0])
-            chart[-1][1 if state == SUCCEEDED else 2] += 1
+            bucket = self._bucket
+            if bucket[0] != int(now):
+                bucket = self._bucket = [int(now), 0, 0]
+                self.throughput.append(bucket)
+            bucket[1 if state == SUCCEEDED else 2] += 1
+
+    def _figures(self, name: str) -> _NameStats:
+        if len(self.names) >= MAX_NAMES:
+            name = "(other)"
+        return self.names.get(name) or self.names.setdefault(name, _NameStats())
 
     def _outcome(self, task: _Task, state: str, item: bytes, error: Any, now: float) -> None:
         """The outcome of one run of a running task: retry it, or make it
@@ -2341,7 +2344,8 @@ class PlaneCore:
                 err = _error("unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}")
                 rejected.append({"id": tid, "error": err})
                 continue
-            key = t.get("key")
+            plain = len(t) == 4  # no options: the common case, kept short
+            key = None if plain else t.get("key")
             if key is not None and key in self.keys:
                 joined.append([tid, self._join(self.keys[key], t, client, now)])
                 continue
@@ -2354,22 +2358,26 @@ class PlaneCore:
                 )
                 rejected.append({"id": tid, "error": err})
                 continue
-            retries = t.get("retries")
-            task = _Task(
-                t,
-                _RANK[t.get("priority") or opts["priority"]],
-                opts["retries"] if retries is None else retries,
-                t.get("timeout") or opts["timeout"],
-                client,
-                now,
-            )
-            if len(t) > 4:  # options: flow control too?
-                task.limits = self._limits_of(t, opts)
-            elif "concurrency" in opts or "rate" in opts or "tenant_concurrency" in opts:
+            if plain:
+                task = _Task(t, _RANK[opts["priority"]], opts["retries"], opts["timeout"], client, now)
+                due = now
+            else:
+                retries = t.get("retries")
+                task = _Task(
+                    t,
+                    _RANK[t.get("priority") or opts["priority"]],
+                    opts["retries"] if retries is None else retries,
+                    t.get("timeout") or opts["timeout"],
+                    client,
+                    now,
+                )
+                task.tenant = t.get("tenant")
+                task.key = key
+                due = t.get("eta") or now + (t.get("delay") or 0)
+            if not plain or len(opts) > 3:  # options beyond the plain ones: limits among them?
                 task.limits = self._limits_of(t, opts)
             self.tasks[tid] = task
             self.submitted += 1
-            due = t.get("eta") or now + (t.get("delay") or 0)
             if key is not None:
                 self.keys[key] = task
                 debounce = t.get("debounce")
@@ -4823,13 +4831,25 @@ class _EventStream:
 ###############################################################################
 
 
-def _sibling_address(address: str, suffix: str) -> str:
-    """Where the plane's extra sockets listen: the same host, any port."""
-    scheme, rest = address.split("://", 1)
+def _sibling_address(requested: str, real: str, offset: int, suffix: str) -> str:
+    """Where one of the plane's extra sockets listens: on the host of its
+    main address, at the port ``offset`` above it (so that an operator
+    knows every port before the start), or at any port if the main one was
+    asked for as port 0."""
+    scheme, rest = real.split("://", 1)
     if scheme in ("tcp", "tls+tcp", "ws"):
-        host = rest.rsplit(":", 1)[0]
-        return f"{scheme}://{host}:0"
-    return f"{address}.{suffix}"
+        host, _, port = rest.rpartition(":")
+        wanted = requested.rpartition(":")[2]
+        if wanted == "0" or not port.isdigit() or int(port) + offset > 65535:
+            return f"{scheme}://{host}:0"
+        return f"{scheme}://{host}:{int(port) + offset}"
+    return f"{real}.{suffix}"
+
+
+def _any_port(address: str) -> str:
+    """The same address at any free port."""
+    scheme, rest = address.split("://", 1)
+    return f"{scheme}://{rest.rpartition(':')[0]}:0" if ":" in rest else address
 
 
 class _Freshness:
@@ -4943,6 +4963,10 @@ class Plane(_Role):
         max_queued: refuse a submission that would make more than this many
             tasks wait (queued or scheduled): its future fails at once with
             ``QueueFull`` (None: no limit).
+        events_listen, heartbeat_listen: where the completion events and the
+            workers' heartbeats are received.  Default: the host of
+            ``listen``, its port + 1 and + 2 (any port if ``listen`` asks
+            for port 0).  Clients and workers learn them from the plane.
     """
 
     def __init__(
@@ -4970,9 +4994,14 @@ class Plane(_Role):
         dashboard_token: str | None = None,
         log_args: bool = False,
         max_queued: int | None = None,
+        events_listen: str | None = None,
+        heartbeat_listen: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        for extra in (events_listen, heartbeat_listen):
+            if extra is not None:
+                _check_address(extra)
         if max_queued is not None and not 0 <= max_queued <= 10**9:
             raise ValueError(f"max_queued must be a number of tasks >= 0, not {max_queued!r}")
         if max_message_size < 65536:
@@ -5003,6 +5032,7 @@ class Plane(_Role):
         self.dashboard_url: str | None = None
         self.events_address: str | None = None
         self.heartbeat_address: str | None = None
+        self.events_listen, self.heartbeat_listen = events_listen, heartbeat_listen
         self._clock = clock or time.time
         self._receivers = receivers
         self.core = PlaneCore(
@@ -5091,13 +5121,15 @@ class Plane(_Role):
             opened.append(pub)
             pub.add_post_pipe_connect_cb(lambda pipe: self._count_subscriber(1))
             pub.add_post_pipe_remove_cb(lambda pipe: self._count_subscriber(-1))
-            _listen(pub, _sibling_address(self.address, "events"), "--listen")
-            self.events_address = _real_address(pub, _sibling_address(self.address, "events"))
+            where = self.events_listen or _sibling_address(self.listen, self.address, 1, "events")
+            _listen(pub, where, "--events-listen")
+            self.events_address = _real_address(pub, where)
             self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=HEARTBEAT_MAX_SIZE, tls_config=tls)
             opened.append(hb)
             hb.subscribe(b"")
-            _listen(hb, _sibling_address(self.address, "heartbeat"), "--listen")
-            self.heartbeat_address = _real_address(hb, _sibling_address(self.address, "heartbeat"))
+            where = self.heartbeat_listen or _sibling_address(self.listen, self.address, 2, "heartbeat")
+            _listen(hb, where, "--heartbeat-listen")
+            self.heartbeat_address = _real_address(hb, where)
             if self.dashboard:
                 try:
                     self._http = _start_dashboard(self, self.dashboard, self.insecure)
@@ -5464,7 +5496,8 @@ class Plane(_Role):
     def _on_hello(self, h: int, msg: dict, pipe: int) -> None:
         with self._lock:
             names = self.core.task_names()
-        fields = {"version": __version__, "events": self.events_address, "tasks": names}
+        fields = {"version": __version__, "events": self.events_address, "heartbeats": self.heartbeat_address,
+                  "tasks": names}  # fmt: skip
         self._perform([Reply(h, "welcome", fields, None)])
 
     # -- the other threads ---------------------------------------------------
@@ -6864,6 +6897,8 @@ def _plane_from_args(args: argparse.Namespace, **overrides: Any) -> Plane:
         dashboard_token=args.dashboard_token,
         log_args=args.log_args,
         max_queued=args.max_queued,
+        events_listen=overrides.get("events_listen", args.events_listen),
+        heartbeat_listen=overrides.get("heartbeat_listen", args.heartbeat_listen),
     )
 
 
@@ -6873,7 +6908,14 @@ def _cmd_plane(args: argparse.Namespace) -> int:
     stop = _stop_event()
     plane.start()
     _trim_heap()
-    _ready("plane", listen=plane.address, dashboard=plane.dashboard_url, events=plane.events_address, pid=os.getpid())
+    _ready(
+        "plane",
+        listen=plane.address,
+        dashboard=plane.dashboard_url,
+        events=plane.events_address,
+        heartbeats=plane.heartbeat_address,
+        pid=os.getpid(),
+    )
     _wait(stop)
     plane.stop(args.shutdown_grace)
     return 0
@@ -7136,7 +7178,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         plane.start()
     except (pynng.AddressInUse, OSError):  # the default ports are taken: pick free ones
-        plane = _plane_from_args(args, listen=_sibling_address(args.listen, "plane"))
+        plane = _plane_from_args(args, listen=_any_port(args.listen), events_listen=None, heartbeat_listen=None)
         if args.dashboard != "off":
             plane.dashboard = args.dashboard.rpartition(":")[0] + ":0"
         plane.start()
@@ -7239,6 +7281,16 @@ def _build_parser() -> _Parser:
 
     def plane_opts(p: argparse.ArgumentParser, listen: str, dashboard: str) -> None:
         p.add_argument("--listen", default=listen, help=f"address to listen on (default {listen})")
+        p.add_argument(
+            "--events-listen",
+            metavar="ADDR",
+            help="where completion events are published (default: the --listen port + 1)",
+        )
+        p.add_argument(
+            "--heartbeat-listen",
+            metavar="ADDR",
+            help="where workers' heartbeats arrive (default: the --listen port + 2)",
+        )
         p.add_argument(
             "--dashboard", default=dashboard, help=f"HOST:PORT of the dashboard, or off (default {dashboard})"
         )

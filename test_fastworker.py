@@ -3657,6 +3657,52 @@ def test_bad_flow_options_raise_before_anything_is_sent():
     assert "never_registered" not in fw._registry
 
 
+# -- many machines ---------------------------------------------------------------------------------
+
+
+def free_ports(n):
+    """A loopback port P with P .. P+n-1 all free (bound, then released)."""
+    for _ in range(50):
+        first = free_port()
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no {n} free ports in a row")
+
+
+def test_the_planes_ports_are_its_listen_port_plus_one_and_two_or_as_told(procs, tasks_dir):
+    port = free_ports(3)
+    p = procs("plane", "--listen", f"tcp://127.0.0.1:{port}", "--dashboard", "off", "--tasks", "fwtasks", cwd=tasks_dir)
+    ready = p.ready()
+    assert (ready["events"], ready["heartbeats"]) == (f"tcp://127.0.0.1:{port + 1}", f"tcp://127.0.0.1:{port + 2}")
+    welcome = raw_request(ready["listen"], fw.encode("hello"))
+    assert (welcome["events"], welcome["heartbeats"]) == (ready["events"], ready["heartbeats"])
+    w = procs("worker", "--plane", ready["listen"], "--tasks", "fwtasks", "--name", "ported", cwd=tasks_dir)
+    w.ready()
+    with fw.Client(ready["listen"], timeout=5) as c:
+        stream = c.events(timeout=5)
+        assert c.submit("add", 1, 2).result(timeout=5) == 3
+        assert next(stream)["state"] == "succeeded"
+        stream.close()
+        wait_until(lambda: c.stats()["workers"][0]["last_heartbeat"] > c.stats()["workers"][0]["registered_at"], 5,
+                   "a heartbeat on port + 2")  # fmt: skip
+    r = run_cli("plane", "--listen", f"tcp://127.0.0.1:{free_port()}", "--events-listen", ready["events"],
+                "--dashboard", "off")  # fmt: skip
+    assert r.returncode == 1 and f"address {ready['events']} is in use" in r.stderr and "--events-listen" in r.stderr
+    with fw.Plane("tcp://127.0.0.1:0", events_listen="tcp://127.0.0.1:0").start() as plane:  # port 0: any ports
+        ports = {a.rpartition(":")[2] for a in (plane.address, plane.events_address, plane.heartbeat_address)}
+        assert len(ports) == 3 and "0" not in ports
+
+
 # -- the operator's day ---------------------------------------------------------------------------
 
 
