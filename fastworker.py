@@ -1794,12 +1794,14 @@ class _WorkerState:
         "turn",
         "completed",
         "max_bytes",
+        "address",
     )
 
     def __init__(self, wid: str, info: dict, tasks: Any, conn: int | None, now: float) -> None:
         self.id = wid
         self.name = str(info.get("name") or wid)[:_MAX_ID]
         self.host = str(info.get("host") or "?")[:_MAX_ID]
+        self.address = str(info.get("address") or "")[:_MAX_ID]  # its IP, as it connects to the plane
         pid = info.get("pid")
         self.pid = pid if type(pid) is int else 0
         conc = info.get("concurrency")
@@ -1829,6 +1831,7 @@ class _WorkerState:
             "id": self.id,
             "name": self.name,
             "host": self.host,
+            "address": self.address,
             "pid": self.pid,
             "concurrency": self.concurrency,
             "in_flight": len(self.in_flight),
@@ -4458,6 +4461,7 @@ class Client(concurrent.futures.Executor):
                         self._has_pending.wait(IDLE_WAKE)
                     if self._stopping:
                         return
+                asked = time.monotonic()
                 try:
                     msg = _exchange(
                         chan, self._session, "poll", self.timeout, POLL_WAIT, client=self._id, wait=POLL_WAIT
@@ -4486,9 +4490,13 @@ class Client(concurrent.futures.Executor):
                     if self._stopping:
                         return
                     now = time.monotonic()
-                    lost_at = lost_at or now
+                    # silent past the poll's hold: lost since the plane should have answered
+                    lost_at = lost_at or (asked + POLL_WAIT if isinstance(e, pynng.Timeout) else now)
                     if now - lost_at >= self.timeout:
-                        self._fail_pending(PlaneUnavailable(f"lost the plane at {self.address}: {e}"))
+                        why = "no answer" if isinstance(e, pynng.Timeout) else str(e)
+                        self._fail_pending(PlaneUnavailable(
+                            f"lost the plane at {self.address} ({why} for {now - lost_at:.0f} s): is it running, "
+                            "and can this machine reach it?"))  # fmt: skip
                         lost_at = None
                     with self._lock:  # brief pause so a dead plane is not hammered
                         self._has_pending.wait(0.05)
@@ -5488,7 +5496,20 @@ class Plane(_Role):
     def _on_pull(self, h: int, msg: dict, pipe: int) -> None:
         returned = msg.get("returned") or []
         event = functools.partial(self.core.pull, leaving=True) if msg.get("leaving") else self.core.pull
-        self._call(event, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, msg.get("info"))
+        info = msg.get("info")
+        if info is not None:  # it registers: where does it connect from?
+            info["address"] = self._remote_address(pipe) or info.get("address")
+        self._call(event, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, info)
+
+    def _remote_address(self, pipe_id: int) -> str | None:
+        """The IP address a connection comes from (shown with its worker)."""
+        try:
+            for p in self._sock.pipes:
+                if p.id == pipe_id:
+                    return str(p.remote_address).rpartition(":")[0].strip("[]")
+        except (pynng.NNGException, AttributeError, ValueError):
+            pass
+        return None
 
     def _on_stats(self, h: int, msg: dict, pipe: int) -> None:
         self._perform([Reply(h, "report", {"stats": self.stats()}, None)])
@@ -5790,9 +5811,19 @@ class Worker(_Role):
             "concurrency": self.concurrency,
             "version": __version__,
             "max_message_size": self.max_message_size,
+            "address": self._address(),
             "tasks": {name: spec.options for name, spec in _registry.items()},
             "holding": sorted(self._held),
         }
+
+    def _address(self) -> str | None:
+        """This worker's IP address as its connection to the plane has it
+        (an operator's way to tell machines apart: host names often match)."""
+        try:
+            pipes = self._sock.pipes
+            return str(pipes[-1].local_address).rpartition(":")[0].strip("[]") if pipes else None
+        except (pynng.NNGException, AttributeError, ValueError):
+            return None
 
     # -- talking to the plane ---------------------------------------------------
 
@@ -6149,7 +6180,8 @@ async function overview() {
   const plane = {id: "plane", name: "plane (its own slots)", host: "", pid: s.plane.pid, in_flight: s.local.running,
     concurrency: s.local.concurrency, completed: s.local.completed, last_heartbeat: null, state: "connected"};
   table("workers", ["name", "host", "pid", "load", "running", "slots", "completed", "last heartbeat", "state"],
-    [plane].concat(s.workers).map(w => [link(w.name, "#/worker/" + encodeURIComponent(w.id)), w.host, w.pid,
+    [plane].concat(s.workers).map(w => [link(w.name, "#/worker/" + encodeURIComponent(w.id)),
+      w.host + (w.address ? " (" + w.address + ")" : ""), w.pid,
       (100 * w.in_flight / w.concurrency).toFixed(0) + " %", w.in_flight, w.concurrency, w.completed,
       when(w.last_heartbeat), w.state]));
   table("schedules", ["name", "schedule", "next run", "last run", "last outcome", "runs", "skipped"],
@@ -7135,9 +7167,9 @@ def _cmd_workers(args: argparse.Namespace) -> int:
         print(json.dumps(workers, indent=2), flush=True)
         return 0
     now = time.time()
-    rows = [[w["name"], w["host"], w["pid"], w["concurrency"], w["in_flight"], w["completed"],
+    rows = [[w["name"], w["host"], w.get("address") or "-", w["pid"], w["concurrency"], w["in_flight"], w["completed"],
              _ago(now, w["last_heartbeat"]), w["state"]] for w in workers]  # fmt: skip
-    head = ["name", "host", "pid", "slots", "running", "completed", "heartbeat", "state"]
+    head = ["name", "host", "address", "pid", "slots", "running", "completed", "heartbeat", "state"]
     print(_table(head, rows) if rows else "no workers connected (the plane runs the tasks itself)", flush=True)
     return 0
 

@@ -85,12 +85,12 @@ def no_leaks():
 class Proc:
     """``python fastworker.py ARGV`` with its stdout lines in a queue."""
 
-    def __init__(self, *argv, cwd=None, env=None):
+    def __init__(self, *argv, cwd=None, env=None, prefix=(), script=FASTWORKER):
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.update(env or {})
         self.argv = argv
         self.p = subprocess.Popen(
-            [sys.executable, FASTWORKER, *argv],
+            [*prefix, sys.executable, script, *argv],
             cwd=cwd,
             env=full_env,
             stdout=subprocess.PIPE,
@@ -2311,9 +2311,10 @@ def stop_under_load(trial, n_workers, grace):
 
 
 def test_a_clean_stop_under_load_delivers_every_result_and_fails_the_rest_at_once():
-    """20 stops under load, alone and with 2 workers: what finished within
-    the grace reaches its client; the rest fail at once, saying why."""
-    for trial in range(20):
+    """Stops under load (8, or $FW_STOP_TRIALS), alone and with 2 workers:
+    what finished within the grace reaches its client; the rest fail at
+    once, saying why."""
+    for trial in range(int(os.environ.get("FW_STOP_TRIALS", "8"))):
         stop_under_load(trial, 2 * (trial % 2), grace=0.4)
     GATES.clear()
 
@@ -3703,6 +3704,300 @@ def test_the_planes_ports_are_its_listen_port_plus_one_and_two_or_as_told(procs,
         assert len(ports) == 3 and "0" not in ports
 
 
+# -- test hosts: network namespaces on a bridge -----------------------------------------------------
+
+
+class TestHosts:
+    """``n`` Linux network namespaces ("hosts" 1..n at 10.251.0.1..n/24), each
+    with its loopback up and one veth to a bridge that lives in a namespace
+    of its own: nothing changes in the root namespace.  A role runs on a
+    host with ``ip netns exec``; a host's link to the bridge can be cut and
+    healed.  ``close()`` kills what ran on the hosts (by PID) and deletes
+    the namespaces (by name), whatever happened before."""
+
+    __test__ = False  # (not a test class)
+    _made = itertools.count(1)
+
+    def __init__(self, n):
+        self.prefix = f"fwt{os.getpid()}n{next(self._made)}"
+        self.bridge = f"{self.prefix}-br"
+        self.names = [f"{self.prefix}-h{i}" for i in range(1, n + 1)]
+        self.procs = []
+        self.made = []
+        try:
+            self.ip("netns", "add", self.bridge)
+            self.made.append(self.bridge)
+            self.ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+            self.ip("-n", self.bridge, "link", "set", "br0", "up")
+            for i, name in enumerate(self.names, 1):
+                self.ip("netns", "add", name)
+                self.made.append(name)
+                self.ip("-n", name, "link", "set", "lo", "up")
+                self.ip(
+                    "-n", self.bridge, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", name
+                )
+                self.ip("-n", self.bridge, "link", "set", f"v{i}", "master", "br0", "up")
+                self.ip("-n", name, "addr", "add", f"10.251.0.{i}/24", "dev", "eth0")
+                self.ip("-n", name, "link", "set", "eth0", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def ip(*argv):
+        r = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, f"ip {' '.join(argv)}: {r.stderr}"
+
+    @staticmethod
+    def addr(i):
+        return f"10.251.0.{i}"
+
+    def run(self, i, *argv, script=FASTWORKER, **kw):
+        """``python fastworker.py ARGV`` (or another script) on host ``i``."""
+        p = Proc(*argv, prefix=["ip", "netns", "exec", self.names[i - 1]], script=script, **kw)
+        self.procs.append(p)
+        return p
+
+    def cut(self, i):
+        self.ip("-n", self.bridge, "link", "set", f"v{i}", "down")
+
+    def heal(self, i):
+        self.ip("-n", self.bridge, "link", "set", f"v{i}", "up")
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+        for name in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+        self.made = []
+
+
+def _test_hosts_missing():
+    if not sys.platform.startswith("linux"):
+        return "test hosts are Linux network namespaces"
+    if os.geteuid() != 0:
+        return "test hosts need root (ip netns)"
+    if shutil.which("ip") is None:
+        return "test hosts need the ip command (apt-get install iproute2)"
+    return None
+
+
+@pytest.fixture
+def test_hosts():
+    """``test_hosts(n)``: n hosts (see TestHosts), torn down at the end.
+    Skipped without root or ip, except under CI, which must run them."""
+    missing = _test_hosts_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the multi-host tests: {missing}")
+        pytest.skip(missing)
+    made = []
+
+    def make(n):
+        made.append(TestHosts(n))
+        return made[-1]
+
+    yield make
+    for net in made:
+        net.close()
+
+
+HOSTS_CLIENT = """
+import json, os, subprocess, sys, time, urllib.request
+sys.path.insert(0, os.environ["FW_HERE"])
+import fastworker as fw
+
+def say(**fields):
+    print(json.dumps(fields), flush=True)
+
+def link(i, state):
+    subprocess.run(["ip", "-n", os.environ["FW_BRIDGE"], "link", "set", f"v{i}", state], check=True)
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.02)
+    return value
+
+plane, secret = sys.argv[1], os.environ.get("FW_SECRET")
+exec(sys.stdin.read())
+"""
+
+
+def run_on_host(net, i, body, *args, env=None, tmp_path, timeout=120):
+    """Run ``body`` (Python, with say(), link(), wait_until() and fw) on host
+    ``i``; return what it said, as a list of dicts."""
+    script = tmp_path / "hosts_client.py"
+    script.write_text(HOSTS_CLIENT)
+    p = subprocess.run(
+        ["ip", "netns", "exec", net.names[i - 1], sys.executable, str(script), *args],
+        input=body, capture_output=True, text=True, timeout=timeout,
+        env=dict(os.environ, FW_HERE=HERE, FW_BRIDGE=net.bridge, **(env or {})),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+
+def test_across_hosts_work_flows_least_loaded_and_every_worker_shows_its_host(test_hosts, tasks_dir, tmp_path):
+    net = test_hosts(5)
+    plane = net.run(1, "plane", "--listen", "tcp://10.251.0.1:0", "--dashboard", "10.251.0.1:0", "--secret", "s3",
+                    "--tasks", "fwtasks", cwd=tasks_dir)  # fmt: skip
+    ready = plane.ready()
+    for i in (2, 3, 4):
+        net.run(i, "worker", "--plane", ready["listen"], "--secret", "s3", "--tasks", "fwtasks", "--name", f"w{i}",
+                "--concurrency", "2", cwd=tasks_dir).ready()  # fmt: skip
+    [out] = run_on_host(net, 5, f"""
+with fw.Client(plane, secret=secret, timeout=5) as c:
+    t0 = time.monotonic()
+    futs = [c.submit("sleepy", 0.01) for _ in range(300)]
+    assert all(f.result(timeout=60) == 0.01 for f in futs)
+    elapsed = time.monotonic() - t0
+    try:
+        c.submit("fail", "across").result(timeout=10)
+        error = None
+    except fw.TaskError as e:
+        error = str(e)
+    stats = c.stats()
+req = urllib.request.Request({ready["dashboard"]!r} + "api/workers",
+                             headers={{"Authorization": "Bearer " + fw.derived_dashboard_token(secret)}})
+shown = json.loads(urllib.request.urlopen(req, timeout=5).read())
+say(per_s=300 / elapsed, error=error, workers=stats["workers"], shown=shown)
+""", ready["listen"], env={"FW_SECRET": "s3"}, tmp_path=tmp_path)  # fmt: skip
+    assert out["error"] == "ValueError: across"
+    done = {w["name"]: w["completed"] for w in out["workers"]}
+    assert sorted(done) == ["w2", "w3", "w4"] and sum(done.values()) == 301
+    assert max(done.values()) <= 1.5 * (sum(done.values()) / 3)  # least-loaded across hosts
+    assert sorted((w["name"], w["address"]) for w in out["shown"]) == [(f"w{i}", f"10.251.0.{i}") for i in (2, 3, 4)]
+    print(f"across 3 worker hosts: {out['per_s']:.0f} tasks/s of 10 ms")
+
+
+def test_partitions_a_cut_worker_expires_and_comes_back_a_cut_client_fails_a_cut_plane_resumes(
+    test_hosts, tasks_dir, tmp_path
+):
+    net = test_hosts(3)
+    plane = net.run(
+        1,
+        "plane",
+        "--listen",
+        "tcp://10.251.0.1:0",
+        "--dashboard",
+        "off",
+        "--secret",
+        "s3",
+        "--heartbeat-timeout",
+        "2",
+        cwd=tasks_dir,
+    )  # fmt: skip (it runs none of the tasks itself)
+    ready = plane.ready()
+    net.run(2, "worker", "--plane", ready["listen"], "--secret", "s3", "--tasks", "fwtasks", "--name", "w2",
+            "--concurrency", "2", "--timeout", "2", cwd=tasks_dir).ready()  # fmt: skip
+    gate = tmp_path / "gate"
+    said = run_on_host(net, 3, f"""
+gate = {str(gate)!r}
+with fw.Client(plane, secret=secret, timeout=2) as c:
+    keep = c.submit_with("wait_file", (gate, 60), retries=1)  # runs again elsewhere... (on w2, once it is back)
+    lose = c.submit_with("wait_file", (gate, 60), retries=0)  # ...or fails: WorkerLost
+    wait_until(lambda: all(c.status(f.task_id)["state"] == "running" for f in (keep, lose)), 10, "both to run")
+    link(2, "down")
+    t0 = time.monotonic()
+    wait_until(lambda: c.status(keep.task_id)["state"] == "queued", 15, "the cut worker's task to be queued again")
+    requeued = time.monotonic() - t0
+    try:
+        lose.result(timeout=5)
+    except fw.WorkerLost as e:
+        lost = str(e)
+    open(gate, "w").close()  # the cut worker finishes both: its late results must be ignored
+    link(2, "up")
+    t1 = time.monotonic()
+    value = keep.result(timeout=30)  # w2 registers again and runs it anew
+    back = time.monotonic() - t1
+    time.sleep(0.5)
+    s = c.stats()
+    say(requeued=requeued, lost=lost, value=value, back=back, stats=s["tasks"], late=s["dispatch"]["late_results"],
+        attempts=c.status(keep.task_id)["attempts"])
+    # the client's own host is cut: its pending futures fail after its timeout
+    stuck = c.submit("sleepy", 30)
+    wait_until(lambda: c.status(stuck.task_id)["state"] == "running", 10, "the long task to run")
+    link(3, "down")
+    t2 = time.monotonic()
+    try:
+        stuck.result(timeout=30)
+        client_error = None
+    except fw.PlaneUnavailable as e:
+        client_error = str(e)
+    say(client_error=client_error, client_after=time.monotonic() - t2)
+    link(3, "up")
+with fw.Client(plane, secret=secret, timeout=5) as c:  # the plane's host is cut for 3 s, then healed
+    wait_until(lambda: c.stats()["workers"], 10, "the worker (the plane saw the client's cut only)")
+    assert c.submit("add", 1, 2).result(timeout=10) == 3
+    link(1, "down")
+    time.sleep(3)
+    link(1, "up")
+    t3 = time.monotonic()
+    assert c.submit("add", 2, 3).result(timeout=20) == 5
+    said_workers = [w["name"] for w in c.stats()["workers"]]
+    say(plane_back=time.monotonic() - t3, workers=said_workers)
+""", ready["listen"], env={"FW_SECRET": "s3"}, tmp_path=tmp_path)  # fmt: skip
+    first, client, last = said
+    assert first["requeued"] < 2 + 1.5 and first["lost"].startswith("WorkerLost: worker w2 was lost")
+    assert first["value"] and first["attempts"] == 2 and first["late"] >= 1  # the cut run's result was ignored
+    t = first["stats"]
+    assert t["succeeded"] == 1 and t["failed"] == 1 and t["submitted"] == 2  # nothing completed twice
+    assert client["client_error"] and "lost the plane" in client["client_error"] and client["client_after"] < 2 + 5 + 2
+    assert last["workers"] == ["w2"]
+    print(f"cut worker: queued again after {first['requeued']:.2f} s, back at work {first['back']:.2f} s after the "
+          f"heal; cut client: futures failed after {client['client_after']:.1f} s; plane cut 3 s: the next task "
+          f"done {last['plane_back']:.2f} s after the heal")  # fmt: skip
+
+
+WORKERS_ON_A_HOST = """
+import json, os, sys, time
+sys.path.insert(0, os.environ["FW_HERE"])
+import fastworker as fw
+host, plane, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+workers = [fw.Worker(plane, name=f"{host}-w{k}", concurrency=1, secret="s3").start() for k in range(n)]
+for w in workers:
+    w.registered.wait(30)
+print(json.dumps({"event": "ready", "workers": n}), flush=True)
+while True:  # until the test ends: it kills this process
+    time.sleep(60)
+"""
+
+
+def test_thirty_two_workers_over_four_hosts_are_registered_and_balanced(test_hosts, tasks_dir, tmp_path):
+    net = test_hosts(6)
+    plane = net.run(1, "plane", "--listen", "tcp://10.251.0.1:0", "--dashboard", "off", "--secret", "s3",
+                    cwd=tasks_dir)  # fmt: skip
+    ready = plane.ready()
+    script = tmp_path / "workers_on_a_host.py"
+    script.write_text(WORKERS_ON_A_HOST)
+    hosts = [net.run(i, f"h{i}", ready["listen"], "8", script=str(script), env={"FW_HERE": HERE}) for i in (2, 3, 4, 5)]
+    for h in hosts:
+        assert h.ready(60)["workers"] == 8
+    [out] = run_on_host(net, 6, """
+with fw.Client(plane, secret=secret, timeout=5) as c:
+    try:
+        wait_until(lambda: len(c.stats()["workers"]) == 32, 20, "32 workers")
+    except AssertionError:
+        say(debug=[(w["name"], w["state"]) for w in c.stats()["workers"]])
+        raise
+    t0 = time.monotonic()
+    futs = [c.submit("fastworker.sleep", 0.01) for _ in range(1600)]
+    for f in futs:
+        f.result(timeout=60)
+    elapsed = time.monotonic() - t0
+    say(per_s=1600 / elapsed, workers=c.stats()["workers"])
+""", ready["listen"], env={"FW_SECRET": "s3"}, tmp_path=tmp_path)  # fmt: skip
+    done = [w["completed"] for w in out["workers"]]
+    names = sorted(w["name"] for w in out["workers"])
+    assert names == sorted(f"h{i}-w{k}" for i in (2, 3, 4, 5) for k in range(8))
+    assert {w["address"] for w in out["workers"]} == {f"10.251.0.{i}" for i in (2, 3, 4, 5)}
+    assert sum(done) == 1600 and max(done) <= 1.5 * (1600 / 32), done
+    print(f"32 workers over 4 hosts: {out['per_s']:.0f} tasks/s of 10 ms; busiest {max(done)}, mean 50")
+
+
 # -- the operator's day ---------------------------------------------------------------------------
 
 
@@ -3834,7 +4129,7 @@ def test_cli_result_cancel_purge_status_workers_and_tasks(plane_proc, procs, tas
         assert json.loads(r.stdout)["tasks"]["cancelled"] == 4
         r = run_cli("workers", "--plane", plane)
         [head, row] = r.stdout.splitlines()
-        assert head.split()[:4] == ["name", "host", "pid", "slots"] and row.split()[0] == "cli-w"
+        assert head.split()[:4] == ["name", "host", "address", "pid"] and row.split()[0] == "cli-w"
         gate.touch()
         r = run_cli("result", blocker.task_id, "--wait", "10", "--plane", plane)
         assert r.returncode == 0 and json.loads(r.stdout) == worker.p.pid
