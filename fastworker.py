@@ -144,6 +144,7 @@ MAX_PARKED_PER_CONN = 64  # ...and per connection
 QUERY_CHUNK = 1000  # a long status or fetch request is done this many ids at a time...
 CANCEL_CHUNK = 200  # ...and a cancel this many (each cancelled task settles: a few ms under the lock in all)
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
+MAX_UNCLAIMED = 10_000  # results a client keeps for a joined future whose answer is late
 MAX_RECENT = 10_000  # tasks one listing of recent tasks may ask for...
 RECENT_SCAN = 50_000  # ...and how many it looks at, at most
 WHY_IDS = 10  # a status request for at most this many tasks says why each one waits
@@ -1967,6 +1968,7 @@ class PlaneCore:
         self.next_start: dict[str, float] = {}  # a rate-limited name -> the earliest its next run may start
         self.held: dict[Any, list] = {}  # name or (name, tenant) -> heap of (rank, seq, task) set aside by a limit
         self.held_count = 0
+        self._holds = itertools.count()  # the order tasks were set aside in
         self._rate_wake: float | None = None  # the earliest a task held by its rate may start
         self.timers_changed = False  # a timer came due sooner: the shell's housekeeper must wake
         self.tasks: dict[str, _Task] = {}  # every task not yet finished, in submission order
@@ -2032,6 +2034,8 @@ class PlaneCore:
                     self.queue.remove(task)
                 elif task.blocked is not None:  # set aside by a limit: cancelled
                     self._unhold(task)
+                if task.limits is not None and state != RUNNING and self.held:
+                    self._release(task)  # it may have been let out for a turn it will not take
             elif old == SCHEDULED:
                 if task.timer is not None:  # not come due: cancelled
                     self.timers.remove(task)
@@ -2064,8 +2068,8 @@ class PlaneCore:
                     self.running_by_tenant[task.name, task.tenant] += 1
                 if task.limits[1] is not None:  # its rate: the next start waits
                     at = self.next_start[task.name] = max(now, self.next_start.get(task.name, now)) + task.limits[1]
-                    if ("rate", task.name) in self.held and (self._rate_wake is None or at < self._rate_wake):
-                        self._rate_wake = at
+                    if ("rate", task.name, None) in self.held:
+                        self._wake_for_rate(at)
             if self.log_tasks:
                 args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.log_args else ""
                 self._log(logging.DEBUG, "task %s %s started on %s (run %d)%s", task.id, task.name, worker.name,
@@ -2113,8 +2117,8 @@ class PlaneCore:
         if cs is not None:
             self._post(cs, task.item)
         if task.key is not None:
-            if self.keys.get(task.key) is task:
-                del self.keys[task.key]  # the key is free again
+            if self.keys.get((task.name, task.key)) is task:
+                del self.keys[task.name, task.key]  # the key is free again
             for client in task.joined or ():
                 other = self.clients.get(client)
                 if other is not None:
@@ -2349,8 +2353,8 @@ class PlaneCore:
                 continue
             plain = len(t) == 4  # no options: the common case, kept short
             key = None if plain else t.get("key")
-            if key is not None and key in self.keys:
-                joined.append([tid, self._join(self.keys[key], t, client, now)])
+            if key is not None and (t["name"], key) in self.keys:
+                joined.append([tid, self._join(self.keys[t["name"], key], t, client, now)])
                 continue
             if self.max_queued is not None and counts[QUEUED] + counts[SCHEDULED] >= self.max_queued:
                 self._dispatch(now)  # what can start now does not wait
@@ -2382,7 +2386,7 @@ class PlaneCore:
             self.tasks[tid] = task
             self.submitted += 1
             if key is not None:
-                self.keys[key] = task
+                self.keys[task.name, key] = task
                 debounce = t.get("debounce")
                 if debounce is not None:
                     task.burst = (now, debounce, t.get("debounce_max") or 10 * debounce)
@@ -2414,7 +2418,7 @@ class PlaneCore:
             if task.joined is None:
                 task.joined = set()
             task.joined.add(client)
-        if task.burst is not None and task.state == SCHEDULED:
+        if task.burst is not None and task.state == SCHEDULED and not task.attempts:
             first, debounce, longest = task.burst
             task.args, task.kwargs, task.wire = t["args"], t["kwargs"], None
             self._move(task, SCHEDULED, now, due=min(now + debounce, first + longest))
@@ -2437,14 +2441,20 @@ class PlaneCore:
         if interval is not None:
             at = self.next_start.get(name, now)
             if at > now:
-                if self._rate_wake is None or at < self._rate_wake:
-                    self._rate_wake = at
-                return self._hold(task, "rate", ("rate", name))
+                self._wake_for_rate(at)
+                return self._hold(task, "rate", ("rate", name, None))
         return False
 
+    def _wake_for_rate(self, at: float) -> None:
+        if self._rate_wake is None or at < self._rate_wake:
+            self._rate_wake = at
+            self.timers_changed = True  # the housekeeper must wake sooner
+
     def _hold(self, task: _Task, why: str, where: Any) -> bool:
+        """Set a task aside; the held go back in the order the queue gave
+        them (priority, then the tenants' turns)."""
         task.blocked = why
-        heapq.heappush(self.held.setdefault(where, []), (task.rank, task.seq, task))
+        heapq.heappush(self.held.setdefault(where, []), (task.rank, next(self._holds), task))
         self.held_count += 1
         return True
 
@@ -2474,19 +2484,23 @@ class PlaneCore:
     def _release_rates(self, now: float) -> None:
         """Tasks held by a rate whose time has come go back into the queue."""
         self._rate_wake = None
-        for where in [w for w in self.held if type(w) is tuple and w[0] == "rate"]:
+        for where in [w for w in self.held if type(w) is tuple and len(w) == 3]:
             heap = self.held[where]
             at = self.next_start.get(where[1], now)
             if at > now:
                 self._rate_wake = at if self._rate_wake is None else min(self._rate_wake, at)
                 continue
+            interval = None
             while heap:
                 waiting = heapq.heappop(heap)[2]
                 if waiting.blocked is not None:
+                    interval = waiting.limits[1]
                     self._requeue_held(waiting)
                     break
             if not heap:
                 del self.held[where]
+            elif interval is not None:  # look again (the one let out may never start: cancelled, no slot)
+                self._wake_for_rate(now + interval)
 
     def poll(self, req: int, conn: int, client: str, wait: float, now: float) -> list:
         """A client's long-poll for its results: answered at once if any
@@ -4111,6 +4125,7 @@ class Future(concurrent.futures.Future):
         self._plane: str | None = None  # id of the plane that accepted it (guarded by the client's lock)
         self._sent = False  # taken into a batch (guarded by the client's lock)
         self._dropped = False  # cancelled before it was sent: never send it (guarded by the client's lock)
+        self._joined_to: str | None = None  # it joined this task (by key) (guarded by the client's lock)
 
     def cancel(self) -> bool:
         """Cancel this future at once, without waiting for the network.
@@ -4205,7 +4220,9 @@ class Client(concurrent.futures.Executor):
         self._closing = False  # no new submissions; the sender flushes and exits
         self._stopping = False  # the poller exits
         self._streams: list[_EventStream] = []  # on_complete's subscriptions, closed with the client
-        self._joined: dict[str, list[Future]] = {}  # task id -> more futures of it (submissions that joined it)
+        self._joined: dict[str, list[Future]] = {}  # task id -> futures of submissions that joined it (by key)
+        self._unclaimed: dict[str, dict] = {}  # results no future took yet (a joined one may be on its way)
+        self._keyed = False  # a submission had a key (then results are looked for in _joined too)
 
     # -- submitting -----------------------------------------------------
 
@@ -4275,6 +4292,8 @@ class Client(concurrent.futures.Executor):
                     raise ValueError(f"the key function of task {name!r} must return a string, not {key!r}")
             if key is not None and debounce is None and spec.debounce is not None:
                 debounce, debounce_max = spec.debounce, debounce_max or spec.debounce_max
+        if key is not None:
+            self._keyed = True
         data = encode_task(
             tid,
             name,
@@ -4397,6 +4416,7 @@ class Client(concurrent.futures.Executor):
     def _join(self, joined: list) -> None:
         """Submissions the plane joined to an unfinished task of their key:
         each future takes that task's id and waits for its outcome."""
+        early = []
         with self._lock:
             for pair in joined:
                 if not (type(pair) is list and len(pair) == 2 and all(type(x) is str for x in pair)):
@@ -4404,11 +4424,14 @@ class Client(concurrent.futures.Executor):
                 fut = self._pending.pop(pair[0], None)
                 if fut is None:
                     continue
-                fut.task_id = pair[1]
-                if pair[1] in self._pending:
-                    self._joined.setdefault(pair[1], []).append(fut)
+                fut.task_id = fut._joined_to = pair[1]
+                r = self._unclaimed.pop(pair[1], None)
+                if r is not None:  # its result overtook the answer to the submission
+                    early.append((fut, r))
                 else:
-                    self._pending[pair[1]] = fut
+                    self._joined.setdefault(pair[1], []).append(fut)
+        for fut, r in early:
+            self._complete(fut, r)
 
     def _send_cancels(self, chan: _Chan, ids: list[str]) -> None:
         """Tell the plane about futures cancelled here (best effort: the
@@ -4434,9 +4457,16 @@ class Client(concurrent.futures.Executor):
     def _forget(self, fut: Future) -> None:
         """A future is being cancelled here: stop waiting for it, and cancel
         its task at the plane too (after what was sent before), or never send
-        it if it has not gone yet."""
+        it if it has not gone yet.  A future that joined another submission's
+        task (by key) only stops waiting, and so does one whose task other
+        futures here joined."""
         with self._lock:
-            if self._pending.pop(fut.task_id, None) is None:
+            joined = self._joined.get(fut.task_id)
+            if fut._joined_to is not None:
+                if joined is not None and fut in joined:
+                    joined.remove(fut)
+                return
+            if self._pending.pop(fut.task_id, None) is None or joined:
                 return
             if fut._sent:
                 self._outbox.append(("cancel", fut.task_id, None))
@@ -4508,24 +4538,37 @@ class Client(concurrent.futures.Executor):
     def _deliver(self, results: list[dict]) -> None:
         with self._lock:
             done = [(self._pending.pop(r["id"], None), r) for r in results]
-            if self._joined:
-                done += [(f, r) for r in results for f in self._joined.pop(r["id"], ())]
+            if self._keyed:  # futures that joined a task by key take its result too
+                for r in results:
+                    joined = self._joined.pop(r["id"], None)
+                    if joined:
+                        done += [(f, r) for f in joined]
+                    elif r["id"] not in self._pending and r["state"] in TERMINAL:
+                        # (it may overtake the answer that says a submission joined its task)
+                        self._unclaimed[r["id"]] = r
+                        if len(self._unclaimed) > MAX_UNCLAIMED:
+                            del self._unclaimed[next(iter(self._unclaimed))]
         for fut, r in done:
-            if fut is None:
-                continue
-            state = r["state"]
-            if state == SUCCEEDED:
-                fut._settle(r.get("result"))
-            elif state == CANCELLED:
-                fut._set_cancelled()
-            else:
-                fut._settle(exc=_exception_from_wire(r.get("error")))
+            if fut is not None:
+                self._complete(fut, r)
+
+    @staticmethod
+    def _complete(fut: Future, r: dict) -> None:
+        """Complete a future with a RESULT item."""
+        state = r["state"]
+        if state == SUCCEEDED:
+            fut._settle(r.get("result"))
+        elif state == CANCELLED:
+            fut._set_cancelled()
+        else:
+            fut._settle(exc=_exception_from_wire(r.get("error")))
 
     def _fail_lost(self, lost: list) -> None:
         """A plane that stopped named this client's tasks that will not finish."""
         state = dict(lost)
         with self._lock:
             futs = [self._pending.pop(tid) for tid in state if tid in self._pending]
+            futs += [f for tid in state for f in self._joined.pop(tid, ())]
         for fut in futs:
             why = f"the plane at {self.address} stopped before the task finished (it was {state[fut.task_id]})"
             fut._settle(exc=PlaneUnavailable(why))
@@ -4537,6 +4580,7 @@ class Client(concurrent.futures.Executor):
         journal) are collected, and tasks it no longer knows fail."""
         with self._lock:
             ids = [tid for tid, f in self._pending.items() if f._plane == plane]
+            ids += [tid for tid, futs in self._joined.items() if futs and futs[0]._plane == plane]
         for i in range(0, len(ids), 1000):
             msg = _exchange(chan, self._session, "fetch", self.timeout, ids=ids[i : i + 1000], wait=0)
             if msg["op"] != "results":
@@ -4546,6 +4590,7 @@ class Client(concurrent.futures.Executor):
             if gone:
                 with self._lock:
                     futs = [self._pending.pop(tid) for tid in gone if tid in self._pending]
+                    futs += [f for tid in gone for f in self._joined.pop(tid, ())]
                 for fut in futs:
                     fut._settle(exc=PlaneUnavailable("the plane no longer knows the task (it restarted without it)"))
 
@@ -4556,6 +4601,9 @@ class Client(concurrent.futures.Executor):
             lost = [f for f in self._pending.values() if f._plane is not None and f._plane != keep_plane]
             for f in lost:
                 del self._pending[f.task_id]
+            for tid, futs in list(self._joined.items()):
+                if futs and futs[0]._plane != keep_plane:
+                    lost += self._joined.pop(tid)
         for f in lost:
             f._settle(exc=exc)
 
@@ -4744,8 +4792,9 @@ class Client(concurrent.futures.Executor):
         with self._lock:
             self._stopping = True
             self._has_pending.notify_all()
-            left = list(self._pending.values())
+            left = list(self._pending.values()) + [f for futs in self._joined.values() for f in futs]
             self._pending.clear()
+            self._joined.clear()
             streams, self._streams = self._streams, []
         for stream in streams:
             stream.close()

@@ -1385,7 +1385,7 @@ def test_core_a_key_joins_the_unfinished_task_and_is_free_once_it_ends():
     h.finish(job, value="paid")
     assert [r["result"] for r in h.delivered["t1"]] == ["paid", "paid"]  # c1's and c2's poll: one run, two futures
     assert h.reply(p1) and h.reply(p2)
-    assert "invoice-42" not in h.core.keys  # free again: a new submission runs anew
+    assert ("a", "invoice-42") not in h.core.keys  # free again: a new submission runs anew
     h.submit("c1", item("t4", "a", key="invoice-42"))
     assert "t4" in h.core.tasks and h.core.stats(h.now)["flow"]["joined"] == 1
 
@@ -1445,6 +1445,38 @@ def test_core_a_rate_spaces_starts_and_a_tenant_limit_caps_one_tenant():
               *[item(f"b{i}", "t", tenant="bolt", tenant_concurrency=2) for i in range(4)])  # fmt: skip
     assert sorted(j.id for j in h2.jobs) == ["a0", "a1", "b0", "b1"]
     assert h2.core.statuses(["a2"], h2.now)[0]["waiting"] == "tenant_concurrency"
+
+
+def test_core_a_task_held_by_a_limit_is_never_stranded():
+    h = Core(local=("lim", "x"), concurrency=2)
+    h.submit("c", *[item(i, "lim", concurrency=1) for i in ("A", "B", "C")], item("X", "x"))
+    assert sorted(j.id for j in h.jobs) == ["A", "X"]
+    h.submit("c", item("Y", "x", priority="high"))  # will take the slot A frees, before B
+    h.finish(next(j for j in h.jobs if j.id == "A"))
+    assert h.core.tasks["B"].state == "queued" and h.core.tasks["B"].blocked is None  # let out, no slot
+    h.apply(h.core.cancel(h.request(), ["B"], h.now))  # ...and cancelled before its turn
+    while h.jobs:
+        h.finish(h.jobs[0])
+    assert "C" not in h.core.tasks and h.core.stats(h.now)["tasks"]["succeeded"] == 4  # C ran all the same
+    r = Core(local=("r",), concurrency=1)
+    r.submit("c", *[item(f"R{i}", "r", rate="1/s") for i in range(3)])
+    r.finish(r.jobs[0])
+    r.now = r.core.next_deadline()
+    r.tick()  # R1 is let out...
+    r.apply(r.core.cancel(r.request(), ["R1"], r.now))  # ...and cancelled
+    for _ in range(5):
+        while r.jobs:
+            r.finish(r.jobs[0])
+        r.now = max(r.now, min(r.core.next_deadline(), r.now + 1))
+        r.tick()
+    assert "R2" not in r.core.tasks  # the rate let the next one out all the same
+
+
+def test_core_keys_are_per_task_name():
+    h = Core(local=("a", "b"), concurrency=1)
+    h.submit("c", item("busy", "a"))
+    h.submit("c", item("ka", "a", key="user:1"), item("kb", "b", key="user:1"), item("ka2", "a", key="user:1"))
+    assert "kb" in h.core.tasks and "ka2" not in h.core.tasks  # the same key on another task name does not join
 
 
 def test_core_tenants_take_turns_within_a_priority_behind_a_busy_slot():
@@ -3581,7 +3613,9 @@ def test_a_key_coalesces_eight_threads_into_one_run(plane_proc, tmp_path):
         for t in threads:
             t.join(5)
         assert c.stats()["flow"]["joined"] == 8  # (stats waits for our submissions to arrive)
+        assert futs[0].cancel()  # a joined future stops waiting; the task and the others go on
         gate.touch()
+        futs = futs[1:]
         assert {f.result(timeout=5) for f in futs} == {first.result(timeout=5)}  # one run's outcome for all
         assert {f.task_id for f in futs} == {first.task_id} and c.stats()["tasks"]["submitted"] == 1
         again = c.submit_with("wait_file", (str(gate),), key="invoice-42")  # finished: the key is free
