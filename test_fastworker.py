@@ -3963,14 +3963,19 @@ with fw.Client(plane, secret=secret, timeout=2) as c:
         client_error = str(e)
     say(client_error=client_error, client_after=time.monotonic() - t2)
     link(3, "up")
+def add(c, x, y):  # (on a loaded machine the 2 s heartbeat timeout may drop the worker: it comes back)
+    for _ in range(100):
+        try:
+            return c.submit("add", x, y).result(timeout=20)
+        except fw.UnknownTask:
+            time.sleep(0.1)
 with fw.Client(plane, secret=secret, timeout=5) as c:  # the plane's host is cut for 3 s, then healed
-    wait_until(lambda: c.stats()["workers"], 10, "the worker (the plane saw the client's cut only)")
-    assert c.submit("add", 1, 2).result(timeout=10) == 3
+    assert add(c, 1, 2) == 3
     link(1, "down")
     time.sleep(3)
     link(1, "up")
     t3 = time.monotonic()
-    assert c.submit("add", 2, 3).result(timeout=20) == 5
+    assert add(c, 2, 3) == 5
     said_workers = [w["name"] for w in c.stats()["workers"]]
     say(plane_back=time.monotonic() - t3, workers=said_workers)
 """, ready["listen"], env={"FW_SECRET": "s3"}, tmp_path=tmp_path)  # fmt: skip
