@@ -985,7 +985,7 @@ class TaskSpec:
             try:
                 sig = inspect.signature(self.fn)
             except (TypeError, ValueError):  # a builtin without a signature: the worker will tell
-                self._arity = (0, None, False)
+                self._arity = (0, None, False, None)
                 return
             params = sig.parameters.values()
             positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -993,15 +993,15 @@ class TaskSpec:
             most = None if any(p.kind == p.VAR_POSITIONAL for p in params) else len(positional)
             needs_kw = any(p.kind == p.KEYWORD_ONLY and p.default is p.empty for p in params)
             self._arity = (fewest, most, needs_kw, sig)
-        fewest, most, needs_kw, *sig = self._arity
+        fewest, most, needs_kw, sig = self._arity
         if not kwargs and not needs_kw and fewest <= len(args) and (most is None or len(args) <= most):
             return
-        if not sig:
+        if sig is None:
             return
         try:
-            sig[0].bind(*args, **(kwargs or {}))
+            sig.bind(*args, **(kwargs or {}))
         except TypeError as e:
-            raise TypeError(f"task {self.name!r} cannot take these arguments: {e} (its signature: {sig[0]})") from None
+            raise TypeError(f"task {self.name!r} cannot take these arguments: {e} (its signature: {sig})") from None
 
     @property
     def priority(self) -> str:
