@@ -599,6 +599,8 @@ def _check_options(opts: Any, error: type[Exception] = ValueError) -> None:
 
 
 _FLOW_OPTIONS = ("key", "debounce", "debounce_max", "tenant", "concurrency", "rate", "tenant_concurrency")
+_NO_FLOW: dict = {}
+_NO_FLOW_VALUES = (None,) * len(_FLOW_OPTIONS)
 _LIMITS = ("concurrency", "rate", "tenant_concurrency")  # a task name's limits, known to the plane
 
 
@@ -4294,6 +4296,7 @@ class Client(concurrent.futures.Executor):
                 debounce, debounce_max = spec.debounce, debounce_max or spec.debounce_max
         if key is not None:
             self._keyed = True
+        flow = (key, debounce, debounce_max, tenant, concurrency, rate, tenant_concurrency)
         data = encode_task(
             tid,
             name,
@@ -4304,13 +4307,7 @@ class Client(concurrent.futures.Executor):
             timeout=timeout,
             delay=delay,
             eta=None if eta is None else _epoch(eta),
-            key=key,
-            debounce=debounce,
-            debounce_max=debounce_max,
-            tenant=tenant,
-            concurrency=concurrency,
-            rate=rate,
-            tenant_concurrency=tenant_concurrency,
+            **(_NO_FLOW if flow == _NO_FLOW_VALUES else dict(zip(_FLOW_OPTIONS, flow, strict=True))),
         )
         if len(data) > self.max_message_size - 4096:
             raise ValueError(f"task {tid} is {len(data)} bytes, over the message size limit")
