@@ -1372,16 +1372,15 @@ class TaskQueue:
             group[0] = [e for e in group[0] if e[1].queued]
             heapq.heapify(group[0])
 
-    def ahead_of(self, task: _Task) -> int:
-        """How many queued tasks go before this one: those of a higher
-        priority, and of its own priority those ahead in its tenant's line
-        or in the other tenants' (round robin: up to as many as its own)."""
-        n = sum(self.counts[: task.rank])
+    def ahead_of(self, task: _Task) -> tuple[int, int, int]:
+        """The queued tasks that go before this one: of a higher priority; of
+        its own, ahead in its tenant's line; and of its own, the other
+        tenants' turns (round robin: up to one more than its own line)."""
         groups = self._groups[task.rank]
         own = groups.get(task.tenant)
         mine = 0 if own is None else sum(1 for seq, t in own[0] if t.queued and seq < task.seq)
         others = sum(min(g[1], mine + 1) for tenant, g in groups.items() if tenant != task.tenant)
-        return n + mine + others
+        return sum(self.counts[: task.rank]), mine, others
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -2469,40 +2468,37 @@ class PlaneCore:
         """A run of ``task``'s name ended: the first task held by its name's
         (or its tenant's) concurrency goes back into the queue, at its place."""
         for where in (task.name, (task.name, task.tenant)):
-            heap = self.held.get(where)
-            while heap:
-                waiting = heapq.heappop(heap)[2]
-                if waiting.blocked is not None:  # (not cancelled meanwhile)
-                    self._requeue_held(waiting)
-                    break
-            if heap is not None and not heap:
-                del self.held[where]
+            if where in self.held:
+                self._let_out(where)
 
-    def _requeue_held(self, task: _Task) -> None:
-        task.blocked = None
-        self.held_count -= 1
-        self.queue.push(task, keep_seq=True)
+    def _let_out(self, where: Any) -> _Task | None:
+        """The first task held at ``where`` (skipping those cancelled
+        meanwhile) goes back into the queue, at its place."""
+        heap = self.held[where]
+        task = None
+        while heap:
+            task = heapq.heappop(heap)[2]
+            if task.blocked is not None:
+                task.blocked = None
+                self.held_count -= 1
+                self.queue.push(task, keep_seq=True)
+                break
+            task = None
+        if not heap:
+            del self.held[where]
+        return task
 
     def _release_rates(self, now: float) -> None:
         """Tasks held by a rate whose time has come go back into the queue."""
         self._rate_wake = None
         for where in [w for w in self.held if type(w) is tuple and len(w) == 3]:
-            heap = self.held[where]
             at = self.next_start.get(where[1], now)
             if at > now:
                 self._rate_wake = at if self._rate_wake is None else min(self._rate_wake, at)
                 continue
-            interval = None
-            while heap:
-                waiting = heapq.heappop(heap)[2]
-                if waiting.blocked is not None:
-                    interval = waiting.limits[1]
-                    self._requeue_held(waiting)
-                    break
-            if not heap:
-                del self.held[where]
-            elif interval is not None:  # look again (the one let out may never start: cancelled, no slot)
-                self._wake_for_rate(now + interval)
+            task = self._let_out(where)
+            if task is not None and where in self.held:  # look again (the one let out may never start)
+                self._wake_for_rate(now + task.limits[1])
 
     def poll(self, req: int, conn: int, client: str, wait: float, now: float) -> list:
         """A client's long-poll for its results: answered at once if any
@@ -2589,17 +2585,13 @@ class PlaneCore:
             return "rate", f"waits {max(0.0, at - now):.2f} s for its rate limit ({task.name!r})"
         if task.name not in self.catalog and task.name not in self.local_tasks:
             return "worker", f"waits for a worker that knows {task.name!r}"
-        ahead = self.queue.ahead_of(task)
+        higher, mine, others = self.queue.ahead_of(task)
+        ahead = higher + mine + others
+        if task.tenant is not None and others and not mine:
+            return "tenant_turn", f"waits for its tenant's turn: {ahead} task(s) go first"
         if ahead:
-            higher = sum(self.queue.counts[: task.rank])
-            if task.tenant is not None and ahead > higher and self._first_of_tenant(task):
-                return "tenant_turn", f"waits for its tenant's turn: {ahead} task(s) go first"
             return "queue", f"behind {ahead} task(s) of higher or equal priority"
         return "slot", "waits for a free slot on a worker that knows it"
-
-    def _first_of_tenant(self, task: _Task) -> bool:
-        group = self.queue._groups[task.rank].get(task.tenant)
-        return group is None or not any(t.queued and seq < task.seq for seq, t in group[0])
 
     def status(self, req: int, ids: list, now: float) -> list:
         self._reply(req, "statuses", {"statuses": self.statuses(ids, now)})
@@ -5543,8 +5535,8 @@ class Plane(_Role):
         returned = msg.get("returned") or []
         event = functools.partial(self.core.pull, leaving=True) if msg.get("leaving") else self.core.pull
         info = msg.get("info")
-        if info is not None:  # it registers: where does it connect from?
-            info["address"] = self._remote_address(pipe) or info.get("address")
+        if info is not None:  # it registers: where does it connect from (host names often match)?
+            info["address"] = self._remote_address(pipe)
         self._call(event, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, info)
 
     def _remote_address(self, pipe_id: int) -> str | None:
@@ -5857,19 +5849,9 @@ class Worker(_Role):
             "concurrency": self.concurrency,
             "version": __version__,
             "max_message_size": self.max_message_size,
-            "address": self._address(),
             "tasks": {name: spec.options for name, spec in _registry.items()},
             "holding": sorted(self._held),
         }
-
-    def _address(self) -> str | None:
-        """This worker's IP address as its connection to the plane has it
-        (an operator's way to tell machines apart: host names often match)."""
-        try:
-            pipes = self._sock.pipes
-            return str(pipes[-1].local_address).rpartition(":")[0].strip("[]") if pipes else None
-        except (pynng.NNGException, AttributeError, ValueError):
-            return None
 
     # -- talking to the plane ---------------------------------------------------
 
@@ -5924,11 +5906,12 @@ class Worker(_Role):
                     self._refuse(f"the plane at {self.plane} refused this worker: {reply['error'].get('message')}")
                 if hung:  # the plane holds our request and says nothing: start afresh
                     self._redial()
+                first = False
                 with self._lock:
                     self._pulls -= 1
                     if reply is not None and reply["op"] == "tasks":
                         self._backoff = RETRY_PAUSE
-                        self._accept(reply)
+                        first = self._accept(reply)
                         if self._draining:
                             self._idle.notify_all()
                     else:  # not delivered, or delivered to a plane that is gone: keep it for the next one
@@ -5939,6 +5922,8 @@ class Worker(_Role):
                             self._wake.wait(self._backoff)
                             self._backoff = min(2 * self._backoff, MAX_RETRY_PAUSE)
                     self._wake.notify()
+                if first:  # (logged with no lock held)
+                    logger.info("worker %s registered with plane %s at %s", self.name, reply["plane"], self.plane)
         finally:
             chan.close()
 
@@ -5967,8 +5952,9 @@ class Worker(_Role):
         with self._lock:
             self._dialer = new or old
 
-    def _accept(self, reply: dict) -> None:
-        """Take a plane's reply (lock held)."""
+    def _accept(self, reply: dict) -> bool:
+        """Take a plane's reply (lock held); True if it registered this
+        worker for the first time."""
         plane = reply["plane"]
         if plane != self._plane_id:
             if self._plane_id is not None:
@@ -5980,7 +5966,8 @@ class Worker(_Role):
             self._plane_id = plane
         if reply.get("register"):
             self._registered = False
-            return
+            return False
+        first = False
         if "heartbeat" in reply:
             self._registered = True
             self._hb_address = reply["heartbeat"]
@@ -5988,8 +5975,7 @@ class Worker(_Role):
             if _typed(interval, _NUM) and interval > 0:
                 self._hb_interval = min(HEARTBEAT_INTERVAL, interval)
             self._beat.notify_all()  # announce ourselves on the new address now
-            if not self.registered.is_set():
-                logger.info("worker %s registered with plane %s at %s", self.name, plane, self.plane)
+            first = not self.registered.is_set()
             self.registered.set()
         for t in reply["tasks"]:
             job = _Job(t["id"], t["name"], t["args"], t["kwargs"], t.get("timeout"), t.get("run"), plane)
@@ -5998,6 +5984,7 @@ class Worker(_Role):
             else:
                 self._held.add(job.id)
                 self._inbox.put(job)
+        return first
 
     def _heartbeat(self) -> None:
         """Publish this worker's state every interval (PUB/SUB, may be lost)."""
