@@ -3636,6 +3636,10 @@ class _Chan:
         _nng.nng_msg_free(msg)
         return data, pipe
 
+    def cancel(self) -> None:
+        """End the send or receive under way at once (from another thread)."""
+        _nng.nng_aio_cancel(self._aio)
+
     def close(self) -> None:
         ctx, self._ctx = self._ctx, None
         if ctx is None:
@@ -4199,7 +4203,7 @@ class Client(concurrent.futures.Executor):
         self._session = _Session(self._secret)
         self._id = os.urandom(8).hex()
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # guards _outbox, _sending, _pending, _threads, _plane_id and the flags
+        self._lock = threading.Lock()  # guards _outbox, _sending, _pending, _joined, _unclaimed, _streams, _poll_chan, _threads, _plane_id and the flags
         self._has_work = threading.Condition(self._lock)  # the sender waits for something to send
         self._has_pending = threading.Condition(self._lock)  # the poller waits for futures
         self._flushed = threading.Condition(self._lock)  # queries wait for what was sent before them
@@ -4217,6 +4221,7 @@ class Client(concurrent.futures.Executor):
         self._joined: dict[str, list[Future]] = {}  # task id -> futures of submissions that joined it (by key)
         self._unclaimed: dict[str, dict] = {}  # results no future took yet (a joined one may be on its way)
         self._keyed = False  # a submission had a key (then results are looked for in _joined too)
+        self._poll_chan: _Chan | None = None  # the poller's channel while it runs (shutdown cancels its wait)
 
     # -- submitting -----------------------------------------------------
 
@@ -4471,6 +4476,8 @@ class Client(concurrent.futures.Executor):
         """Keep one long-poll parked at the plane while results are due, and
         complete futures with whatever it brings back."""
         chan = _Chan(self._sock)
+        with self._lock:
+            self._poll_chan = chan
         lost_at = None
         busy_until = 0.0  # keep polling a while after the last result
         try:
@@ -4522,6 +4529,8 @@ class Client(concurrent.futures.Executor):
                     continue
                 busy_until = time.monotonic() + POLL_WAIT
         finally:
+            with self._lock:
+                self._poll_chan = None
             chan.close()
 
     def _deliver(self, results: list[dict]) -> None:
@@ -4794,7 +4803,16 @@ class Client(concurrent.futures.Executor):
                 self._call("bye", timeout=0.2, client=self._id)  # a courtesy: one short try
             except FastworkerError:
                 pass
-        self._sock.close()  # wakes the poller
+        # Stop the poller before closing the socket: NNG must never see a
+        # context send begin on a socket that is closing (it aborts).
+        pollers = [t for t in self._threads if t.name.endswith("poller")]
+        deadline = time.monotonic() + self.timeout
+        while pollers and pollers[0].is_alive() and time.monotonic() < deadline:
+            with self._lock:  # (so that the poller cannot free its channel meanwhile)
+                if self._poll_chan is not None:
+                    self._poll_chan.cancel()
+            pollers[0].join(0.05)
+        self._sock.close()
         for t in self._threads:
             t.join(self.timeout)
 
