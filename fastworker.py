@@ -3600,13 +3600,16 @@ class _Chan:
     change hands (a parked request is answered by whichever thread has the
     outcome)."""
 
-    __slots__ = ("_ctx", "_aio")
+    __slots__ = ("_ctx", "_aio", "_sock")
 
     def __init__(self, sock: Any) -> None:
         self._ctx = sock.new_context()
         aio_p = _ffi.new("nng_aio **")
         _check_err(_nng.nng_aio_alloc(aio_p, _ffi.NULL, _ffi.NULL))
         self._aio = aio_p[0]
+        self._sock = sock
+        with _OPEN_LOCK:
+            _OPEN_CHANS.add(self)
 
     def send(self, data: bytes, timeout: float | None) -> None:
         msg_p = _ffi.new("nng_msg **")
@@ -3637,19 +3640,47 @@ class _Chan:
         return data, pipe
 
     def cancel(self) -> None:
-        """End the send or receive under way at once (from another thread)."""
+        """End the send or receive under way at once (from another thread;
+        _OPEN_LOCK held, so that it is not freed meanwhile)."""
         _nng.nng_aio_cancel(self._aio)
 
     def close(self) -> None:
+        with _OPEN_LOCK:
+            if self._ctx is None:
+                return
+            _OPEN_CHANS.discard(self)
         ctx, self._ctx = self._ctx, None
-        if ctx is None:
-            return
         try:
             ctx.close()
         except (pynng.NNGException, TypeError):
             pass  # the socket is already closed, which closed the context too
         ctx._context = None
         _nng.nng_aio_free(self._aio)
+
+
+# NNG aborts the process when a context is used while its socket closes.
+# So a socket that threads may be waiting on through channels is closed by
+# _close_socket: it ends those waits first (the threads see Canceled and go),
+# then closes what channels are left, then the socket.
+_OPEN_CHANS: set[_Chan] = set()
+_OPEN_LOCK = threading.Lock()  # guards _OPEN_CHANS and each open channel's aio against being freed while cancelled
+
+
+def _close_socket(sock: Any, threads: list[threading.Thread], deadline: float) -> None:
+    """Close ``sock`` once ``threads`` (which use channels on it and exit
+    when their wait is cancelled) are gone, or at ``deadline``."""
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        with _OPEN_LOCK:
+            for chan in _OPEN_CHANS:
+                if chan._sock is sock:
+                    chan.cancel()
+        _join(threads, min(deadline, time.monotonic() + 0.05))
+    if not any(t.is_alive() for t in threads):  # nobody uses the rest (parked, idle): close them first
+        with _OPEN_LOCK:
+            left = [chan for chan in _OPEN_CHANS if chan._sock is sock]
+        for chan in left:
+            chan.close()
+    sock.close()
 
 
 def _close_pipe(pipe_id: int) -> None:
@@ -4203,7 +4234,9 @@ class Client(concurrent.futures.Executor):
         self._session = _Session(self._secret)
         self._id = os.urandom(8).hex()
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # guards _outbox, _sending, _pending, _joined, _unclaimed, _streams, _poll_chan, _threads, _plane_id and the flags
+        self._lock = (
+            threading.Lock()
+        )  # guards _outbox, _sending, _pending, _joined, _unclaimed, _streams, _threads, _plane_id and the flags
         self._has_work = threading.Condition(self._lock)  # the sender waits for something to send
         self._has_pending = threading.Condition(self._lock)  # the poller waits for futures
         self._flushed = threading.Condition(self._lock)  # queries wait for what was sent before them
@@ -4221,7 +4254,6 @@ class Client(concurrent.futures.Executor):
         self._joined: dict[str, list[Future]] = {}  # task id -> futures of submissions that joined it (by key)
         self._unclaimed: dict[str, dict] = {}  # results no future took yet (a joined one may be on its way)
         self._keyed = False  # a submission had a key (then results are looked for in _joined too)
-        self._poll_chan: _Chan | None = None  # the poller's channel while it runs (shutdown cancels its wait)
 
     # -- submitting -----------------------------------------------------
 
@@ -4476,8 +4508,6 @@ class Client(concurrent.futures.Executor):
         """Keep one long-poll parked at the plane while results are due, and
         complete futures with whatever it brings back."""
         chan = _Chan(self._sock)
-        with self._lock:
-            self._poll_chan = chan
         lost_at = None
         busy_until = 0.0  # keep polling a while after the last result
         try:
@@ -4529,8 +4559,6 @@ class Client(concurrent.futures.Executor):
                     continue
                 busy_until = time.monotonic() + POLL_WAIT
         finally:
-            with self._lock:
-                self._poll_chan = None
             chan.close()
 
     def _deliver(self, results: list[dict]) -> None:
@@ -4803,18 +4831,7 @@ class Client(concurrent.futures.Executor):
                 self._call("bye", timeout=0.2, client=self._id)  # a courtesy: one short try
             except FastworkerError:
                 pass
-        # Stop the poller before closing the socket: NNG must never see a
-        # context send begin on a socket that is closing (it aborts).
-        pollers = [t for t in self._threads if t.name.endswith("poller")]
-        deadline = time.monotonic() + self.timeout
-        while pollers and pollers[0].is_alive() and time.monotonic() < deadline:
-            with self._lock:  # (so that the poller cannot free its channel meanwhile)
-                if self._poll_chan is not None:
-                    self._poll_chan.cancel()
-            pollers[0].join(0.05)
-        self._sock.close()
-        for t in self._threads:
-            t.join(self.timeout)
+        _close_socket(self._sock, self._threads, time.monotonic() + self.timeout)
 
     def close(self) -> None:
         """Send what was submitted, then stop without waiting for results."""
@@ -5272,13 +5289,13 @@ class Plane(_Role):
             self._closed = True
             self._tick.notify_all()
         self._gone.put(None)
-        for s in (self._sock, self._pub, self._hb):
-            s.close()  # wakes every receiver
-        self._executor.stop(time.monotonic() + 1.0)
+        self._executor.stop(time.monotonic() + 1.0)  # (its last replies still go out)
+        users = [t for t in self._threads if not t.name.endswith("heartbeats")]  # (who may answer a request)
+        _close_socket(self._sock, users, time.monotonic() + grace)  # with the requests too late to answer
+        for s in (self._pub, self._hb):
+            s.close()  # wakes the heartbeat receiver
         _join(self._threads, time.monotonic() + grace)
         self._drain_free()
-        for chan in list(self._chans.values()):  # requests that came too late to be answered
-            chan.close()
         self._chans.clear()
         self._bound.clear()
         if self._journal is not None:
@@ -5854,7 +5871,8 @@ class Worker(_Role):
             except (pynng.NNGException, FastworkerError):
                 if results or returned:
                     logger.warning("could not hand %d task(s) back to the plane", len(returned))
-        self._sock.close()
+        lanes = [t for t in self._threads if t.name.endswith("lane")]
+        _close_socket(self._sock, lanes, time.monotonic() + 2.0)
         _join(self._threads, time.monotonic() + 2.0)
         logger.info("worker %s stopped", self.name)
 
