@@ -86,6 +86,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -152,6 +153,7 @@ MAX_RUNS_KEPT = 10  # failed runs of one task kept for its page (the newest)
 MAX_TRACEBACK = 16 * 1024  # characters of a failed run's traceback kept for its page (the end)
 MAX_NAMES = 1000  # task names the plane keeps figures for (more are counted under "(other)")
 NAME_DURATIONS = 1000  # durations kept per task name for its percentiles (the newest)
+SCHEDULE_FORGET = 12  # heartbeat timeouts after which a periodic task no one can run is forgotten
 THROUGHPUT_WINDOW = 600  # seconds of finished-task counts kept for the dashboard's chart
 SHUTDOWN_GRACE = 5.0  # seconds running tasks get to finish on stop
 _BATCH_BYTES = 1024 * 1024  # a client sends at most this much per message
@@ -182,7 +184,6 @@ LINGER = 1.0  # seconds a stopping plane waits for clients to collect their last
 ZERO_JOURNAL_DEPTH = 4  # with a journal, the plane's executor holds up to this many times its slots
 JOURNAL_RETRY = 0.5  # seconds between attempts to commit to a journal that failed
 _BATCH_MARGIN = 4096  # bytes of a message to a worker kept for its envelope
-_DISPATCH_SKIP = 64  # queued tasks one dispatch round passes over when no free worker can run them
 
 ###############################################################################
 # Exceptions ###################################################################
@@ -307,9 +308,12 @@ def _require_pynng() -> None:
 
 
 def _join(threads: Iterable[threading.Thread], deadline: float) -> None:
-    """Wait for threads to end, all by one monotonic ``deadline``."""
+    """Wait for threads to end, all by one monotonic ``deadline`` (the
+    calling thread, if among them, does not wait for itself)."""
+    me = threading.current_thread()
     for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
+        if t is not me:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Role:
@@ -687,6 +691,8 @@ def _epoch(when: Any) -> float:
 
 def encode_result(id: str, state: str, result: Any = None, error: dict | None = None, run: int | None = None) -> bytes:
     """One RESULT item.  Raises TypeError/ValueError if ``result`` is not JSON."""
+    if state == CANCELLED and error is None and run is None:  # (a cancel: its item is the same but for the id)
+        return b'{"id":%s,"state":"cancelled"}' % _dumps(id).encode()
     r: dict[str, Any] = {"id": id, "state": state}
     if error is not None:
         r["error"] = error
@@ -823,7 +829,7 @@ def _validate(msg: dict) -> dict:
             raise ProtocolError("a client id is at most 200 characters")
         for t in msg["tasks"]:
             _check_task(t)
-    elif op in ("fetch", "status", "cancel"):
+    elif op in ("fetch", "status", "cancel", "cancelled"):
         _check_ids(msg["ids"])
         if op == "fetch":
             _check_wait(msg)
@@ -867,6 +873,10 @@ def _validate(msg: dict) -> dict:
             raise ProtocolError(f"a 'recent' needs a limit of 0 to {MAX_RECENT} and a state of " + ", ".join(STATES))
         if search is not None and (type(search) is not str or len(search) > _MAX_ID):
             raise ProtocolError("field 'search' must be a string of at most 200 characters")
+    elif op == "statuses":
+        for s in msg["statuses"]:
+            if type(s) is not dict or type(s.get("id")) is not str or type(s.get("state")) is not str:
+                raise ProtocolError("a status must be an object with an 'id' and a 'state'")
     elif op == "heartbeat":
         wid = msg["worker"].get("id")
         if type(wid) is not str or not 0 < len(wid) <= _MAX_ID:
@@ -1300,20 +1310,35 @@ class _Job:
         self.started = 0.0  # time.monotonic() when a worker's runner took it
 
 
+class _Line:
+    """One tenant's queued tasks of one priority: a heap of ``(seq, task)``.
+    A task taken out (cancelled) stays in the heap, marked, until it comes
+    up; ``live`` counts the others."""
+
+    __slots__ = ("heap", "live")
+
+    def __init__(self) -> None:
+        self.heap: list = []
+        self.live = 0
+
+
 class TaskQueue:
-    """The one dispatch queue: higher priority first; within a priority, the
+    """A dispatch queue: higher priority first; within a priority, the
     tenants take turns (round robin), and each tenant's tasks go first in,
     first out (tasks without a tenant are one more tenant, ``None``).
 
-    Per priority and tenant a heap of ``(seq, task)``; ``seq`` keeps
-    submission order (tasks themselves are never compared).  ``remove()``
-    only marks a task: its entry is skipped when it comes up.  ``counts``
-    holds the live tasks per rank.
+    Per priority and tenant a line: a heap of ``(seq, task)``; ``seq`` keeps
+    submission order (tasks themselves are never compared).  Every change
+    costs O(log n) whatever the order and the number of tenants: ``remove()``
+    only marks a task (its entry is skipped when it comes up), and a line
+    that removals empty is dropped at once while its place in the turns is
+    passed over when it comes (a tenant that comes back waits for its turn
+    at the end, as a new one does).  ``counts`` holds the live tasks per rank.
     """
 
     def __init__(self) -> None:
-        self._groups: list[dict] = [{} for _ in PRIORITIES]  # rank -> {tenant: [heap, live tasks]}
-        self._turns: list[collections.deque] = [collections.deque() for _ in PRIORITIES]  # tenants with work
+        self._lines: list[dict] = [{} for _ in PRIORITIES]  # rank -> {tenant: _Line}
+        self._turns: list[collections.deque] = [collections.deque() for _ in PRIORITIES]  # (tenant, its line)
         self._seq = itertools.count()
         self.counts = [0] * len(PRIORITIES)
 
@@ -1324,63 +1349,208 @@ class TaskQueue:
             task.seq = next(self._seq)
         task.queued = True
         rank, tenant = task.rank, task.tenant
-        group = self._groups[rank].get(tenant)
-        if group is None:
-            group = self._groups[rank][tenant] = [[], 0]
-        if not group[1]:
-            self._turns[rank].append(tenant)
-        heapq.heappush(group[0], (task.seq, task))
-        group[1] += 1
+        lines = self._lines[rank]
+        line = lines.get(tenant)
+        if line is None:
+            line = lines[tenant] = _Line()
+            self._turns[rank].append((tenant, line))
+        heapq.heappush(line.heap, (task.seq, task))
+        line.live += 1
         self.counts[rank] += 1
+
+    def _front(self, rank: int) -> _Line:
+        """The line whose turn it is, in a priority with live tasks (the
+        places of lines that removals emptied are passed over)."""
+        turns, lines = self._turns[rank], self._lines[rank]
+        while True:
+            tenant, line = turns[0]
+            if lines.get(tenant) is line:
+                return line
+            turns.popleft()
+
+    def peek(self) -> _Task | None:
+        """The task pop() would return."""
+        for rank, n in enumerate(self.counts):
+            if n:
+                heap = self._front(rank).heap
+                while not heap[0][1].queued:  # removed: skip it
+                    heapq.heappop(heap)
+                return heap[0][1]
+        return None
 
     def pop(self) -> _Task | None:
         counts = self.counts
         for rank, n in enumerate(counts):
             if n:
                 turns = self._turns[rank]
-                group = self._groups[rank][turns[0]]
-                heap = group[0]
+                line = self._front(rank)
+                heap = line.heap
                 task = heapq.heappop(heap)[1]
                 while not task.queued:  # removed: skip it
                     task = heapq.heappop(heap)[1]
                 task.queued = False
                 counts[rank] = n - 1
-                group[1] -= 1
-                if not group[1]:
-                    del self._groups[rank][turns.popleft()]
+                line.live -= 1
+                if not line.live:
+                    del self._lines[rank][turns.popleft()[0]]
                 elif len(turns) > 1:
                     turns.rotate(-1)  # its next task waits for the other tenants' turns
                 return task
         return None
 
-    def resume_after(self, seq: int) -> None:
-        """Number new tasks after ``seq`` (tasks restored from a journal keep
-        their own numbers, and so their order)."""
-        self._seq = itertools.count(seq + 1)
-
     def remove(self, task: _Task) -> None:
         """Take a task out of the queue (its heap entry is skipped later)."""
         task.queued = False
-        rank, tenant = task.rank, task.tenant
+        rank = task.rank
         self.counts[rank] -= 1
-        group = self._groups[rank][tenant]
-        group[1] -= 1
-        if not group[1]:
-            self._turns[rank].remove(tenant)
-            del self._groups[rank][tenant]
-        elif len(group[0]) > 2 * group[1] + 64:  # mostly dead entries: rebuild
-            group[0] = [e for e in group[0] if e[1].queued]
-            heapq.heapify(group[0])
+        lines = self._lines[rank]
+        line = lines[task.tenant]
+        line.live -= 1
+        if not self.counts[rank]:  # the priority is empty: forget its lines and turns now
+            lines.clear()
+            self._turns[rank].clear()
+        elif not line.live:  # (its place in the turns is passed over when it comes)
+            del lines[task.tenant]
+        elif len(line.heap) > 2 * line.live + 64:  # mostly dead entries: rebuild
+            line.heap = [e for e in line.heap if e[1].queued]
+            heapq.heapify(line.heap)
+
+    def take(self, names: set | None = None) -> list[_Task]:
+        """Take out every queued task (of these names), oldest first; their
+        entries go too."""
+        out = []
+        for rank, lines in enumerate(self._lines):
+            if not self.counts[rank]:
+                continue
+            for tenant, line in list(lines.items()):
+                keep = []
+                for entry in line.heap:
+                    if entry[1].queued:
+                        (out if names is None or entry[1].name in names else keep).append(entry)
+                heapq.heapify(keep)
+                line.heap, line.live = keep, len(keep)
+                if not keep:
+                    del lines[tenant]
+            self.counts[rank] = sum(line.live for line in lines.values())
+            if not self.counts[rank]:
+                self._turns[rank].clear()
+        out.sort(key=lambda entry: entry[0])
+        tasks = [entry[1] for entry in out]
+        for task in tasks:
+            task.queued = False
+        return tasks
 
     def ahead_of(self, task: _Task) -> tuple[int, int, int]:
         """The queued tasks that go before this one: of a higher priority; of
         its own, ahead in its tenant's line; and of its own, the other
         tenants' turns (round robin: up to one more than its own line)."""
-        groups = self._groups[task.rank]
-        own = groups.get(task.tenant)
-        mine = 0 if own is None else sum(1 for seq, t in own[0] if t.queued and seq < task.seq)
-        others = sum(min(g[1], mine + 1) for tenant, g in groups.items() if tenant != task.tenant)
+        lines = self._lines[task.rank]
+        own = lines.get(task.tenant)
+        mine = 0 if own is None else sum(1 for seq, t in own.heap if t.queued and seq < task.seq)
+        others = sum(min(line.live, mine + 1) for tenant, line in lines.items() if tenant != task.tenant)
         return sum(self.counts[: task.rank]), mine, others
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __bool__(self) -> bool:
+        return any(self.counts)
+
+
+class DispatchQueue:
+    """Every queued task, in lanes.  Tasks whose names the same slots can
+    run share a lane (a ``TaskQueue``: priority, tenants' turns, first in
+    first out); dispatch takes the most urgent task of the lanes that still
+    have a free slot, so a task an idle slot can run never waits behind
+    tasks only a busy worker can run, however many there are.  Where every
+    worker knows every task there is one lane.
+
+    ``runs_on(name)`` says which slots (a frozenset of worker ids, empty: no
+    one) can run a name; when that changes (a worker came or went),
+    ``regroup()`` moves each name's tasks to the lane of its slots.  One
+    numbering (``seq``) runs through all lanes."""
+
+    def __init__(self, runs_on: Callable[[str], frozenset]) -> None:
+        self._runs_on = runs_on
+        self._seq = itertools.count()
+        self._lanes: dict[frozenset, TaskQueue] = {}  # slots -> their lane
+        self._lane_of: dict[str, TaskQueue] = {}  # task name -> its lane
+        self.counts = [0] * len(PRIORITIES)  # queued tasks per rank, over the lanes
+
+    def lane(self, name: str) -> TaskQueue:
+        lane = self._lane_of.get(name)
+        if lane is None:
+            slots = self._runs_on(name)
+            lane = self._lanes.get(slots)
+            if lane is None:
+                lane = self._lanes[slots] = TaskQueue()
+            self._lane_of[name] = lane
+        return lane
+
+    def push(self, task: _Task, keep_seq: bool = False) -> None:
+        if not keep_seq or task.seq is None:
+            task.seq = next(self._seq)
+        self.lane(task.name).push(task, True)
+        self.counts[task.rank] += 1
+
+    def remove(self, task: _Task) -> None:
+        self._lane_of[task.name].remove(task)
+        self.counts[task.rank] -= 1
+
+    def best(self, passed: Iterable[TaskQueue] = ()) -> TaskQueue | None:
+        """The lane whose next task is the most urgent, of the lanes with
+        tasks and slots that are not in ``passed``."""
+        found, first = None, None
+        for slots, lane in self._lanes.items():
+            if not slots or not lane or lane in passed:
+                continue
+            if found is None:
+                found = lane
+                continue
+            if first is None:
+                first = found.peek()
+            t = lane.peek()
+            if (t.rank, t.seq) < (first.rank, first.seq):
+                found, first = lane, t
+        return found
+
+    def pop(self, lane: TaskQueue) -> _Task:
+        task = lane.pop()
+        self.counts[task.rank] -= 1
+        return task
+
+    def regroup(self) -> None:
+        """Which slots run some names changed: each name's tasks go to the
+        lane of its slots now.  A lane whose names still share their slots
+        is only relabelled; the tasks of the others move, in one pass over
+        the lane, oldest first."""
+        names_of: dict[TaskQueue, list[str]] = {}
+        for name, lane in self._lane_of.items():
+            names_of.setdefault(lane, []).append(name)
+        self._lanes, self._lane_of = {}, {}
+        for lane, names in names_of.items():
+            groups: dict[frozenset, list[str]] = {}
+            for name in names:
+                groups.setdefault(self._runs_on(name), []).append(name)
+            moving: dict[str, TaskQueue] = {}  # name -> the lane its tasks go to
+            for k, (slots, group) in enumerate(sorted(groups.items(), key=lambda g: -len(g[1]))):
+                target = self._lanes.get(slots)
+                if target is None:
+                    target = self._lanes[slots] = lane if k == 0 else TaskQueue()  # the largest group keeps the lane
+                for name in group:
+                    self._lane_of[name] = target
+                    if target is not lane:
+                        moving[name] = target
+            if moving and lane:
+                for task in lane.take(set(moving)):
+                    moving[task.name].push(task, True)
+
+    def ahead_of(self, task: _Task) -> tuple[int, int, int]:
+        """See TaskQueue.ahead_of: the tasks that go first on its slots."""
+        return self._lane_of[task.name].ahead_of(task)
+
+    def resume_after(self, seq: int) -> None:
+        self._seq = itertools.count(seq + 1)
 
     def __len__(self) -> int:
         return sum(self.counts)
@@ -1879,7 +2049,7 @@ class _Schedule:
     is made up once, not once per missed slot."""
 
     __slots__ = ("name", "every", "cron", "overlap", "next_due", "last_due", "last_run", "last_state", "runs",
-                 "skipped", "running")  # fmt: skip
+                 "skipped", "running", "orphaned", "seen", "wake")  # fmt: skip
 
     def __init__(self, name: str, options: dict, now: float) -> None:
         self.name = name
@@ -1892,6 +2062,13 @@ class _Schedule:
         self.last_state: str | None = None  # that run's state
         self.runs = self.skipped = 0
         self.running = 0  # runs not finished (retries included)
+        self.orphaned = False  # neither a connected worker nor the plane knows it: its due times are skipped
+        self.seen = now  # when someone last could run it (an orphan long unseen is forgotten)
+        self.wake = self.next_due  # when the core looks at it next (an orphan: at most once a second)
+
+    def missed(self, now: float) -> int:
+        """How many of its due times have passed by ``now`` (at least one)."""
+        return 1 if self.every is None else int((now - self.next_due) // self.every) + 1
 
     def following(self, due: float, now: float) -> float:
         """The first due time after ``now``, counting from ``due``."""
@@ -1912,7 +2089,7 @@ class _Schedule:
         else:
             s["cron"], s["tz"] = self.cron.expression, self.cron.tz or "UTC"
         s.update(overlap=self.overlap, next_run=self.next_due, last_run=self.last_due, last_task=self.last_run,
-                 runs=self.runs, skipped=self.skipped, running=self.running)  # fmt: skip
+                 runs=self.runs, skipped=self.skipped, running=self.running, orphaned=self.orphaned)  # fmt: skip
         last = tasks.get(self.last_run) if self.last_run else None
         s["last_state"] = self.last_state if last is None else last.state
         return s
@@ -1954,6 +2131,7 @@ class PlaneCore:
         self.retry_backoff = retry_backoff
         self.reap_interval = reap_interval
         self.heartbeat_address: str | None = None  # told to workers at registration (set by the shell)
+        self.max_message_size = DEFAULT_MAX_MESSAGE_SIZE  # the largest message the plane takes (set by the shell)
         self.subscribers = 0  # event subscribers connected (kept by the shell)
         self.stopping = False  # no new work; running tasks may finish
         self.closed = False  # stopped: clients collect their last results and learn what will not finish
@@ -1973,7 +2151,7 @@ class PlaneCore:
         self._rate_wake: float | None = None  # the earliest a task held by its rate may start
         self.timers_changed = False  # a timer came due sooner: the shell's housekeeper must wake
         self.tasks: dict[str, _Task] = {}  # every task not yet finished, in submission order
-        self.queue = TaskQueue()
+        self.queue = DispatchQueue(self._runs_on)
         self.timers = TimerHeap()
         self.clients: dict[str, _ClientState] = {}
         self.fetches: set[_Fetch] = set()
@@ -1981,7 +2159,7 @@ class PlaneCore:
         self.by_conn: dict[int, _WorkerState] = {}
         self.catalog: dict[str, dict] = {}  # task name -> default options, over the connected subworkers
         self._zero_known = -1  # len(local_tasks) when _zero_useful was computed (-1: never)
-        self._zero_useful = True
+        self._zero_useful = True  # the plane knows a task no connected worker knows: it takes part in dispatch
         self.zero = _WorkerState("plane", {"name": "plane", "concurrency": concurrency}, local_tasks, None, now)
         self.counts = dict.fromkeys(STATES, 0)
         self.submitted = self.retried = self.late = 0
@@ -2727,7 +2905,11 @@ class PlaneCore:
     @property
     def _welcome_worker(self) -> dict:
         """What a worker learns when it registers."""
-        return {"heartbeat": self.heartbeat_address, "heartbeat_interval": self.heartbeat_timeout / 5}
+        return {
+            "heartbeat": self.heartbeat_address,
+            "heartbeat_interval": self.heartbeat_timeout / 5,
+            "max_message_size": self.max_message_size,
+        }
 
     def _register(self, wid: str, info: dict, conn: int, reported: set, now: float) -> _WorkerState:
         """A worker registers.  One this plane knows already (it lost an
@@ -2765,21 +2947,24 @@ class PlaneCore:
         return w
 
     def _rebuild_catalog(self) -> None:
+        """The connected workers or the plane's registry changed: what runs
+        where (the catalog, worker zero's share, the queue's lanes)."""
         self.catalog = {}
         for w in self.workers.values():
             for name, options in w.tasks.items():
                 self.catalog.setdefault(name, options)
-        self._zero_known = -1  # whether worker zero has tasks of its own: look again
-
-    def _zero_has_work(self) -> bool:
-        """Does the plane know a task no connected worker knows?  (Then its
-        own executor takes part in dispatch.)  Recomputed when the catalog
-        or the plane's registry changes."""
         local = self.local_tasks
-        if self._zero_known != len(local):
-            self._zero_known = len(local)
-            self._zero_useful = any(name not in self.catalog for name in local)
-        return self._zero_useful
+        self._zero_known = len(local)
+        self._zero_useful = any(name not in self.catalog for name in local)
+        self.queue.regroup()
+
+    def _runs_on(self, name: str) -> frozenset:
+        """The slots that can run a task of this name: the connected workers
+        that know it, else the plane's own if it knows it, else none."""
+        ids = frozenset(w.id for w in self.workers.values() if name in w.tasks)
+        if ids or name not in self.local_tasks:
+            return ids
+        return frozenset((self.zero.id,))
 
     def heartbeat(self, wid: str, now: float) -> list:
         """A worker's heartbeat: proof of life for a worker whose connection
@@ -2869,9 +3054,13 @@ class PlaneCore:
     def _dispatch(self, now: float) -> None:
         """Hand queued tasks to workers with room: each task to the
         least-loaded worker that can run it (worker zero only takes what no
-        connected subworker knows), and each worker its share in one message."""
+        connected subworker knows), and each worker its share in one message.
+        A lane (see DispatchQueue) whose next task no worker with room can
+        take this round is passed over as a whole."""
         if not self.queue or self.stopping:
             return
+        if self._zero_known != len(self.local_tasks):  # the plane's registry grew
+            self._rebuild_catalog()
         ready = []  # heap of [load, turn, worker, free slots]
         for w in self.workers.values():
             if w.pull is not None:
@@ -2880,19 +3069,20 @@ class PlaneCore:
                     ready.append([len(w.in_flight) / w.concurrency, w.turn, w, room])
         zero = self.zero
         room = zero.concurrency * self._zero_depth - len(zero.in_flight)
-        if room > 0 and self._zero_has_work():
+        if room > 0 and self._zero_useful:
             ready.append([len(zero.in_flight) / zero.concurrency, zero.turn, zero, room])
         if not ready:
             return
         heapq.heapify(ready)
-        catalog = self.catalog
+        queue, catalog = self.queue, self.catalog
         batches: dict[_WorkerState, list] = {}
         room_left: dict[_WorkerState, int] = {}  # bytes a subworker's batch may still take
-        skipped = []
-        while ready and self.queue:
-            task = self.queue.pop()
-            if task.limits is not None and self._must_wait(task, now):
-                continue
+        passed_lanes: list[TaskQueue] = []  # lanes none of whose workers can take their next task this round
+        while ready:
+            lane = queue.best(passed_lanes)
+            if lane is None:
+                break
+            task = lane.peek()  # taken only once a worker can have it: a lane that waits keeps its tenants' turns
             name = task.name
             size = 0  # bytes it takes in a message to a subworker (once one is considered)
             entry, passed = None, []
@@ -2914,11 +3104,12 @@ class PlaneCore:
             for e in passed:
                 heapq.heappush(ready, e)
             if entry is None:
-                if size and self._fits_no_worker(task, size, now):
-                    continue
-                skipped.append(task)  # no worker with room can run it: it waits for one
-                if len(skipped) >= _DISPATCH_SKIP:
-                    break
+                if not size or not self._fits_no_worker(task, size, now):
+                    passed_lanes.append(lane)  # it waits for a slot, and so does the rest of its lane
+                continue
+            queue.pop(lane)
+            if task.limits is not None and self._must_wait(task, now):
+                heapq.heappush(ready, entry)
                 continue
             w = entry[2]
             if w is not zero:
@@ -2930,8 +3121,6 @@ class PlaneCore:
                 entry[0] = len(w.in_flight) / w.concurrency
                 entry[1] = w.turn = next(self._turns)
                 heapq.heappush(ready, entry)
-        for task in skipped:
-            self.queue.push(task, keep_seq=True)
         for w, tasks in batches.items():
             w.turn = next(self._turns)
             if w is zero:
@@ -3022,36 +3211,72 @@ class PlaneCore:
 
     def _sync_schedules(self, now: float) -> None:
         """Take up the periodic tasks the plane or a connected worker knows
-        (a schedule stays once known; with a journal, where it left off)."""
+        (a schedule stays once known, until no one has run it for long; with
+        a journal, where it left off)."""
         self._schedules_known = len(self.local_tasks)
         for source in (self.local_tasks, self.catalog):
             for name, spec in source.items():
                 options = spec.options if isinstance(spec, TaskSpec) else spec
-                if name in self.schedules or ("every" not in options and "cron" not in options):
+                if "every" not in options and "cron" not in options:
+                    continue
+                s = self.schedules.get(name)
+                if s is not None:
+                    self._adopted(s, now)
                     continue
                 s = self.schedules[name] = _Schedule(name, options, now)
                 saved = self._saved_schedules.pop(name, None)
                 if saved is not None:
                     s.next_due, s.last_due, s.last_run, s.last_state, s.runs, s.skipped = saved
+                    s.wake = s.next_due
                     s.running = sum(1 for t in self.tasks.values() if t.name == name and not t.client)
                 self.timers_changed = True
-        self._next_schedule = min((s.next_due for s in self.schedules.values()), default=float("inf"))
+        self._next_schedule = min((s.wake for s in self.schedules.values()), default=float("inf"))
+
+    def _adopted(self, s: _Schedule, now: float) -> None:
+        """Someone can run a schedule (again)."""
+        s.seen = now
+        if s.orphaned:
+            s.orphaned, s.wake = False, s.next_due
+            self.timers_changed = True
+            self._log(logging.INFO, "periodic task %s has a runner again: its runs resume", s.name)
 
     def _fire(self, now: float) -> list:
         """Create one run of each periodic task that is due (or skip it if
-        its last run is still going); the runs are queued."""
+        its last run is still going); the runs are queued.  A schedule that
+        no one can run is said once, its due times are counted as skipped (it
+        is looked at once a second, not at each), and it is forgotten after
+        SCHEDULE_FORGET heartbeat timeouts without a runner."""
         runs = []
-        for s in self.schedules.values():
-            if s.next_due > now:
+        for s in list(self.schedules.values()):
+            if s.wake > now:
                 continue
-            due, s.next_due = s.next_due, s.following(s.next_due, now)
-            self._schedules_dirty = self.journaling
             opts = self.options_of(s.name)
+            if opts is None:
+                if not s.orphaned:
+                    s.orphaned, s.seen = True, now  # (forgotten only after SCHEDULE_FORGET timeouts from now)
+                    self._log(logging.WARNING, "periodic task %s: no connected worker or the plane knows it; its runs "
+                              "are skipped (and counted) until one does", s.name)  # fmt: skip
+                if now - s.seen >= self.heartbeat_timeout * SCHEDULE_FORGET:
+                    del self.schedules[s.name]
+                    self._schedules_dirty = self.journaling
+                    self._log(logging.INFO, "periodic task %s forgotten: no one has run it for %.0f s", s.name,
+                              now - s.seen)  # fmt: skip
+                    continue
+                if s.next_due <= now:
+                    s.skipped += s.missed(now)
+                    s.next_due = s.following(s.next_due, now)
+                    self._schedules_dirty = self.journaling
+                s.wake = max(s.next_due, now + 1.0)
+                continue
+            self._adopted(s, now)
+            due, s.next_due = s.next_due, s.following(s.next_due, now)
+            s.wake = s.next_due
+            self._schedules_dirty = self.journaling
             tid = f"{s.name}@{due:.3f}"
-            if opts is None or self.stopping or (s.running and not s.overlap) or tid in self.tasks:
+            if self.stopping or (s.running and not s.overlap) or tid in self.tasks:
                 s.skipped += 1
-                why = "no one runs it" if opts is None else "the plane stops" if self.stopping else "still running"
-                self._log(logging.INFO, "periodic task %s: run due at %.3f skipped (%s)", s.name, due, why)
+                why = "the plane stops" if self.stopping else "still running"
+                self._log(logging.DEBUG, "periodic task %s: run due at %.3f skipped (%s)", s.name, due, why)
                 continue
             task = _Task({"id": tid, "name": s.name, "args": [], "kwargs": {}}, _RANK[opts["priority"]],
                          opts["retries"], opts["timeout"], "", now)  # fmt: skip
@@ -3062,7 +3287,7 @@ class PlaneCore:
             s.last_due, s.last_run, s.last_state = due, tid, QUEUED
             self._move(task, QUEUED, now)
             runs.append(task)
-        self._next_schedule = min(s.next_due for s in self.schedules.values())
+        self._next_schedule = min((s.wake for s in self.schedules.values()), default=float("inf"))
         return runs
 
     # -- stopping -------------------------------------------------------------------------
@@ -3149,7 +3374,7 @@ class PlaneCore:
                 if seq is not None:
                     last_seq = max(last_seq, seq)
         except (ValueError, TypeError) as e:
-            raise JournalError(f"the journal holds a malformed task row ({e})") from None
+            raise JournalError(f"holds a malformed task row ({e})") from None
         self.id = saved["plane"]
         counters = saved.get("counters") or {}
         self.counts.update(counters.get("counts") or {})
@@ -3162,7 +3387,7 @@ class PlaneCore:
             if not (type(v) is list and len(v) == 6 and type(v[0]) in _NUM and type(v[1]) in (*_NUM, type(None))
                     and type(v[2]) in (str, type(None)) and type(v[3]) in (str, type(None))
                     and type(v[4]) is int and type(v[5]) is int):  # fmt: skip
-                raise JournalError(f"the journal holds a malformed schedule for {name!r}")
+                raise JournalError(f"holds a malformed schedule for {name!r}")
         for task in tasks.values():
             self.tasks[task.id] = task
             self.counts[task.state] += 1
@@ -3645,11 +3870,11 @@ class _Chan:
         _nng.nng_aio_cancel(self._aio)
 
     def close(self) -> None:
-        with _OPEN_LOCK:
+        with _OPEN_LOCK:  # (claimed under the lock: two closers never free it twice)
             if self._ctx is None:
                 return
             _OPEN_CHANS.discard(self)
-        ctx, self._ctx = self._ctx, None
+            ctx, self._ctx = self._ctx, None
         try:
             ctx.close()
         except (pynng.NNGException, TypeError):
@@ -3663,7 +3888,9 @@ class _Chan:
 # _close_socket: it ends those waits first (the threads see Canceled and go),
 # then closes what channels are left, then the socket.
 _OPEN_CHANS: set[_Chan] = set()
-_OPEN_LOCK = threading.Lock()  # guards _OPEN_CHANS and each open channel's aio against being freed while cancelled
+# Guards _OPEN_CHANS and each open channel's aio against being freed while
+# cancelled; re-entrant, as a client's finalizer may cancel a wait under it.
+_OPEN_LOCK = threading.RLock()
 
 
 def _close_socket(sock: Any, threads: list[threading.Thread], deadline: float) -> None:
@@ -3865,6 +4092,7 @@ _SQL_ROW = "(" + ",".join("?" * 14) + ")"
 _SQL_DELETE = "DELETE FROM tasks WHERE id IN ({})"
 _ROWS_PER_STATEMENT = 2000  # 14 values each, under SQLite's 32,766 variables
 _DELETE_BATCH = 256  # forgotten tasks leave the file this many at a time
+_VACUUM_STEP = 2000  # pages (of 4 KB) given back per commit at most, once most of the file is free
 
 
 class _Journal:
@@ -3892,6 +4120,7 @@ class _Journal:
         self.commits = 0
         self.error: str | None = None  # the last write error, until a commit succeeds
         self.closed = False
+        self.accepted = False  # the plane took back what it holds (until then the file is left as it is)
 
     # -- opening ------------------------------------------------------------------
 
@@ -3928,6 +4157,8 @@ class _Journal:
                 self._check(sqlite3)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db = db
+            if new:  # (only before the first table: pages freed by forgotten tasks can then go back)
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.sync.upper()}")
             db.execute("PRAGMA journal_size_limit=67108864")  # a WAL file shrinks back to 64 MB after a checkpoint
@@ -3950,6 +4181,20 @@ class _Journal:
         except BaseException:
             self.close()
             raise
+
+    def accept(self) -> None:
+        """The plane took back what the file holds: from now on it may
+        change it.  A journal from before journals gave space back is
+        rebuilt once so that they do (a refused file is never touched)."""
+        import sqlite3
+
+        self.accepted = True
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            try:
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._db.execute("VACUUM")
+            except sqlite3.Error as e:  # (it needs room for a copy of the file): it is only an optimisation
+                logger.warning("journal %s: not converted to give space back (%s); it works as it is", self.path, e)
 
     def _check(self, sqlite3: Any) -> None:
         """Is the file a journal of ours, readable, not from a newer version?
@@ -4104,11 +4349,22 @@ class _Journal:
 
     @staticmethod
     def _delete(db: Any, dels: set) -> None:
+        """Delete forgotten tasks; then, if most of the file is free pages
+        (a backlog drained), give some of them back."""
         ids = list(dels)
         for k in range(0, len(ids), _ROWS_PER_STATEMENT):
             chunk = ids[k : k + _ROWS_PER_STATEMENT]
             db.execute(_SQL_DELETE.format(",".join("?" * len(chunk))), chunk)
         dels.clear()
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        if free > 256 and 2 * free > db.execute("PRAGMA page_count").fetchone()[0]:
+            _Journal._give_back(db, _VACUUM_STEP)
+
+    @staticmethod
+    def _give_back(db: Any, pages: int | None = None) -> None:
+        """Return free pages (all, or up to ``pages``) to the file system.
+        (executescript steps the pragma to its end; execute frees one page.)"""
+        db.executescript("PRAGMA incremental_vacuum" + ("" if pages is None else f"({int(pages)})"))
 
     def close(self) -> None:
         """Checkpoint and close (what is still pending is dropped: only a
@@ -4122,6 +4378,8 @@ class _Journal:
             try:
                 if self._dels:
                     self._delete(self._db, self._dels)
+                if self.accepted:
+                    self._give_back(self._db)  # every free page
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except Exception as e:
                 logger.warning("journal %s: the last checkpoint failed: %s", self.path, e)
@@ -4135,6 +4393,14 @@ class _Journal:
 ###############################################################################
 # Client #######################################################################
 ###############################################################################
+#
+# A Client is the user's handle; its _Link is the machinery: the socket, the
+# sender and poller threads and the futures they complete.  The threads and
+# the futures hold the link, never the Client, so a Client the program drops
+# without close() is collected: its link then sends what was submitted,
+# delivers the results still due and closes by itself.  At exit every link
+# still open is closed before the interpreter finalizes (NNG aborts the
+# process if one of its waits is still under way then).
 
 
 class Future(concurrent.futures.Future):
@@ -4147,14 +4413,14 @@ class Future(concurrent.futures.Future):
     on the plane (``Client.result``/``status``/``cancel`` take it).
     """
 
-    def __init__(self, client: Client, task_id: str) -> None:
+    def __init__(self, link: _Link, task_id: str) -> None:
         super().__init__()
         self.task_id = task_id
-        self._client = client
-        self._plane: str | None = None  # id of the plane that accepted it (guarded by the client's lock)
-        self._sent = False  # taken into a batch (guarded by the client's lock)
-        self._dropped = False  # cancelled before it was sent: never send it (guarded by the client's lock)
-        self._joined_to: str | None = None  # it joined this task (by key) (guarded by the client's lock)
+        self._link = link
+        self._plane: str | None = None  # id of the plane that accepted it (guarded by the link's lock)
+        self._sent = False  # taken into a batch (guarded by the link's lock)
+        self._dropped = False  # cancelled before it was sent: never send it (guarded by the link's lock)
+        self._joined_to: str | None = None  # it joined this task (by key) (guarded by the link's lock)
 
     def cancel(self) -> bool:
         """Cancel this future at once, without waiting for the network.
@@ -4167,7 +4433,7 @@ class Future(concurrent.futures.Future):
         """
         if self.done():
             return self.cancelled()
-        self._client._forget(self)
+        self._link.forget(self)
         return self._set_cancelled()
 
     def _set_cancelled(self) -> bool:
@@ -4192,13 +4458,569 @@ class Future(concurrent.futures.Future):
         return f"<fastworker.Future {self.task_id} {self._state.lower()}>"
 
 
+_LINKS: weakref.WeakSet = weakref.WeakSet()  # links not yet closed (guarded by _LINKS_LOCK)
+_LINKS_LOCK = threading.RLock()  # (re-entrant: a finalizer may take it on a thread that holds it)
+_links_at_exit = False  # _close_links is registered with atexit (guarded by _LINKS_LOCK)
+
+
+def _close_links() -> None:
+    """At exit: close every client link still open, all at once, so that
+    none of their threads waits in NNG while the interpreter finalizes."""
+    with _LINKS_LOCK:
+        links = list(_LINKS)
+    for link in links:
+        link._begin_close(wait=False)
+    for link in links:
+        link._wait_threads(time.monotonic() + 2 * link.timeout + 1)
+
+
+def _the_one(items: list, reply: str, tid: str) -> Any:
+    """The one item a reply about one task must hold."""
+    if len(items) != 1 or items[0]["id"] != tid:
+        raise ProtocolError(f"a {reply!r} reply about task {tid!r} holds {len(items)} item(s), not that one")
+    return items[0]
+
+
+class _Link:
+    """A client's connection to its plane: one socket; the sender thread,
+    which sends submissions and cancels in the order they were made; the
+    poller thread, which brings results back and completes the futures
+    waiting for them.  Safe to share between threads."""
+
+    def __init__(
+        self, address: str, secret: bytes | None, timeout: float, max_message_size: int, tls: TLSFiles
+    ) -> None:
+        self._sock = _dial(address, max_message_size, tls)
+        self.address = address
+        self.timeout = timeout
+        self.max_message_size = max_message_size
+        self.secret = secret
+        self._session = _Session(secret)
+        self.id = os.urandom(8).hex()
+        self._ids = itertools.count(1)
+        # Guards _outbox, _sending, _pending, _joined, _unclaimed, _streams,
+        # _threads, _poll_chan and the flags; never held across I/O.  Re-entrant:
+        # release() may run as a finalizer on a thread that holds it already.
+        self._lock = threading.RLock()
+        self._has_work = threading.Condition(self._lock)  # the sender waits for something to send
+        self._has_pending = threading.Condition(self._lock)  # the poller waits for futures
+        self._flushed = threading.Condition(self._lock)  # queries wait for what was sent before them
+        # What the sender sends, in call order: ("submit", TASK bytes, future)
+        # or ("cancel", task id, None).
+        self._outbox: list[tuple[str, Any, Future | None]] = []
+        self._sending = False  # a batch is on its way
+        self._pending: dict[str, Future] = {}
+        self._threads: list[threading.Thread] = []
+        self._poll_chan: _Chan | None = None  # the poller's, while it polls (its wait is cut short by release())
+        self._plane_id: str | None = None  # the plane that answers (read and written by the poller only)
+        self._boot: str | None = None  # ... and its process (the poller only)
+        # Closing: no new submissions; the sender sends what waits and exits;
+        # the poller goes on while futures wait for results (if _wait), and
+        # the last of the two to exit finishes (_finish: the socket closes).
+        self._closing = False
+        self._wait = True  # closing waits for the pending futures' results
+        self._sent_all = False  # the sender exited
+        self._live = 0  # the link's threads still running
+        self._finished = False  # _finish() has run (or runs)
+        self._streams: list[_EventStream] = []  # on_complete's subscriptions, closed with the link
+        self._joined: dict[str, list[Future]] = {}  # task id -> futures of submissions that joined it (by key)
+        self._unclaimed: dict[str, dict] = {}  # results no future took yet (a joined one may be on its way)
+        self._keyed = False  # a submission had a key (then results are looked for in _joined too)
+        global _links_at_exit
+        with _LINKS_LOCK:
+            _LINKS.add(self)
+            if not _links_at_exit:
+                atexit.register(_close_links)
+                _links_at_exit = True
+
+    def new_id(self) -> str:
+        return f"{self.id}-{next(self._ids)}"
+
+    # -- sending ---------------------------------------------------------
+
+    def enqueue(self, fut: Future, data: bytes, keyed: bool) -> None:
+        """Send a submission (a TASK item) after everything before it."""
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if keyed:
+                self._keyed = True
+            if not self._threads:
+                self._start()
+            if not self._pending:
+                self._has_pending.notify()
+            self._pending[fut.task_id] = fut
+            self._outbox.append(("submit", data, fut))
+            self._has_work.notify()
+
+    def _start(self) -> None:
+        """Start the sender and the poller (lock held)."""
+        for target, name in ((self._send, "sender"), (self._poll, "poller")):
+            t = threading.Thread(target=target, name=f"fastworker-client-{name}", daemon=True)
+            self._live += 1
+            t.start()
+            self._threads.append(t)
+
+    def _exit(self) -> None:
+        """A thread of the link ends; the last one finishes the link if it
+        is closing (so the socket closes after every use of it)."""
+        with self._lock:
+            self._live -= 1
+            last = self._live == 0 and self._closing
+        if last:
+            self._finish()
+
+    def _send(self) -> None:
+        """Send whatever waits in the outbox, in order: a run of submissions
+        as one message (up to a size), a run of cancels as another; repeat.
+        One message at a time, so nothing overtakes what was sent before."""
+        chan = _Chan(self._sock)
+        try:
+            while True:
+                with self._lock:
+                    while not self._outbox and not self._closing:
+                        self._has_work.wait(IDLE_WAKE)
+                    if not self._outbox:
+                        return
+                    kind = self._outbox[0][0]
+                    batch, size = [], 0
+                    for entry in self._outbox:
+                        if entry[0] != kind or (batch and size + len(entry[1]) > _BATCH_BYTES):
+                            break
+                        batch.append(entry)
+                        size += len(entry[1])
+                    del self._outbox[: len(batch)]
+                    if kind == "submit":
+                        batch = [e for e in batch if not e[2]._dropped]
+                        for _, _, fut in batch:
+                            fut._sent = True
+                    self._sending = True
+                try:
+                    if kind == "submit":
+                        if batch:
+                            self._send_batch(chan, [(data, fut) for _, data, fut in batch])
+                    else:
+                        self._send_cancels(chan, [tid for _, tid, _ in batch])
+                finally:
+                    with self._lock:
+                        self._sending = False
+                        if not self._outbox:
+                            self._flushed.notify_all()
+        finally:
+            chan.close()
+            with self._lock:
+                self._sent_all = True
+                self._has_pending.notify_all()
+                if not self._wait:  # closing without waiting: the poller stops now
+                    self._cut_poll()
+            self._exit()
+
+    def _send_batch(self, chan: _Chan, batch: list[tuple[bytes, Future]]) -> None:
+        items = [d for d, _ in batch]
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                try:
+                    left = max(0.0, deadline - time.monotonic())
+                    reply = _exchange(chan, self._session, "submit", left, key="tasks", items=items, client=self.id)
+                    break
+                except pynng.ConnectionReset:
+                    # The connection dropped with the batch on its way: the
+                    # plane may have it or not.  Send it again once it is
+                    # back; a plane accepts a task its client sends twice once.
+                    if time.monotonic() >= deadline:
+                        raise pynng.Timeout("no answer", 0) from None
+        except pynng.Timeout:
+            # Nothing queued behind this batch can get through either: fail
+            # it all now rather than one timeout per batch.
+            with self._lock:
+                batch += [(d, f) for kind, d, f in self._outbox if kind == "submit"]
+                self._outbox = [e for e in self._outbox if e[0] != "submit"]
+            return self._fail([f for _, f in batch], self.unreachable())
+        except pynng.NNGException as e:
+            return self._fail([f for _, f in batch], PlaneUnavailable(f"lost the plane at {self.address}: {e}"))
+        except FastworkerError as e:
+            return self._fail([f for _, f in batch], e)
+        if reply["op"] == "error":
+            return self._fail([f for _, f in batch], _exception_from_wire(reply["error"]))
+        if reply["op"] != "accepted":
+            err = ProtocolError(f"the plane answered a 'submit' request with {reply['op']!r}, not 'accepted'")
+            return self._fail([f for _, f in batch], err)
+        plane = reply["plane"]
+        with self._lock:
+            for _, fut in batch:
+                fut._plane = plane
+        rejected = {r.get("id"): r.get("error") for r in reply["rejected"] if isinstance(r, dict)}
+        if rejected:
+            self._fail([f for _, f in batch if f.task_id in rejected], None, rejected)
+        joined = reply.get("joined")
+        if type(joined) is list:
+            self._join(joined)
+
+    def _join(self, joined: list) -> None:
+        """Submissions the plane joined to an unfinished task of their key:
+        each future takes that task's id and waits for its outcome."""
+        early = []
+        with self._lock:
+            for pair in joined:
+                if not (type(pair) is list and len(pair) == 2 and all(type(x) is str for x in pair)):
+                    continue
+                fut = self._pending.pop(pair[0], None)
+                if fut is None:
+                    continue
+                fut.task_id = fut._joined_to = pair[1]
+                r = self._unclaimed.pop(pair[1], None)
+                if r is not None:  # its result overtook the answer to the submission
+                    early.append((fut, r))
+                else:
+                    self._joined.setdefault(pair[1], []).append(fut)
+        for fut, r in early:
+            self._complete(fut, r)
+
+    def _send_cancels(self, chan: _Chan, ids: list[str]) -> None:
+        """Tell the plane about futures cancelled here (best effort: the
+        futures are cancelled already)."""
+        try:
+            _exchange(chan, self._session, "cancel", self.timeout, ids=ids)
+        except (pynng.NNGException, FastworkerError) as e:
+            logger.debug("could not tell the plane of %d cancelled task(s): %s", len(ids), e)
+
+    def unreachable(self) -> PlaneUnavailable:
+        return PlaneUnavailable(
+            f"no answer from the plane at {self.address} within {self.timeout:g} s: "
+            f"is `python fastworker.py plane` running at {self.address}?"
+        )
+
+    def _fail(self, futs: list[Future], exc: BaseException | None, errors: dict | None = None) -> None:
+        with self._lock:
+            for fut in futs:
+                self._pending.pop(fut.task_id, None)
+        for fut in futs:
+            fut._settle(exc=exc if errors is None else _exception_from_wire(errors[fut.task_id]))
+
+    def forget(self, fut: Future) -> None:
+        """A future is being cancelled here: stop waiting for it, and cancel
+        its task at the plane too (after what was sent before), or never send
+        it if it has not gone yet.  A future that joined another submission's
+        task (by key) only stops waiting, and so does one whose task other
+        futures here joined."""
+        with self._lock:
+            joined = self._joined.get(fut.task_id)
+            if fut._joined_to is not None:
+                if joined is not None and fut in joined:
+                    joined.remove(fut)
+                return
+            if self._pending.pop(fut.task_id, None) is None or joined:
+                return
+            if fut._sent and not self._closing:
+                self._outbox.append(("cancel", fut.task_id, None))
+                if not self._threads:
+                    self._start()
+                self._has_work.notify()
+            else:
+                fut._dropped = True
+
+    # -- receiving --------------------------------------------------------
+
+    def _waited(self) -> bool:
+        """Does a future still wait for a result here (lock held)?"""
+        return bool(self._pending) or any(not f.done() for futs in self._joined.values() for f in futs)
+
+    def _idle(self) -> bool:
+        """Has the poller nothing to wait for, for good (lock held)?"""
+        return self._closing and self._sent_all and (not self._wait or not self._waited())
+
+    def _cut_poll(self) -> None:
+        """End the poll under way at once (lock held)."""
+        if self._poll_chan is not None:
+            with _OPEN_LOCK:
+                self._poll_chan.cancel()
+
+    def _poll(self) -> None:
+        """Keep one long-poll parked at the plane while results are due, and
+        complete futures with whatever it brings back."""
+        chan = _Chan(self._sock)
+        lost_at = None
+        busy_until = 0.0  # keep polling a while after the last result
+        quick = 0  # empty answers in a row that came back at once (then it pauses: a plane must not make it spin)
+        try:
+            while True:
+                with self._lock:
+                    while not (self._idle() or self._waited()) and (self._closing or time.monotonic() > busy_until):
+                        self._has_pending.wait(IDLE_WAKE)
+                    if self._idle():
+                        return
+                    self._poll_chan = chan
+                asked = time.monotonic()
+                try:
+                    msg = _exchange(
+                        chan, self._session, "poll", self.timeout, POLL_WAIT, client=self.id, wait=POLL_WAIT
+                    )
+                    if msg["op"] != "results":
+                        raise ProtocolError(f"the plane answered a 'poll' request with {msg['op']!r}, not 'results'")
+                    plane = msg["plane"]
+                    if plane != self._plane_id:  # a plane restarted without its journal: its tasks are gone
+                        self._plane_id = plane
+                        self._fail_pending(PlaneUnavailable("the plane restarted; the task was lost"), plane)
+                    self._deliver(msg["results"])
+                    boot, self._boot = self._boot, msg.get("boot")
+                    if msg.get("closing"):
+                        self._fail_lost(msg.get("lost") or [])
+                    elif lost_at is not None or boot not in (None, self._boot) or msg.get("resync"):
+                        self._resync(chan, plane)  # back after a break, or the plane restarted: what did we miss?
+                    lost_at = None
+                    quick = 0 if msg["results"] or time.monotonic() - asked > POLL_WAIT / 2 else quick + 1
+                except pynng.Closed:
+                    return
+                except AuthenticationError as e:  # no use asking again: say so now
+                    self._fail_pending(e)
+                    with self._lock:
+                        self._has_pending.wait(1.0)
+                    continue
+                except (pynng.NNGException, FastworkerError) as e:
+                    with self._lock:
+                        if self._idle():
+                            return
+                    now = time.monotonic()
+                    # silent past the poll's hold: lost since the plane should have answered
+                    lost_at = lost_at or (asked + POLL_WAIT if isinstance(e, pynng.Timeout) else now)
+                    if now - lost_at >= self.timeout:
+                        why = "no answer" if isinstance(e, pynng.Timeout) else str(e)
+                        self._fail_pending(PlaneUnavailable(
+                            f"lost the plane at {self.address} ({why} for {now - lost_at:.0f} s): is it running, "
+                            "and can this machine reach it?"))  # fmt: skip
+                        lost_at = None
+                    with self._lock:  # brief pause so a dead plane is not hammered
+                        self._has_pending.wait(0.05)
+                    continue
+                finally:
+                    with self._lock:
+                        self._poll_chan = None
+                if quick > 1:  # a plane that answers at once again and again: ask less often
+                    with self._lock:
+                        self._has_pending.wait(min(0.01 * 2 ** (quick - 2), 1.0))
+                busy_until = time.monotonic() + POLL_WAIT
+        finally:
+            chan.close()
+            self._exit()
+
+    def _deliver(self, results: list[dict]) -> None:
+        with self._lock:
+            done = [(self._pending.pop(r["id"], None), r) for r in results]
+            if self._keyed:  # futures that joined a task by key take its result too
+                for r in results:
+                    joined = self._joined.pop(r["id"], None)
+                    if joined:
+                        done += [(f, r) for f in joined]
+                    elif r["id"] not in self._pending and r["state"] in TERMINAL:
+                        # (it may overtake the answer that says a submission joined its task)
+                        self._unclaimed[r["id"]] = r
+                        if len(self._unclaimed) > MAX_UNCLAIMED:
+                            del self._unclaimed[next(iter(self._unclaimed))]
+        for fut, r in done:
+            if fut is not None:
+                self._complete(fut, r)
+
+    @staticmethod
+    def _complete(fut: Future, r: dict) -> None:
+        """Complete a future with a RESULT item."""
+        state = r["state"]
+        if state == SUCCEEDED:
+            fut._settle(r.get("result"))
+        elif state == CANCELLED:
+            fut._set_cancelled()
+        else:
+            fut._settle(exc=_exception_from_wire(r.get("error")))
+
+    def _fail_lost(self, lost: list) -> None:
+        """A plane that stopped named this client's tasks that will not finish."""
+        state = dict(lost)
+        with self._lock:
+            futs = [self._pending.pop(tid) for tid in state if tid in self._pending]
+            futs += [f for tid in state for f in self._joined.pop(tid, ())]
+        for fut in futs:
+            why = f"the plane at {self.address} stopped before the task finished (it was {state[fut.task_id]})"
+            fut._settle(exc=PlaneUnavailable(why))
+
+    def _resync(self, chan: _Chan, plane: str) -> None:
+        """After a break (or when the plane says it dropped undelivered
+        results), ask the plane about every task still pending here: results
+        sent while we were away (or by a plane that restarted with its
+        journal) are collected, and tasks it no longer knows fail."""
+        with self._lock:
+            ids = [tid for tid, f in self._pending.items() if f._plane == plane]
+            ids += [tid for tid, futs in self._joined.items() if futs and futs[0]._plane == plane]
+        for i in range(0, len(ids), 1000):
+            chunk = ids[i : i + 1000]
+            msg = _exchange(chan, self._session, "fetch", self.timeout, ids=chunk, wait=0)
+            if msg["op"] != "results" or [r["id"] for r in msg["results"]] != chunk:
+                raise ProtocolError(f"the plane answered a 'fetch' of {len(chunk)} tasks with something else")
+            self._deliver([r for r in msg["results"] if r["state"] in TERMINAL])
+            gone = [r["id"] for r in msg["results"] if r["state"] == "unknown"]
+            if gone:
+                with self._lock:
+                    futs = [self._pending.pop(tid) for tid in gone if tid in self._pending]
+                    futs += [f for tid in gone for f in self._joined.pop(tid, ())]
+                for fut in futs:
+                    fut._settle(exc=PlaneUnavailable("the plane no longer knows the task (it restarted without it)"))
+
+    def _fail_pending(self, exc: BaseException, keep_plane: str | None = None) -> None:
+        """Fail pending futures the plane had accepted (all, or those accepted
+        by another plane than ``keep_plane``)."""
+        with self._lock:
+            lost = [f for f in self._pending.values() if f._plane is not None and f._plane != keep_plane]
+            for f in lost:
+                del self._pending[f.task_id]
+            for tid, futs in list(self._joined.items()):
+                if futs and futs[0]._plane != keep_plane:
+                    lost += self._joined.pop(tid)
+        for f in lost:
+            f._settle(exc=exc)
+
+    # -- requests ---------------------------------------------------------
+
+    def pending(self, task_id: str) -> Future | None:
+        with self._lock:
+            return self._pending.get(task_id)
+
+    def take(self, task_id: str) -> Future | None:
+        """Stop waiting for a task's future here (the plane cancelled it)."""
+        with self._lock:
+            return self._pending.pop(task_id, None)
+
+    def flush(self) -> None:
+        """Wait (up to the timeout) until everything this client sent before
+        has reached the plane, so a query sees every task submitted before it."""
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            while (self._outbox or self._sending) and time.monotonic() < deadline:
+                self._flushed.wait(deadline - time.monotonic())
+
+    def call(self, op: str, expect: str, hold: float = 0.0, timeout: float | None = None, **fields: Any) -> dict:
+        """One request/reply on a context of its own, within ``timeout``
+        (default: the client's); the plane may hold the request ``hold``
+        seconds more before it answers.
+
+        Raises:
+            ProtocolError: the plane answered with something else than ``expect``.
+            PlaneUnavailable: no answer in time, or the connection failed.
+            FastworkerError: the plane answered with an error.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            chan = _Chan(self._sock)
+        except pynng.NNGException:
+            raise PlaneUnavailable("the client is closed") from None
+        try:
+            msg = _exchange(chan, self._session, op, timeout, hold, **fields)
+        except pynng.Timeout:
+            raise self.unreachable() from None
+        except pynng.NNGException as e:
+            raise PlaneUnavailable(f"lost the plane at {self.address}: {e}") from None
+        finally:
+            chan.close()
+        if msg["op"] == "error":
+            raise _exception_from_wire(msg["error"])
+        if msg["op"] != expect:
+            raise ProtocolError(f"the plane answered a {op!r} request with {msg['op']!r}, not {expect!r}")
+        return msg
+
+    # -- lifetime ---------------------------------------------------------
+
+    def add_stream(self, stream: _EventStream) -> None:
+        with self._lock:
+            if self._closing:
+                stream.close()
+                raise RuntimeError("the client is closed")
+            self._streams.append(stream)
+
+    def _begin_close(self, wait: bool) -> bool:
+        """Start closing (``wait``: for the pending futures' results too; a
+        later call can only make it stop waiting); False if it was closing
+        already.  It never waits itself."""
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+            self._wait = self._wait and wait if not first else wait
+            self._has_work.notify_all()
+            self._has_pending.notify_all()
+            if (self._sent_all and not self._wait) or not self._waited():
+                self._cut_poll()  # nothing to wait for: stop polling now
+            started = bool(self._threads)
+        if first and not started:  # nothing ever used the socket
+            self._finish()
+        return first
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Close: send what was submitted; with ``wait``, wait for every
+        pending future; then fail the futures still pending, and close.  On
+        one of the link's own threads (a done-callback) it only starts
+        closing; a second call waits for the first one's close."""
+        if cancel_futures:
+            with self._lock:
+                pending = list(self._pending.values())
+            for fut in pending:
+                fut.cancel()
+        own = threading.current_thread() in self._threads
+        self._begin_close(wait and not own)
+        if not own:
+            self._wait_threads(None)
+
+    def _wait_threads(self, deadline: float | None) -> None:
+        """Wait for the link's threads to end (the sender's every message
+        has a deadline, and so has the poller's every wait), cutting the
+        poll short again and again once there is nothing left to wait for
+        (a cut can come just before the poll starts, and be lost)."""
+        while any(t.is_alive() for t in self._threads):
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            with self._lock:
+                if self._sent_all and not (self._wait and self._waited()):
+                    self._cut_poll()
+            _join(self._threads, time.monotonic() + 0.05)
+
+    def release(self) -> None:
+        """Its Client was collected: send what was submitted, deliver the
+        results still due, then close, in the background.  This may run on
+        any thread (a finalizer, in the middle of anything), so it never
+        waits."""
+        self._begin_close(wait=True)
+
+    def _finish(self) -> None:
+        """(The last thread out, or the closer of a link that never started
+        them.)  Fail what is still pending, say goodbye, close the socket."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            left = list(self._pending.values()) + [f for futs in self._joined.values() for f in futs]
+            self._pending.clear()
+            self._joined.clear()
+            streams, self._streams = self._streams, []
+        for stream in streams:
+            stream.close()
+        for fut in left:
+            fut._settle(exc=FastworkerError("the client closed before the result arrived"))
+        if self._threads:
+            try:
+                self.call("bye", "ok", timeout=0.2, client=self.id)  # a courtesy: one short try
+            except FastworkerError:
+                pass
+        _close_socket(self._sock, [], time.monotonic())
+        with _LINKS_LOCK:
+            _LINKS.discard(self)
+
+
 class Client(concurrent.futures.Executor):
     """Submits tasks to a plane and hands back futures.
 
     One client is safe to share between threads.  Submissions go out in the
     order ``submit`` was called, on one sender thread: what piles up while a
     message is on its way leaves together in the next one, so ``submit()``
-    returns at once.  Results come back in batches on a long-poll.
+    returns at once.  Results come back in batches on a long-poll.  A client
+    the program drops without ``close()`` still sends what was submitted and
+    delivers its futures' results, then closes itself; one still open at
+    exit is closed then.
 
     Args:
         address: the plane's address.
@@ -4207,6 +5029,7 @@ class Client(concurrent.futures.Executor):
         timeout: seconds to reach the plane before an operation fails with
             ``PlaneUnavailable``.  Waiting for a result has no limit unless
             you give ``result()`` a timeout.
+        max_message_size: the largest message it sends or takes, in bytes.
         tls_ca, tls_cert, tls_key: PEM files for a ``tls+tcp://`` address:
             the CA that signed the plane's certificate, and this client's
             certificate and key if the plane wants one (mutual TLS).
@@ -4226,34 +5049,12 @@ class Client(concurrent.futures.Executor):
         if not 0 < timeout <= MAX_TIMEOUT:
             raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
         self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
-        self._sock = _dial(address, max_message_size, self._tls)
+        self._secret = _secret_bytes(secret)
+        self._link = _Link(address, self._secret, timeout, max_message_size, self._tls)
+        weakref.finalize(self, self._link.release).atexit = False  # (at exit _close_links closes it)
         self.address = address
         self.timeout = timeout
         self.max_message_size = max_message_size
-        self._secret = _secret_bytes(secret)
-        self._session = _Session(self._secret)
-        self._id = os.urandom(8).hex()
-        self._ids = itertools.count(1)
-        self._lock = (
-            threading.Lock()
-        )  # guards _outbox, _sending, _pending, _joined, _unclaimed, _streams, _threads, _plane_id and the flags
-        self._has_work = threading.Condition(self._lock)  # the sender waits for something to send
-        self._has_pending = threading.Condition(self._lock)  # the poller waits for futures
-        self._flushed = threading.Condition(self._lock)  # queries wait for what was sent before them
-        # What the sender sends, in call order: ("submit", TASK bytes, future)
-        # or ("cancel", task id, None).
-        self._outbox: list[tuple[str, Any, Future | None]] = []
-        self._sending = False  # a batch is on its way
-        self._pending: dict[str, Future] = {}
-        self._threads: list[threading.Thread] = []
-        self._plane_id: str | None = None  # the plane that answers (read and written by the poller only)
-        self._boot: str | None = None  # ... and its process (the poller only)
-        self._closing = False  # no new submissions; the sender flushes and exits
-        self._stopping = False  # the poller exits
-        self._streams: list[_EventStream] = []  # on_complete's subscriptions, closed with the client
-        self._joined: dict[str, list[Future]] = {}  # task id -> futures of submissions that joined it (by key)
-        self._unclaimed: dict[str, dict] = {}  # results no future took yet (a joined one may be on its way)
-        self._keyed = False  # a submission had a key (then results are looked for in _joined too)
 
     # -- submitting -----------------------------------------------------
 
@@ -4310,7 +5111,8 @@ class Client(concurrent.futures.Executor):
             ValueError: an option is invalid (a naive datetime too) or the
                 task is too large.
         """
-        tid = f"{self._id}-{next(self._ids)}"
+        link = self._link
+        tid = link.new_id()
         name = _task_name(fn)
         spec = _registry.get(name) if isinstance(fn, str) else getattr(fn, "__fastworker_task__", None)
         if spec is not None:
@@ -4323,8 +5125,6 @@ class Client(concurrent.futures.Executor):
                     raise ValueError(f"the key function of task {name!r} must return a string, not {key!r}")
             if key is not None and debounce is None and spec.debounce is not None:
                 debounce, debounce_max = spec.debounce, debounce_max or spec.debounce_max
-        if key is not None:
-            self._keyed = True
         flow = (key, debounce, debounce_max, tenant, concurrency, rate, tenant_concurrency)
         data = encode_task(
             tid,
@@ -4338,331 +5138,20 @@ class Client(concurrent.futures.Executor):
             eta=None if eta is None else _epoch(eta),
             **(_NO_FLOW if flow == _NO_FLOW_VALUES else dict(zip(_FLOW_OPTIONS, flow, strict=True))),
         )
-        if len(data) > self.max_message_size - 4096:
+        if len(data) > self.max_message_size - _BATCH_MARGIN:
             raise ValueError(f"task {tid} is {len(data)} bytes, over the message size limit")
-        fut = Future(self, tid)
-        with self._lock:
-            if self._closing:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if not self._threads:
-                self._start()
-            if not self._pending:
-                self._has_pending.notify()
-            self._pending[tid] = fut
-            self._outbox.append(("submit", data, fut))
-            self._has_work.notify()
+        fut = Future(link, tid)
+        link.enqueue(fut, data, key is not None)
         return fut
-
-    def _start(self) -> None:
-        for target, name in ((self._send, "sender"), (self._poll, "poller")):
-            t = threading.Thread(target=target, name=f"fastworker-client-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _send(self) -> None:
-        """Send whatever waits in the outbox, in order: a run of submissions
-        as one message (up to a size), a run of cancels as another; repeat.
-        One message at a time, so nothing overtakes what was sent before."""
-        chan = _Chan(self._sock)
-        try:
-            while True:
-                with self._lock:
-                    while not self._outbox and not self._closing:
-                        self._has_work.wait(IDLE_WAKE)
-                    if not self._outbox:
-                        return
-                    kind = self._outbox[0][0]
-                    batch, size = [], 0
-                    for entry in self._outbox:
-                        if entry[0] != kind or (batch and size + len(entry[1]) > _BATCH_BYTES):
-                            break
-                        batch.append(entry)
-                        size += len(entry[1])
-                    del self._outbox[: len(batch)]
-                    if kind == "submit":
-                        batch = [e for e in batch if not e[2]._dropped]
-                        for _, _, fut in batch:
-                            fut._sent = True
-                    self._sending = True
-                try:
-                    if kind == "submit":
-                        if batch:
-                            self._send_batch(chan, [(data, fut) for _, data, fut in batch])
-                    else:
-                        self._send_cancels(chan, [tid for _, tid, _ in batch])
-                finally:
-                    with self._lock:
-                        self._sending = False
-                        if not self._outbox:
-                            self._flushed.notify_all()
-        finally:
-            chan.close()
-
-    def _send_batch(self, chan: _Chan, batch: list[tuple[bytes, Future]]) -> None:
-        items = [d for d, _ in batch]
-        deadline = time.monotonic() + self.timeout
-        try:
-            while True:
-                try:
-                    left = max(0.0, deadline - time.monotonic())
-                    reply = _exchange(chan, self._session, "submit", left, key="tasks", items=items, client=self._id)
-                    break
-                except pynng.ConnectionReset:
-                    # The connection dropped with the batch on its way: the
-                    # plane may have it or not.  Send it again once it is
-                    # back; a plane accepts a task its client sends twice once.
-                    if time.monotonic() >= deadline:
-                        raise pynng.Timeout("no answer", 0) from None
-        except pynng.Timeout:
-            # Nothing queued behind this batch can get through either: fail
-            # it all now rather than one timeout per batch.
-            with self._lock:
-                batch += [(d, f) for kind, d, f in self._outbox if kind == "submit"]
-                self._outbox = [e for e in self._outbox if e[0] != "submit"]
-            return self._fail([f for _, f in batch], self._unreachable())
-        except pynng.NNGException as e:
-            return self._fail([f for _, f in batch], PlaneUnavailable(f"lost the plane at {self.address}: {e}"))
-        except FastworkerError as e:
-            return self._fail([f for _, f in batch], e)
-        if reply["op"] == "error":
-            return self._fail([f for _, f in batch], _exception_from_wire(reply["error"]))
-        if reply["op"] != "accepted":
-            return self._fail([f for _, f in batch], ProtocolError(f"unexpected reply {reply['op']!r}"))
-        plane = reply["plane"]
-        with self._lock:
-            for _, fut in batch:
-                fut._plane = plane
-        rejected = {r.get("id"): r.get("error") for r in reply["rejected"] if isinstance(r, dict)}
-        if rejected:
-            self._fail([f for _, f in batch if f.task_id in rejected], None, rejected)
-        joined = reply.get("joined")
-        if type(joined) is list:
-            self._join(joined)
-
-    def _join(self, joined: list) -> None:
-        """Submissions the plane joined to an unfinished task of their key:
-        each future takes that task's id and waits for its outcome."""
-        early = []
-        with self._lock:
-            for pair in joined:
-                if not (type(pair) is list and len(pair) == 2 and all(type(x) is str for x in pair)):
-                    continue
-                fut = self._pending.pop(pair[0], None)
-                if fut is None:
-                    continue
-                fut.task_id = fut._joined_to = pair[1]
-                r = self._unclaimed.pop(pair[1], None)
-                if r is not None:  # its result overtook the answer to the submission
-                    early.append((fut, r))
-                else:
-                    self._joined.setdefault(pair[1], []).append(fut)
-        for fut, r in early:
-            self._complete(fut, r)
-
-    def _send_cancels(self, chan: _Chan, ids: list[str]) -> None:
-        """Tell the plane about futures cancelled here (best effort: the
-        futures are cancelled already)."""
-        try:
-            _exchange(chan, self._session, "cancel", self.timeout, ids=ids)
-        except (pynng.NNGException, FastworkerError) as e:
-            logger.debug("could not tell the plane of %d cancelled task(s): %s", len(ids), e)
-
-    def _unreachable(self) -> PlaneUnavailable:
-        return PlaneUnavailable(
-            f"no answer from the plane at {self.address} within {self.timeout:g} s: "
-            f"is `python fastworker.py plane` running at {self.address}?"
-        )
-
-    def _fail(self, futs: list[Future], exc: BaseException | None, errors: dict | None = None) -> None:
-        with self._lock:
-            for fut in futs:
-                self._pending.pop(fut.task_id, None)
-        for fut in futs:
-            fut._settle(exc=exc if errors is None else _exception_from_wire(errors[fut.task_id]))
-
-    def _forget(self, fut: Future) -> None:
-        """A future is being cancelled here: stop waiting for it, and cancel
-        its task at the plane too (after what was sent before), or never send
-        it if it has not gone yet.  A future that joined another submission's
-        task (by key) only stops waiting, and so does one whose task other
-        futures here joined."""
-        with self._lock:
-            joined = self._joined.get(fut.task_id)
-            if fut._joined_to is not None:
-                if joined is not None and fut in joined:
-                    joined.remove(fut)
-                return
-            if self._pending.pop(fut.task_id, None) is None or joined:
-                return
-            if fut._sent:
-                self._outbox.append(("cancel", fut.task_id, None))
-                if not self._threads:
-                    self._start()
-                self._has_work.notify()
-            else:
-                fut._dropped = True
-
-    # -- receiving --------------------------------------------------------
-
-    def _poll(self) -> None:
-        """Keep one long-poll parked at the plane while results are due, and
-        complete futures with whatever it brings back."""
-        chan = _Chan(self._sock)
-        lost_at = None
-        busy_until = 0.0  # keep polling a while after the last result
-        try:
-            while True:
-                with self._lock:
-                    while not self._stopping and not self._pending and time.monotonic() > busy_until:
-                        self._has_pending.wait(IDLE_WAKE)
-                    if self._stopping:
-                        return
-                asked = time.monotonic()
-                try:
-                    msg = _exchange(
-                        chan, self._session, "poll", self.timeout, POLL_WAIT, client=self._id, wait=POLL_WAIT
-                    )
-                    if msg["op"] != "results":
-                        raise ProtocolError(f"unexpected {msg['op']!r} reply to a poll")
-                    plane = msg["plane"]
-                    if plane != self._plane_id:  # a plane restarted without its journal: its tasks are gone
-                        self._plane_id = plane
-                        self._fail_pending(PlaneUnavailable("the plane restarted; the task was lost"), plane)
-                    self._deliver(msg["results"])
-                    boot, self._boot = self._boot, msg.get("boot")
-                    if msg.get("closing"):
-                        self._fail_lost(msg.get("lost") or [])
-                    elif lost_at is not None or boot not in (None, self._boot) or msg.get("resync"):
-                        self._resync(chan, plane)  # back after a break, or the plane restarted: what did we miss?
-                    lost_at = None
-                except pynng.Closed:
-                    return
-                except AuthenticationError as e:  # no use asking again: say so now
-                    self._fail_pending(e)
-                    with self._lock:
-                        self._has_pending.wait(1.0)
-                    continue
-                except (pynng.NNGException, FastworkerError) as e:
-                    if self._stopping:
-                        return
-                    now = time.monotonic()
-                    # silent past the poll's hold: lost since the plane should have answered
-                    lost_at = lost_at or (asked + POLL_WAIT if isinstance(e, pynng.Timeout) else now)
-                    if now - lost_at >= self.timeout:
-                        why = "no answer" if isinstance(e, pynng.Timeout) else str(e)
-                        self._fail_pending(PlaneUnavailable(
-                            f"lost the plane at {self.address} ({why} for {now - lost_at:.0f} s): is it running, "
-                            "and can this machine reach it?"))  # fmt: skip
-                        lost_at = None
-                    with self._lock:  # brief pause so a dead plane is not hammered
-                        self._has_pending.wait(0.05)
-                    continue
-                busy_until = time.monotonic() + POLL_WAIT
-        finally:
-            chan.close()
-
-    def _deliver(self, results: list[dict]) -> None:
-        with self._lock:
-            done = [(self._pending.pop(r["id"], None), r) for r in results]
-            if self._keyed:  # futures that joined a task by key take its result too
-                for r in results:
-                    joined = self._joined.pop(r["id"], None)
-                    if joined:
-                        done += [(f, r) for f in joined]
-                    elif r["id"] not in self._pending and r["state"] in TERMINAL:
-                        # (it may overtake the answer that says a submission joined its task)
-                        self._unclaimed[r["id"]] = r
-                        if len(self._unclaimed) > MAX_UNCLAIMED:
-                            del self._unclaimed[next(iter(self._unclaimed))]
-        for fut, r in done:
-            if fut is not None:
-                self._complete(fut, r)
-
-    @staticmethod
-    def _complete(fut: Future, r: dict) -> None:
-        """Complete a future with a RESULT item."""
-        state = r["state"]
-        if state == SUCCEEDED:
-            fut._settle(r.get("result"))
-        elif state == CANCELLED:
-            fut._set_cancelled()
-        else:
-            fut._settle(exc=_exception_from_wire(r.get("error")))
-
-    def _fail_lost(self, lost: list) -> None:
-        """A plane that stopped named this client's tasks that will not finish."""
-        state = dict(lost)
-        with self._lock:
-            futs = [self._pending.pop(tid) for tid in state if tid in self._pending]
-            futs += [f for tid in state for f in self._joined.pop(tid, ())]
-        for fut in futs:
-            why = f"the plane at {self.address} stopped before the task finished (it was {state[fut.task_id]})"
-            fut._settle(exc=PlaneUnavailable(why))
-
-    def _resync(self, chan: _Chan, plane: str) -> None:
-        """After a break (or when the plane says it dropped undelivered
-        results), ask the plane about every task still pending here: results
-        sent while we were away (or by a plane that restarted with its
-        journal) are collected, and tasks it no longer knows fail."""
-        with self._lock:
-            ids = [tid for tid, f in self._pending.items() if f._plane == plane]
-            ids += [tid for tid, futs in self._joined.items() if futs and futs[0]._plane == plane]
-        for i in range(0, len(ids), 1000):
-            msg = _exchange(chan, self._session, "fetch", self.timeout, ids=ids[i : i + 1000], wait=0)
-            if msg["op"] != "results":
-                raise ProtocolError(f"unexpected {msg['op']!r} reply to a fetch")
-            self._deliver([r for r in msg["results"] if r["state"] in TERMINAL])
-            gone = [r["id"] for r in msg["results"] if r["state"] == "unknown"]
-            if gone:
-                with self._lock:
-                    futs = [self._pending.pop(tid) for tid in gone if tid in self._pending]
-                    futs += [f for tid in gone for f in self._joined.pop(tid, ())]
-                for fut in futs:
-                    fut._settle(exc=PlaneUnavailable("the plane no longer knows the task (it restarted without it)"))
-
-    def _fail_pending(self, exc: BaseException, keep_plane: str | None = None) -> None:
-        """Fail pending futures the plane had accepted (all, or those accepted
-        by another plane than ``keep_plane``)."""
-        with self._lock:
-            lost = [f for f in self._pending.values() if f._plane is not None and f._plane != keep_plane]
-            for f in lost:
-                del self._pending[f.task_id]
-            for tid, futs in list(self._joined.items()):
-                if futs and futs[0]._plane != keep_plane:
-                    lost += self._joined.pop(tid)
-        for f in lost:
-            f._settle(exc=exc)
 
     # -- requests ---------------------------------------------------------
 
     def _flush(self) -> None:
-        """Wait (up to the timeout) until everything this client sent before
-        has reached the plane, so a query sees every task submitted before it."""
-        deadline = time.monotonic() + self.timeout
-        with self._lock:
-            while (self._outbox or self._sending) and time.monotonic() < deadline:
-                self._flushed.wait(deadline - time.monotonic())
+        """Wait until everything submitted before has reached the plane."""
+        self._link.flush()
 
-    def _call(self, op: str, hold: float = 0.0, timeout: float | None = None, **fields: Any) -> dict:
-        """One request/reply on a context of its own, within ``timeout``
-        (default: the client's); the plane may hold the request ``hold``
-        seconds more before it answers."""
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            chan = _Chan(self._sock)
-        except pynng.NNGException:
-            raise PlaneUnavailable("the client is closed") from None
-        try:
-            msg = _exchange(chan, self._session, op, timeout, hold, **fields)
-        except pynng.Timeout:
-            raise self._unreachable() from None
-        except pynng.NNGException as e:
-            raise PlaneUnavailable(f"lost the plane at {self.address}: {e}") from None
-        finally:
-            chan.close()
-        if msg["op"] == "error":
-            raise _exception_from_wire(msg["error"])
-        return msg
+    def _call(self, op: str, expect: str, hold: float = 0.0, timeout: float | None = None, **fields: Any) -> dict:
+        return self._link.call(op, expect, hold, timeout, **fields)
 
     def result(self, task_id: str, timeout: float | None = None) -> Any:
         """The result of any task by id, waiting up to ``timeout`` seconds.
@@ -4672,15 +5161,14 @@ class Client(concurrent.futures.Executor):
                 evicted or expired).
             TaskError: the task failed.  TimeoutError: not done in time.
         """
-        with self._lock:
-            fut = self._pending.get(task_id)
+        fut = self._link.pending(task_id)
         if fut is not None:
             return fut.result(timeout)
         self._flush()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = POLL_WAIT if deadline is None else max(0.0, min(POLL_WAIT, deadline - time.monotonic()))
-            r = self._call("fetch", wait, ids=[task_id], wait=wait)["results"][0]
+            r = _the_one(self._call("fetch", "results", wait, ids=[task_id], wait=wait)["results"], "results", task_id)
             state = r.get("state")
             if state == SUCCEEDED:
                 return r.get("result")
@@ -4697,16 +5185,15 @@ class Client(concurrent.futures.Executor):
         """The task's state and timings: ``{"id", "state", ...}``; state is
         "unknown" when the plane no longer remembers it."""
         self._flush()
-        return self._call("status", ids=[task_id])["statuses"][0]
+        return _the_one(self._call("status", "statuses", ids=[task_id])["statuses"], "statuses", task_id)
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task that has not started (queued or scheduled); True if
         the plane cancelled it.  Asks the plane and waits for its answer."""
         self._flush()
-        cancelled = task_id in self._call("cancel", ids=[task_id])["ids"]
+        cancelled = task_id in self._call("cancel", "cancelled", ids=[task_id])["ids"]
         if cancelled:
-            with self._lock:
-                fut = self._pending.pop(task_id, None)
+            fut = self._link.take(task_id)
             if fut is not None:
                 fut._set_cancelled()
         return cancelled
@@ -4714,7 +5201,7 @@ class Client(concurrent.futures.Executor):
     def stats(self) -> dict:
         """The plane's statistics, the same JSON as the dashboard's /api/stats."""
         self._flush()
-        return self._call("stats")["stats"]
+        return self._call("stats", "report")["stats"]
 
     def purge(self, priority: str | None = None) -> int:
         """Cancel every queued task (of one priority, or of all); tasks that
@@ -4724,7 +5211,7 @@ class Client(concurrent.futures.Executor):
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
         self._flush()
         fields = {} if priority is None else {"priority": priority}
-        return self._call("purge", **fields)["count"]
+        return self._call("purge", "purged", **fields)["count"]
 
     def tasks(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[dict]:
         """Recent tasks as the dashboard lists them, newest first: unfinished
@@ -4737,7 +5224,7 @@ class Client(concurrent.futures.Executor):
             fields["state"] = state
         if search:
             fields["search"] = search
-        return self._call("recent", **fields)["statuses"]
+        return self._call("recent", "statuses", **fields)["statuses"]
 
     def events(self, timeout: float | None = None) -> Iterator[dict]:
         """Completion events published by the plane from now on, one dict per
@@ -4749,7 +5236,7 @@ class Client(concurrent.futures.Executor):
         to stop).  Events are best effort (PUB/SUB): use results for
         anything that matters.
         """
-        welcome = self._call("hello")
+        welcome = self._call("hello", "welcome")
         address = welcome.get("events")
         if not address:
             raise PlaneUnavailable("the plane publishes no events")
@@ -4759,7 +5246,7 @@ class Client(concurrent.futures.Executor):
         try:
             sub.subscribe(b"")
             sub.dial(address, block=True)
-            welcome = self._call("hello")  # one round trip: the plane has seen the subscriber by now
+            welcome = self._call("hello", "welcome")  # one round trip: the plane has seen the subscriber by now
         except pynng.NNGException as e:
             sub.close()
             raise PlaneUnavailable(f"cannot subscribe to the plane's events at {address}: {e}") from None
@@ -4783,11 +5270,7 @@ class Client(concurrent.futures.Executor):
                     logger.exception("the on_complete callback failed on event %s", event.get("id"))
 
         t = threading.Thread(target=deliver, name="fastworker-client-events", daemon=True)
-        with self._lock:
-            if self._stopping:
-                stream.close()
-                raise RuntimeError("the client is closed")
-            self._streams.append(stream)
+        self._link.add_stream(stream)
         t.start()
         return stream.close
 
@@ -4798,40 +5281,7 @@ class Client(concurrent.futures.Executor):
         ``wait`` it then waits for every pending future; without, futures
         still pending fail (their results stay fetchable with ``result()``
         from another client).  ``cancel_futures`` cancels them first."""
-        with self._lock:
-            if self._closing:
-                return
-            pending = list(self._pending.values())
-        if cancel_futures:
-            for fut in pending:
-                fut.cancel()
-        with self._lock:
-            self._closing = True
-            self._has_work.notify_all()
-            senders = [t for t in self._threads if t.name.endswith("sender")]
-        for t in senders:
-            t.join()  # each message has a deadline, so this ends
-        if wait:
-            with self._lock:
-                pending = list(self._pending.values())
-            concurrent.futures.wait(pending)
-        with self._lock:
-            self._stopping = True
-            self._has_pending.notify_all()
-            left = list(self._pending.values()) + [f for futs in self._joined.values() for f in futs]
-            self._pending.clear()
-            self._joined.clear()
-            streams, self._streams = self._streams, []
-        for stream in streams:
-            stream.close()
-        for fut in left:
-            fut._settle(exc=FastworkerError("the client closed before the result arrived"))
-        if self._threads:
-            try:
-                self._call("bye", timeout=0.2, client=self._id)  # a courtesy: one short try
-            except FastworkerError:
-                pass
-        _close_socket(self._sock, self._threads, time.monotonic() + self.timeout)
+        self._link.shutdown(wait, cancel_futures)
 
     def close(self) -> None:
         """Send what was submitted, then stop without waiting for results."""
@@ -4847,7 +5297,7 @@ class _EventStream:
     plane's current boot are taken (a replay is dropped)."""
 
     def __init__(self, client: Client, sub: Any, boot: str | None, timeout: float | None) -> None:
-        self._client = client
+        self._client = client  # (held: a stream keeps the client it came from open)
         self._sub = sub
         self._boot = boot
         self._number = 0  # the newest event message taken (with a secret)
@@ -4873,18 +5323,21 @@ class _EventStream:
         return self._events.popleft()
 
     def _take(self, data: bytes) -> None:
-        client = self._client
+        secret = self._client._secret
         try:
-            msg = decode(data, client._secret)
+            msg = decode(data, secret)
         except FastworkerError:
             return
         if msg["op"] != "events":
             return
-        if client._secret is not None:  # fresh: from this plane's boot, numbered up (no replays)
+        if secret is not None:  # fresh: from this plane's boot, numbered up (no replays)
             n = msg.get("n")
             if msg.get("b") != self._boot and time.monotonic() - self._last >= 1.0:
                 try:
-                    self._boot, self._number = client._call("hello").get("b"), 0  # it may have started anew
+                    self._boot, self._number = (
+                        self._client._call("hello", "welcome").get("b"),
+                        0,
+                    )  # it may have restarted
                 except FastworkerError:
                     return
             if msg.get("b") != self._boot or type(n) is not int or n <= self._number:
@@ -5182,6 +5635,10 @@ class Plane(_Role):
             try:
                 with self._lock:  # handed over before anything can be served: the journal keeps this first
                     self._hand_over(self.core.restore(saved, self._clock()), always=True)
+                self._journal.accept()
+            except JournalError as e:
+                self._journal.close()
+                raise JournalError(f"journal {self._journal.path} {e}") from None
             except BaseException:
                 self._journal.close()
                 raise
@@ -5230,6 +5687,7 @@ class Plane(_Role):
             raise
         with self._lock:
             self.core.heartbeat_address = self.heartbeat_address
+            self.core.max_message_size = self.max_message_size
         self._sock = sock
         spawn = [(self._serve, "receiver")] * self._receivers
         spawn += [(self._housekeep, "housekeeper"), (self._heartbeats, "heartbeats"), (self._watch_pipes, "pipes")]
@@ -5807,6 +6265,7 @@ class Worker(_Role):
         self._backoff = RETRY_PAUSE  # pause before retrying a plane that failed us; doubles
         self._hb_address: str | None = None
         self._hb_interval = HEARTBEAT_INTERVAL
+        self._limit = max_message_size  # the largest request it sends (the plane's limit, once it says)
         self._sock: Any = None
         self._dialer: Any = None
         self._threads: list[threading.Thread] = []
@@ -5910,8 +6369,8 @@ class Worker(_Role):
                         self._wake.wait(1.0)
                     if self._stopped:
                         return
-                    results, returned = self._done, self._returned
-                    self._done, self._returned = [], []
+                    results, returned = self._take_done(), self._returned
+                    self._returned = []
                     self._announce = False
                     self._pulls += 1
                     # slots still busy with runs for a plane that is gone (it restarted) are not offered
@@ -5963,6 +6422,18 @@ class Worker(_Role):
         finally:
             chan.close()
 
+    def _take_done(self) -> list[bytes]:
+        """As many finished results as one request may carry: within this
+        worker's message limit and the plane's (lock held)."""
+        done, limit, size = self._done, self._limit - _BATCH_MARGIN, 0
+        for n, item in enumerate(done):
+            size += len(item) + 1
+            if size > limit and n:
+                self._done = done[n:]
+                return done[:n]
+        self._done = []
+        return done
+
     def _refuse(self, why: str) -> None:
         """The plane cannot read us or we cannot read it: a configuration
         error (most likely the secret).  Say so at ERROR, once."""
@@ -6007,6 +6478,9 @@ class Worker(_Role):
         if "heartbeat" in reply:
             self._registered = True
             self._hb_address = reply["heartbeat"]
+            size = reply.get("max_message_size")
+            if type(size) is int and size > 0:  # what the plane takes: a request stays within it too
+                self._limit = min(self.max_message_size, size)
             interval = reply.get("heartbeat_interval")
             if _typed(interval, _NUM) and interval > 0:
                 self._hb_interval = min(HEARTBEAT_INTERVAL, interval)
@@ -6035,8 +6509,15 @@ class Worker(_Role):
                 if want != address:
                     if pub is not None:
                         pub.close()
-                    pub, address = pynng.Pub0(tls_config=_tls_for(want, self._tls, False)), want
-                    pub.dial(address, block=False)
+                    pub, address = None, want
+                    try:
+                        pub = pynng.Pub0(tls_config=_tls_for(want, self._tls, False))
+                        pub.dial(address, block=False)
+                    except (pynng.NNGException, ValueError) as e:  # (a damaged address: the plane drops us, and
+                        logger.warning("cannot send heartbeats to %r: %s", want, e)  # we register afresh)
+                        if pub is not None:
+                            pub.close()
+                        pub = None
                 if pub is not None:
                     try:
                         pub.send(encode("heartbeat", self._secret, worker=info, **self._session.stamp()))
@@ -6255,7 +6736,8 @@ async function overview() {
       when(w.last_heartbeat), w.state]));
   table("schedules", ["name", "schedule", "next run", "last run", "last outcome", "runs", "skipped"],
     s.schedules.map(p => [p.name, p.cron ? p.cron + " (" + p.tz + ")" : "every " + p.every + " s",
-      when(p.next_run), when(p.last_run), p.last_state || "", p.runs, p.skipped]), "none");
+      when(p.next_run), when(p.last_run), p.orphaned ? "no one runs it" : p.last_state || "", p.runs, p.skipped]),
+    "none");
   table("names", ["name", "succeeded", "failed", "failure rate", "p50 s", "p95 s", "last failure"],
     names.map(n => { const f = n.last_failure, cell = el("span");
       if (f) { cell.appendChild(taskLink(f.id)); cell.appendChild(el("span", " " + when(f.at) + " " + (f.error || ""))); }
@@ -6686,22 +7168,32 @@ def _progress(text: str) -> None:
     sys.stderr.flush()
 
 
-def _bench_certs(folder: str) -> dict[str, str]:
-    """A CA and a certificate for the plane (127.0.0.1) and one for its
-    peers, made with the ``openssl`` command line in ``folder``."""
+def _make_certs(folder: str, leaves: Iterable[tuple[str, str, str]], cas: Iterable[str] = ("ca",)) -> dict[str, str]:
+    """Certificates for loopback, made with the ``openssl`` command line in
+    ``folder``, that a strict verifier (Python 3.13's default) accepts: each
+    CA in ``cas`` (basicConstraints CA:TRUE critical, keyUsage keyCertSign),
+    and each leaf ``(name, its CA, "server" | "client")`` with keyUsage,
+    extendedKeyUsage, subjectAltName (127.0.0.1 and localhost) and its
+    issuer's key id.  Returns file name -> path (NAME.pem, NAME.key)."""
     import subprocess
 
     def run(*argv: str) -> None:
         subprocess.run(["openssl", *argv], cwd=folder, check=True, capture_output=True, timeout=60)
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    with open(os.path.join(folder, "san.cnf"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1\n")
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=bench-ca")
-    for name, extra in (("plane", ["-extfile", "san.cnf"]), ("peer", [])):
+    for ca in cas:
+        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "subjectKeyIdentifier=hash")  # fmt: skip
+    for name, ca, use in leaves:
+        with open(os.path.join(folder, f"{name}.ext"), "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyAgreement\n"
+                    f"extendedKeyUsage={'serverAuth' if use == 'server' else 'clientAuth'}\n"
+                    f"subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{name}\n"
+                    "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")  # fmt: skip
         run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "1", *extra)  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")  # fmt: skip
     return {name: os.path.join(folder, name) for name in os.listdir(folder)}
 
 
@@ -6741,7 +7233,7 @@ def _bench_topology(
             peer_args += ["--secret", "bench-secret"]
             client_kw["secret"] = "bench-secret"
         if "tls" in security:
-            files = _bench_certs(folder)
+            files = _make_certs(folder, [("plane", "ca", "server"), ("peer", "ca", "client")])
             address = "tls+tcp://127.0.0.1:0"
             plane_args += [
                 "--tls-cert",
@@ -7145,9 +7637,9 @@ def _cmd_result(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     with _client_from_args(args) as client:
-        cancelled = set(client._call("cancel", ids=args.task_ids)["ids"])
+        cancelled = set(client._call("cancel", "cancelled", ids=args.task_ids)["ids"])
         left = [tid for tid in args.task_ids if tid not in cancelled]
-        states = {s["id"]: s["state"] for s in client._call("status", ids=left)["statuses"]} if left else {}
+        states = {s["id"]: s["state"] for s in client._call("status", "statuses", ids=left)["statuses"]} if left else {}
     for tid in args.task_ids:
         print(f"{tid}: cancelled" if tid in cancelled else f"{tid}: not cancelled (it is {states.get(tid)})")
     return 0 if not left else 1
@@ -7604,26 +8096,28 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _script() -> None:
-    """``python fastworker.py ...``.  Python keeps a script's syntax tree
-    until the script's top level returns, about 7 MB for this file, so the
-    long-running commands run on a thread of their own and the top level
-    returns at once; the main thread then only receives signals.  The
-    role's exit status is applied by the last of the exit handlers, after
-    the others (the task modules' ``atexit`` handlers, logging) have run."""
-    sys.modules.setdefault("fastworker", sys.modules["__main__"])
-    if len(sys.argv) < 2 or sys.argv[1] not in ("plane", "worker", "demo"):
-        sys.exit(main())
-    _stop_event()  # signal handlers can only be installed by the main thread
-    status: list = [1]  # the role's exit status, once its thread ends
+# How ``python fastworker.py plane|worker|demo`` runs.  Python keeps a
+# script's syntax tree (about 15 MB for this file) until the script's top
+# level returns, and a role runs for days; so the script re-executes itself
+# (same pid, same interpreter options) as ``python -c _LAUNCH PATH ARGS``,
+# which imports this file as the module ``fastworker`` (its tree freed once
+# compiled; the bytecode cached where Python caches it) and runs the role
+# on the main thread, which stays the main thread: every Python from 3.12
+# on refuses new threads once the main thread has returned.
+_ROLES = ("plane", "worker", "demo")
+_LAUNCH = (
+    "import importlib.util as u, os, sys; p = sys.argv[1]; sys.argv[:2] = [p]\n"
+    "if not (sys.flags.isolated or getattr(sys.flags, 'safe_path', False)): sys.path[0] = os.path.dirname(p)\n"
+    "s = u.spec_from_file_location('fastworker', p); m = u.module_from_spec(s); sys.modules['fastworker'] = m\n"
+    "s.loader.exec_module(m); m._run_role(sys.argv[1:])"
+)
 
-    def run() -> None:
-        try:
-            status[0] = main()
-        except SystemExit as e:  # --help and usage errors
-            status[0] = e.code
-        except BaseException:  # noqa: B036 - whatever ends the role ends it with status 1
-            traceback.print_exc()
+
+def _run_role(argv: list[str]) -> None:
+    """Run a long-running command on the main thread and exit with its
+    status once every other exit handler (the task modules' ``atexit``
+    handlers, logging's) has run."""
+    status: list = [1]
 
     def finish() -> None:  # registered first, so it runs last
         code = status[0]
@@ -7637,7 +8131,29 @@ def _script() -> None:
         os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
     atexit.register(finish)
-    threading.Thread(target=run, name="fastworker-main").start()
+    try:
+        status[0] = main(argv)
+    except SystemExit as e:  # --help and usage errors
+        status[0] = e.code
+    sys.exit()  # (an exception main() lets through ends the role with status 1, its traceback printed)
+
+
+def _script() -> None:
+    """``python fastworker.py ...``: a long-running role re-executes itself
+    without its syntax tree (see above); every other command runs here."""
+    interpreter = sys.orig_argv[: len(sys.orig_argv) - len(sys.argv)]  # python and its options, if run as a script
+    as_script = sys.orig_argv[len(interpreter) :][:1] == sys.argv[:1] and not {"-m", "-c"} & set(interpreter)
+    if len(sys.argv) > 1 and sys.argv[1] in _ROLES and as_script:  # (not under -m, a profiler, a debugger)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(sys.executable, [*interpreter, "-c", _LAUNCH, os.path.abspath(__file__), *sys.argv[1:]])
+        except OSError as e:  # cannot re-execute: run here, syntax tree and all
+            logger.debug("could not re-execute %s: %s", sys.executable, e)
+    sys.modules.setdefault("fastworker", sys.modules["__main__"])
+    if len(sys.argv) > 1 and sys.argv[1] in _ROLES:
+        _run_role(sys.argv[1:])
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -468,6 +468,60 @@ def test_task_queue_skips_cancelled_tasks():
     assert q.pop() is b and q.pop() is None
 
 
+def test_task_queue_removals_in_any_order_keep_turns_fair_and_forget_emptied_tenants():
+    q = fw.TaskQueue()
+    tasks = [make_task(f"t{i}", "normal") for i in range(20_000)]
+    for i, t in enumerate(tasks):
+        t.tenant = f"tenant-{i}"  # a tenant each (the red team's case): a removal must not scan the tenants
+        q.push(t)
+    for t in reversed(tasks[10:]):  # newest first
+        q.remove(t)
+    assert len(q) == 10 and q.counts == [0, 0, 10, 0]
+    again = make_task("again", "normal")
+    again.tenant = "tenant-3"  # a tenant that still has a task: its line, its one turn
+    q.push(again)
+    back = make_task("back", "normal")
+    back.tenant = "tenant-15000"  # a tenant emptied by a removal, back: one turn, not two
+    q.push(back)
+    order = [q.pop().id for _ in range(12)]
+    assert order[:10] == [f"t{i}" for i in range(10)] and sorted(order[10:]) == ["again", "back"]
+    assert q.pop() is None and not q and q._lines[2] == {} and not q._turns[2]  # nothing kept of the 20,000
+    for t in tasks[:5]:
+        q.push(t)
+    for t in tasks[:5]:
+        q.remove(t)
+    assert q._lines[2] == {} and not q._turns[2]  # a priority emptied by removals forgets its tenants at once
+
+
+def test_dispatch_queue_puts_names_the_same_slots_run_in_one_lane_and_regroups_when_they_change():
+    slots = {"a": frozenset({"w1"}), "b": frozenset({"w1"}), "c": frozenset({"w2"})}
+    q = fw.DispatchQueue(lambda name: slots[name])
+    made = []
+    for i, name in enumerate("abcab"):
+        t = make_task(f"{name}{i}", "normal")
+        t.name = name
+        made.append(t)
+        q.push(t)
+    assert q.lane("a") is q.lane("b") is not q.lane("c") and q.counts == [0, 0, 5, 0]
+    assert q.best() is q.lane("a")  # its next task (a0) came first
+    assert q.best([q.lane("a")]) is q.lane("c")  # a lane passed over: the next one
+    slots["b"] = frozenset({"w1", "w3"})  # a worker that runs b came
+    q.regroup()
+    assert q.lane("a") is not q.lane("b") and len(q) == 5
+    assert [q.pop(q.lane("b")).id for _ in range(2)] == ["b1", "b4"] and [q.pop(q.lane("a")).id] == ["a0"]
+    slots["b"] = frozenset({"w1"})  # it left: a and b share their slots again, and one lane
+    q.regroup()
+    assert q.lane("a") is q.lane("b") and [q.pop(q.lane("a")).id] == ["a3"] and q.counts == [0, 0, 1, 0]
+    q.pop(q.lane("c"))
+    for i, tenant in enumerate(["x", "y", "x", "y"]):  # tenants moved to another lane keep their turns
+        t = make_task(f"b-{tenant}{i}", "normal")
+        t.name, t.tenant = "b", tenant
+        q.push(t)
+    slots["b"] = frozenset({"w4"})
+    q.regroup()
+    assert [q.pop(q.lane("b")).id for _ in range(4)] == ["b-x0", "b-y1", "b-x2", "b-y3"]
+
+
 def test_result_cache_evicts_least_recently_used():
     c = fw.ResultCache(max_size=2, ttl=100)
     c.put("a", 1, now=0)
@@ -981,6 +1035,25 @@ def test_core_worker_zero_runs_what_no_connected_worker_knows():
     assert [j.id for j in h.jobs] == ["1"]  # the plane's own task runs while a worker is connected
     assert sorted(w.running) == ["2", "3"]  # the worker runs the tasks it knows
     assert h.core.tasks["1"].worker == "plane" and h.core.tasks["2"].worker == "w"
+
+
+def test_core_an_idle_slot_never_waits_behind_tasks_only_a_busy_worker_can_run():
+    h = Core(local=("plane.only",), concurrency=1)
+    a = FakeWorker(h, "wa", ["job"], concurrency=1)
+    a.register()
+    h.submit("c", item("busy", "job"))
+    a.collect()
+    h.submit("c", *[item(f"j{i}", "job", tenant=f"t{i % 7}") for i in range(500)])  # only wa runs them: it is busy
+    h.submit("c", item("mine", "plane.only"))
+    assert [j.id for j in h.jobs] == ["mine"]  # the plane's idle slot took it at once
+    b = FakeWorker(h, "wb", ["other"], concurrency=2)
+    b.register()
+    h.submit("c", item("o1", "other"), item("o2", "other", priority="low"), item("o3", "other"))
+    assert sorted(b.collect().running) == ["o1", "o3"]  # wb's two slots, in priority order, at once
+    a.park()
+    a.pull(results=[a.result("busy")])
+    assert list(a.collect().running) == ["j0"]  # wa's own tasks keep their order
+    assert h.core.statuses(["j7"], h.now)[0]["waiting"] == "tenant_turn"  # behind the other tenants' turns
 
 
 def test_core_a_lost_worker_requeues_at_once_or_fails_with_worker_lost():
@@ -1721,7 +1794,7 @@ def test_every_counts_from_the_due_time_and_a_run_still_going_skips_the_next():
     stats = h.core.stats(h.now)["schedules"]
     assert stats == [{"name": "tick", "every": 10.0, "overlap": False, "next_run": 1040.0, "last_run": 1030.0,
                       "last_task": "tick@1030.000", "last_state": "running", "runs": 2, "skipped": 1,
-                      "running": 1}]  # fmt: skip
+                      "running": 1, "orphaned": False}]  # fmt: skip
 
 
 def test_overlap_lets_runs_go_on_at_once():
@@ -1729,6 +1802,44 @@ def test_overlap_lets_runs_go_on_at_once():
     h.tick(10)
     h.tick(10)
     assert len(h.jobs) == 2 and h.core.schedules["tick"].skipped == 0
+
+
+def test_a_schedule_no_one_runs_is_said_once_looked_at_once_a_second_and_forgotten():
+    h = Core(local=(), heartbeat_timeout=5.0)
+    w = FakeWorker(h, "w", [])
+    w.tasks["beat"] = {"every": 0.05}
+    w.register()
+    s = h.core.schedules["beat"]
+    h.apply(h.core.pull(h.request(), w.conn, w.id, 0, [], [], None, h.now, leaving=True))  # it leaves
+    logs = []
+    for _ in range(30):  # 3 s: 60 due times
+        logs += [a for a in h.tick(0.1) if type(a) is fw.Log and "beat" in a.msg % a.args]
+    assert [a.level for a in logs] == [logging.WARNING] and "no connected worker" in logs[0].msg
+    # looked at 0.1, 1.1 and 2.1 s after it left: the 42 due times by then are counted as skipped
+    assert s.orphaned and s.skipped == 42 and s.runs == 0 and h.core.stats(h.now)["schedules"][0]["orphaned"]
+    assert h.core.next_deadline() == pytest.approx(h.now + 0.1)  # its next look, a second after the last one
+    h.tick(5.0 * fw.SCHEDULE_FORGET)
+    assert "beat" not in h.core.schedules and h.core.stats(h.now)["schedules"] == []
+    w2 = FakeWorker(h, "w2", [])
+    w2.tasks["beat"] = {"every": 0.05}
+    w2.register()  # announced again: it comes back
+    assert not h.core.schedules["beat"].orphaned
+    h.tick(0.06)
+    assert h.core.schedules["beat"].runs == 1
+
+
+def test_a_long_period_schedule_is_not_forgotten_the_first_time_it_finds_no_runner():
+    h = Core(local=(), heartbeat_timeout=5.0)
+    w = FakeWorker(h, "w", [])
+    w.tasks["daily"] = {"every": 600.0}
+    w.register()
+    h.tick(590.0)
+    h.apply(h.core.pull(h.request(), w.conn, w.id, 0, [], [], None, h.now, leaving=True))  # it restarts...
+    h.tick(20.0)  # ...just as its run is due
+    s = h.core.schedules["daily"]
+    assert s.orphaned and s.skipped == 1
+    w.register()  # back within the forget time: the same schedule, its phase and counts kept
+    assert h.core.schedules["daily"] is s and not s.orphaned and s.next_due == 1000.0 + 1200.0
 
 
 def test_after_a_long_pause_a_missed_schedule_runs_once():
@@ -1868,6 +1979,81 @@ def test_journal_file_is_created_reopened_and_keeps_the_planes_identity(tmp_path
     fw._Journal(path).open()  # free again once closed
 
 
+def test_journal_gives_back_the_space_of_a_drained_backlog(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "j.db")
+    j = fw._Journal(path)
+    j.open()
+    j.accept()
+    j.perform = lambda acts: None
+
+    def row(i, state="queued"):
+        body = ["add", ["x" * 200], {}, 2, 0, None, "c", 5.0]
+        return [f"t-{i}", body, i, state, 0, 0, None, None, None, None, None, None, None, 0]
+
+    def file_pages():
+        db = sqlite3.connect(path)
+        try:
+            return db.execute("PRAGMA page_count").fetchone()[0], db.execute("PRAGMA freelist_count").fetchone()[0]
+        finally:
+            db.close()
+
+    j.add([row(i) for i in range(500)], {"submitted": 500}, [])  # what a steady flow keeps: a few hundred rows
+    j.flush()
+    steady = file_pages()[0]
+    j.add([row(i) for i in range(500, 30_500)], {"submitted": 30_500}, [])  # a backlog of 30,000
+    j.flush()
+    peak = file_pages()[0]
+    for k in range(500, 30_500, 1000):  # it drains: its tasks are forgotten, a thousand at a time
+        j.add([[f"t-{i}"] for i in range(k, k + 1000)], {"submitted": 30_500}, [])
+        j.flush()
+    pages, free = file_pages()
+    assert peak > 20 * steady and pages <= 2 * steady + 256  # while it runs (free pages are given back past 1 MB)
+    j.close()
+    pages, free = file_pages()
+    assert pages <= 2 * steady and free == 0, (steady, peak, pages)  # stopped: the backlog's space is given back
+    again = fw._Journal(path)
+    assert len(again.open()["rows"]) == 500
+    again.close()
+
+
+def test_journal_from_before_it_gave_space_back_is_rebuilt_once_accepted(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    sqlite_file(path, fw._JOURNAL_SCHEMA + f"INSERT INTO meta VALUES ('format', '{fw._JOURNAL_FORMAT}'), "
+                f"('version', '{fw._JOURNAL_VERSION}'), ('plane', 'p');")  # fmt: skip
+    j = fw._Journal(path)
+    assert j.open()["plane"] == "p"
+    j.accept()
+    j.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental from now on
+    db.close()
+
+
+def test_journal_with_a_malformed_row_is_refused_naming_the_file_and_left_as_it_was(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "plane.db")
+    j = fw._Journal(path)
+    j.open()
+    j.perform = lambda acts: None
+    j.add([["t-1", ["add", [1, 2], {}, 2, 0, None, "c", 5.0], 0, "queued", 0, 0] + [None] * 7 + [0]], {}, [])
+    j.flush()
+    j.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE tasks SET state='bogus' WHERE id != ''")
+    db.commit()
+    db.close()
+    before = files_of(path)
+    with pytest.raises(fw.JournalError) as info:
+        fw.Plane("tcp://127.0.0.1:0", journal=path).start()
+    assert str(info.value).startswith(f"journal {path} holds a malformed task row") and "bogus" in str(info.value)
+    assert files_of(path) == before
+
+
 def sqlite_file(path, script):
     import sqlite3
 
@@ -1936,6 +2122,80 @@ def client(plane):
 
 def gate(key):
     return GATES.setdefault(key, threading.Event())
+
+
+def test_a_client_dropped_without_close_delivers_its_results_and_lets_its_threads_go(plane):
+    import gc
+
+    before = live_threads()
+    futs = []
+    for i in range(20):
+        c = fw.Client(plane.address, timeout=5)
+        assert c.submit("fastworker.echo", i).result(timeout=5) == i
+        futs.append(fw.Client(plane.address, timeout=5).submit("fastworker.sleep", 0.2))  # dropped at once
+        del c
+    gc.collect()
+    assert [f.result(timeout=5) for f in futs] == [0.2] * 20  # a dropped client still delivers what it owes
+    wait_until(lambda: live_threads() <= before, 10, "the dropped clients' threads to end")
+    wait_until(lambda: plane.stats()["clients"] == 0, 5, "the plane to hear them leave")
+
+
+def test_a_dropped_client_still_delivers_a_joined_future_and_close_works_from_a_callback(plane):
+    import gc
+
+    GATES["joined"] = threading.Event()
+    before = live_threads()
+    with fw.Client(plane.address, timeout=5) as a:
+        first = a.submit_with("t.block", ("joined",), key="k")
+        wait_until(lambda: a.status(first.task_id)["state"] == "running", 5, "the keyed task to run")
+        joined = fw.Client(plane.address, timeout=5).submit_with("t.block", ("joined",), key="k")  # client dropped
+        gc.collect()
+        GATES["joined"].set()
+        assert joined.result(timeout=5) == first.result(timeout=5) == "joined"
+        c = fw.Client(plane.address, timeout=5)
+        closed = []
+        fut = c.submit("fastworker.echo", 1)
+        fut.add_done_callback(lambda f, c=c: closed.append(c.close()))  # on the client's own thread: no waiting
+        assert fut.result(timeout=5) == 1
+        wait_until(lambda: closed, 5, "the callback")
+        del fut, c
+    wait_until(lambda: live_threads() <= before, 10, "every client thread to end")
+
+
+def test_a_subscription_keeps_its_client_and_ends_with_it(plane):
+    import gc
+
+    before = live_threads()
+    seen = []
+    stop = fw.Client(plane.address, timeout=5).on_complete(seen.append)  # the client itself is not kept
+    gc.collect()
+    with fw.Client(plane.address, timeout=5) as c:
+        wait_until(lambda: c.submit("fastworker.echo", 1).result(timeout=5) and seen, 10, "an event")
+    stop()
+    gc.collect()
+    wait_until(lambda: live_threads() <= before, 10, "the subscription's threads to end")
+
+
+CLIENT_LEFT_OPEN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import fastworker
+c = fastworker.Client(sys.argv[2], timeout=5)
+assert c.submit("fastworker.echo", 1).result(timeout=5) == 1
+c.submit("fastworker.sleep", 0.5)  # still running at the end
+print("done", flush=True)
+"""
+
+
+def test_a_program_that_ends_without_closing_its_client_exits_cleanly(plane, tmp_path):
+    prog = tmp_path / "left_open.py"
+    prog.write_text(CLIENT_LEFT_OPEN)
+    for _ in range(4):  # two at a time (an abort at exit shows under concurrency)
+        pair = [subprocess.Popen([sys.executable, str(prog), HERE, plane.address], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+        for p in pair:
+            out, err = p.communicate(timeout=30)
+            assert (p.returncode, out) == (0, "done\n"), err
 
 
 def test_submit_returns_futures_with_unique_ids(client):
@@ -2853,6 +3113,21 @@ def test_embedded_worker_in_threads():
     GATES.clear()
 
 
+def test_a_worker_never_sends_more_results_in_one_request_than_the_plane_takes():
+    w = fw.Worker("tcp://127.0.0.1:1", max_message_size=4 * 1024 * 1024)  # (not started: no socket)
+    w._done = [b"r" * (1024 * 1024)] * 5  # five finished results of 1 MB
+    with w._lock:  # (the lane's hold, as it takes a reply and then the results to send)
+        w._accept({"plane": "p", "heartbeat": "tcp://127.0.0.1:2", "max_message_size": 2 * 1024 * 1024, "tasks": []})
+        batches = []
+        while w._done:
+            batches.append(len(w._take_done()))
+    assert batches == [1, 1, 1, 1, 1]  # the plane's limit (2 MB) holds one at a time
+    w._limit = 4 * 1024 * 1024
+    w._done = [b"r" * (1024 * 1024)] * 5
+    with w._lock:
+        assert len(w._take_done()) == 3 and len(w._done) == 2  # within 4 MB (less the envelope)
+
+
 # -- trust boundaries ---------------------------------------------------------------------------
 
 
@@ -3106,6 +3381,84 @@ def test_fuzzed_requests_and_heartbeats_leave_the_plane_serving(secret, caplog):
             worker.stop()
 
 
+class FakePlane:
+    """A REP socket on loopback that answers every request with
+    ``answer(request)`` (bytes), counting the requests of each op."""
+
+    def __init__(self, answer):
+        self.answer, self.ops = answer, collections.Counter()
+        self.sock = pynng.Rep0(recv_timeout=100)
+        self.sock.listen("tcp://127.0.0.1:0")
+        self.address = f"tcp://{self.sock.listeners[0].local_address}"
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stopping:
+            try:
+                req = json.loads(self.sock.recv())
+            except pynng.Timeout:
+                continue
+            self.ops[req["op"]] += 1
+            self.sock.send(self.answer(req))
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_client_calls_raise_protocol_error_for_replies_they_cannot_use():
+    def answer(req):
+        if req["op"] == "submit":
+            return fw.encode("accepted", plane="p", rejected=[])
+        if req["op"] == "status" and req["ids"] == ["empty"]:
+            return fw.encode("statuses", plane="p", statuses=[])
+        if req["op"] == "fetch" and req["ids"] == ["empty"]:
+            return fw.encode_batch("results", "results", [], plane="p", boot="b")
+        return fw.encode("ok", plane="p")  # the wrong op, whatever was asked
+
+    fake = FakePlane(answer)
+    try:
+        with fw.Client(fake.address, timeout=2) as c:
+            calls = {
+                "report": c.stats, "statuses": lambda: c.status("x"), "cancelled": lambda: c.cancel("x"),
+                "results": lambda: c.result("x", timeout=1), "purged": c.purge, "statuses ": lambda: c.tasks(),
+            }  # fmt: skip
+            for expected, call in calls.items():
+                with pytest.raises(fw.ProtocolError, match=repr(expected.strip())):
+                    call()
+            for call in (lambda: c.status("empty"), lambda: c.result("empty", timeout=1)):
+                with pytest.raises(fw.ProtocolError, match="holds 0 item"):
+                    call()
+    finally:
+        fake.close()
+
+
+def test_client_does_not_spin_on_a_plane_that_answers_polls_at_once():
+    def answer(req):
+        if req["op"] == "submit":
+            return fw.encode("accepted", plane="p", rejected=[])
+        if req["op"] == "poll":
+            return fw.encode_batch("results", "results", [], plane="p", boot="b")
+        return fw.encode("ok", plane="p")
+
+    fake = FakePlane(answer)
+    c = fw.Client(fake.address, timeout=5)
+    try:
+        c.submit("never.done")  # a pending future: the client keeps polling for it
+        wait_until(lambda: fake.ops["poll"] >= 3, 5, "the first polls")
+        first = fake.ops["poll"]
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # (the window in which to count polls, not a synchronisation)
+            time.sleep(0.05)
+        assert fake.ops["poll"] - first < 30  # it backs off (without: thousands in 1.5 s)
+    finally:
+        c.close()
+        fake.close()
+
+
 @pytest.mark.parametrize("secret", [None, b"s3cret"], ids=["unsigned", "signed"])
 def test_clients_and_workers_survive_damaged_traffic(relay, secret):
     """A relay damages one message in ten, both ways, between the plane and a
@@ -3237,19 +3590,8 @@ def certs(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command line is not installed")
     d = tmp_path_factory.mktemp("certs")
-
-    def run(*argv):
-        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for ca in ("ca", "rogue"):
-        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}")
-    for name, ca, extra in (("plane", "ca", ["-extfile", "san.cnf"]), ("client", "ca", []), ("intruder", "rogue", [])):
-        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", *extra)  # fmt: skip
-    return {p.stem + p.suffix: str(p) for p in d.iterdir()}
+    leaves = [("plane", "ca", "server"), ("client", "ca", "client"), ("intruder", "rogue", "client")]
+    return fw._make_certs(str(d), leaves, cas=("ca", "rogue"))
 
 
 def test_tls_and_mutual_tls_serve_every_role_and_refuse_strangers(plane_proc, procs, tasks_dir, certs):
@@ -4405,6 +4747,60 @@ def test_demo_serves_tasks_and_the_dashboard(procs):
     assert "TaskError ValueError" in text and f"dashboard: {ready['dashboard']}" in text
     assert http_get(ready["dashboard"] + "api/stats")[0] == 200
     assert p.stop(signal.SIGINT) == 0
+
+
+def test_a_role_finds_the_task_modules_beside_it_from_any_directory_and_runs_under_dash_m(procs, tmp_path):
+    (tmp_path / "fastworker.py").write_text(open(FASTWORKER).read())
+    (tmp_path / "beside.py").write_text("import fastworker\n\n@fastworker.task\ndef beside():\n    return 7\n")
+    p = procs("plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", "--tasks", "beside", cwd="/",
+              script=str(tmp_path / "fastworker.py"))  # fmt: skip
+    with fw.Client(p.ready()["listen"], timeout=5) as c:
+        assert c.submit("beside").result(timeout=5) == 7
+    assert p.stop() == 0
+    m = procs("fastworker", "plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off", cwd=HERE, script="-m")
+    assert m.ready()["role"] == "plane" and m.stop() == 0  # python -m fastworker plane: it runs in place
+
+
+def test_every_command_starts_serves_and_stops_on_this_python(procs, tasks_dir, tmp_path):
+    """CI runs this on every interpreter it finds (3.10 and up): the long
+    roles start, serve and stop with status 0, every other command answers,
+    and a role that cannot start exits 1 with one line."""
+    plane = procs("plane", "--listen", "tcp://127.0.0.1:0", "--dashboard", "127.0.0.1:0", "--tasks", "fwtasks",
+                  cwd=tasks_dir)  # fmt: skip
+    address = plane.ready()["listen"]
+    worker = procs("worker", "--plane", address, "--tasks", "fwtasks", "--concurrency", "2", cwd=tasks_dir)
+    worker_pid = worker.ready()["pid"]
+    at = ["--plane", address]
+
+    def cli(*argv, status=0):
+        r = run_cli(*argv, cwd=tasks_dir)
+        assert r.returncode == status, (argv, r.stdout, r.stderr)
+        return r.stdout
+
+    assert cli("submit", "pid", *at) == f"{worker_pid}\n"  # the worker runs what it knows
+    tid = cli("submit", "add", "2", "3", "--no-wait", *at).strip()
+    assert cli("result", tid, "--wait", "10", *at) == "5\n"
+    assert f"task {tid}: succeeded" in cli("status", tid, *at)
+    assert "workers: 1" in cli("status", *at) and str(worker_pid) in cli("workers", *at)
+    assert tid in cli("tasks", *at)
+    later = cli("submit", "add", "1", "1", "--delay", "600", "--no-wait", *at).strip()
+    assert f"{later}: cancelled" in cli("cancel", later, *at)
+    assert "cancelled 0 queued task(s)" in cli("purge", *at)
+    events = procs("events", *at)
+    with fw.Client(address, timeout=5) as c:
+        wait_until(lambda: c.submit("add", 1, 1).result(timeout=5) and not events.lines.empty(), 10, "an event")
+    assert json.loads(events.line())["state"] == "succeeded" and events.stop(signal.SIGINT) == 0
+    bench = cli("bench", "--tasks", "20", "--latency", "5", "--map", "0", "--workers", "0", "--queued", "0",
+                "--balance", "0", "--journal", "", "--secure", "", "--flow", "")  # fmt: skip
+    assert json.loads(bench.splitlines()[-1])["bench"][0]["tasks"] == 20
+    demo = procs("demo", "--listen", "tcp://127.0.0.1:0", "--dashboard", "off")
+    demo.ready()
+    while "serving" not in demo.line():  # (its example tasks first)
+        pass
+    assert demo.stop(signal.SIGINT) == 0
+    assert worker.stop() == 0 and plane.stop() == 0
+    failed = procs("demo", "--listen", "tcp://127.0.0.1:0", "--journal", str(tmp_path / "no" / "such.db"))
+    assert failed.p.wait(20) == 1 and "does not exist" in "".join(failed.stderr)
 
 
 def test_bench_reports_well_formed_figures():
