@@ -46,6 +46,7 @@ __all__ = [
     "WorkerLost",
     "TaskTimeout",
     "UnknownTask",
+    "TaskTooLarge",
     "ResultExpired",
     "ProtocolError",
     "JournalError",
@@ -59,8 +60,9 @@ __all__ = [
     "main",
 ]
 
+
 ###############################################################################
-# Imports ######################################################################
+# Imports #####################################################################
 ###############################################################################
 
 import argparse
@@ -103,8 +105,9 @@ except ImportError:  # pragma: no cover - reported when a role starts, not on im
 
 logger = logging.getLogger("fastworker")
 
+
 ###############################################################################
-# Constants and defaults #######################################################
+# Constants and defaults ######################################################
 ###############################################################################
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -131,6 +134,7 @@ DEFAULT_CACHE_SIZE = 10_000  # results kept by the plane
 DEFAULT_CACHE_TTL = 3600.0  # seconds a result stays readable
 REAP_INTERVAL = 60.0  # seconds between sweeps of expired results
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+MIN_MESSAGE_SIZE = 65536  # the smallest --max-message-size any role takes
 DEFAULT_TIMEOUT = 10.0  # seconds a client waits to reach the plane
 DEFAULT_RETRY_BACKOFF = 1.0  # first retry delay; doubles on every attempt
 HEARTBEAT_INTERVAL = 1.0
@@ -145,7 +149,6 @@ MAX_PARKED_PER_CONN = 64  # ...and per connection
 QUERY_CHUNK = 1000  # a long status or fetch request is done this many ids at a time...
 CANCEL_CHUNK = 200  # ...and a cancel this many (each cancelled task settles: a few ms under the lock in all)
 RECENT_TASKS = 500  # finished tasks remembered for the dashboard
-MAX_UNCLAIMED = 10_000  # results a client keeps for a joined future whose answer is late
 MAX_RECENT = 10_000  # tasks one listing of recent tasks may ask for...
 RECENT_SCAN = 50_000  # ...and how many it looks at, at most
 WHY_IDS = 10  # a status request for at most this many tasks says why each one waits
@@ -184,9 +187,12 @@ LINGER = 1.0  # seconds a stopping plane waits for clients to collect their last
 ZERO_JOURNAL_DEPTH = 4  # with a journal, the plane's executor holds up to this many times its slots
 JOURNAL_RETRY = 0.5  # seconds between attempts to commit to a journal that failed
 _BATCH_MARGIN = 4096  # bytes of a message to a worker kept for its envelope
+_NUM = (int, float)
+_MAX_ID = 200  # characters in a task, client or worker id and a task name
+
 
 ###############################################################################
-# Exceptions ###################################################################
+# Exceptions ##################################################################
 ###############################################################################
 
 
@@ -214,6 +220,11 @@ class WorkerLost(TaskError):
 
 class TaskTimeout(TaskError):
     """The task ran past its time limit."""
+
+
+class TaskTooLarge(TaskError):
+    """The task (its arguments) is larger than every worker that runs it
+    accepts (their ``--max-message-size``)."""
 
 
 class UnknownTask(FastworkerError, LookupError):
@@ -252,19 +263,20 @@ class JournalError(FastworkerError):
     written by a newer version, in use by another plane) or written."""
 
 
-# The "kind" of an error on the wire picks the exception the client raises.
+# The "kind" of an error on the wire picks the exception the client raises:
+# every kind the plane, a worker or the executor sends, and only those.
 _ERROR_KINDS: dict[str, type[BaseException]] = {
-    "raised": TaskError,
-    "too_large": TaskError,  # no worker that can run it accepts a message that large
+    "raised": TaskError,  # the task raised
+    "too_large": TaskTooLarge,  # no worker that can run it accepts a message that large
     "lost": WorkerLost,
     "timeout": TaskTimeout,
     "unknown_task": UnknownTask,
-    "expired": ResultExpired,
     "protocol": ProtocolError,
+    "stale": ProtocolError,  # (a sender with a secret asks again with the new ticket: it never raises)
     "auth": AuthenticationError,
     "unavailable": PlaneUnavailable,
-    "cancelled": concurrent.futures.CancelledError,
     "queue_full": QueueFull,
+    "internal": FastworkerError,  # the plane could not handle a request (a defect, logged there)
 }
 
 
@@ -285,7 +297,7 @@ def _exception_from_wire(err: Any) -> BaseException:
 
 
 ###############################################################################
-# Utilities ####################################################################
+# Utilities ###################################################################
 ###############################################################################
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -360,6 +372,320 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _memory(pid: int | str = "self") -> tuple[float, float]:
+    """(current, peak) resident memory of a process, in MB."""
+    out = {"VmRSS:": 0.0, "VmHWM:": 0.0}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0] + ":"
+                if key in out:
+                    out[key] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out["VmRSS:"], out["VmHWM:"]
+
+
+def _check_size(max_message_size: Any) -> None:
+    """The one check of ``max_message_size`` (every role: a worker's batches
+    and a client's messages are planned against it)."""
+    if type(max_message_size) is not int or not MIN_MESSAGE_SIZE <= max_message_size <= 2**31:
+        raise ValueError(f"max_message_size must be a number of bytes from {MIN_MESSAGE_SIZE} to 2**31, "
+                         f"not {max_message_size!r}")  # fmt: skip
+
+
+def _check_address(address: str) -> None:
+    if not isinstance(address, str) or "://" not in address:
+        raise ValueError(f"address {address!r} has no scheme: write it like tcp://127.0.0.1:5555")
+
+
+def _sibling_address(requested: str, real: str, offset: int, suffix: str) -> str:
+    """Where one of the plane's extra sockets listens: on the host of its
+    main address, at the port ``offset`` above it (so that an operator
+    knows every port before the start), or at any port if the main one was
+    asked for as port 0."""
+    scheme, rest = real.split("://", 1)
+    if scheme in ("tcp", "tls+tcp", "ws"):
+        host, _, port = rest.rpartition(":")
+        wanted = requested.rpartition(":")[2]
+        if wanted == "0" or not port.isdigit() or int(port) + offset > 65535:
+            return f"{scheme}://{host}:0"
+        return f"{scheme}://{host}:{int(port) + offset}"
+    return f"{real}.{suffix}"
+
+
+def _any_port(address: str) -> str:
+    """The same address at any free port."""
+    scheme, rest = address.split("://", 1)
+    return f"{scheme}://{rest.rpartition(':')[0]}:0" if ":" in rest else address
+
+
+###############################################################################
+# Time ########################################################################
+###############################################################################
+
+
+def _rate_interval(rate: Any) -> float | None:
+    """Seconds between starts for a rate like "100/s" ("/m", "/h"), or None
+    if it is not one."""
+    if type(rate) is not str or len(rate) > 20:
+        return None
+    count, _, unit = rate.partition("/")
+    seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
+    if seconds is None or not count.strip().isdigit() or not 1 <= int(count) <= 1_000_000:
+        return None
+    return seconds / int(count)
+
+
+def _epoch(when: Any) -> float:
+    """Seconds since the epoch of an ETA: an aware datetime or a number.
+
+    Raises:
+        ValueError: a naive datetime (its time zone would be a guess), or neither.
+    """
+    if type(when) in _NUM:
+        return when
+    import datetime as dt
+
+    if isinstance(when, dt.datetime):
+        if when.utcoffset() is None:
+            raise ValueError(f"eta must be an aware datetime (with a time zone), not the naive {when.isoformat()}")
+        return when.timestamp()
+    raise ValueError(f"eta must be an aware datetime or seconds since the epoch, not {when!r}")
+
+
+# Cron: when a periodic task is due.  Standard five fields; wall-clock
+# semantics in a time zone, so a daylight-saving change neither skips nor
+# doubles a run: a wall time the change skips runs at the first minute that
+# exists after it, one that occurs twice runs at its first occurrence only.
+
+_CRON_FIELDS = (  # name, lowest, highest, names
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_MACROS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+}
+_CRON_HORIZON = 29 * 366  # days searched for the next match (a given day and weekday can be 28 years apart)
+
+
+def _cron_field(text: str, name: str, lo: int, hi: int, names: tuple) -> frozenset:
+    """The values one cron field allows ("*/15", "1-5,mon", ...)."""
+
+    def value(v: str) -> int:
+        v = v.lower()
+        if v in names:
+            return names.index(v) + (1 if name == "month" else 0)
+        if not v.isdigit():
+            raise ValueError(f"cron {name} field {text!r}: {v!r} is not a number{' or a name' if names else ''}")
+        n = int(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"cron {name} field {text!r}: {n} is out of range {lo}-{hi}")
+        return n
+
+    out: set[int] = set()
+    for part in text.split(","):
+        rng, _, step_text = part.partition("/")
+        step = 1
+        if step_text:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise ValueError(f"cron {name} field {text!r}: the step {step_text!r} must be a whole number > 0")
+            step = int(step_text)
+        if rng == "*":
+            first, last = lo, hi
+        elif "-" in rng:
+            a, _, b = rng.partition("-")
+            first, last = value(a), value(b)
+            if first > last:
+                raise ValueError(f"cron {name} field {text!r}: the range {rng!r} runs backwards")
+        elif rng:
+            first = value(rng)
+            last = hi if step_text else first
+        else:
+            raise ValueError(f"cron {name} field {text!r}: an empty item")
+        out.update(range(first, last + 1, step))
+    if name == "day of week" and 7 in out:  # Sunday is 0 or 7
+        out = (out - {7}) | {0}
+    return frozenset(out)
+
+
+class Cron:
+    """A cron schedule: ``Cron("*/15 9-17 * * mon-fri", tz="Europe/Paris")``.
+
+    Five fields (minute, hour, day of month, month, day of week) with ``*``,
+    lists, ranges, steps and month and weekday names (Sunday is 0 or 7); when
+    both day fields are restricted, a day matching either runs (as Vixie
+    cron does).  ``@hourly``, ``@daily``, ``@weekly``, ``@monthly`` and
+    ``@yearly`` too.  ``tz`` is a zone name (default UTC): the fields are
+    wall-clock times there.
+
+    Raises:
+        ValueError: the expression or the zone is not valid (naming the field).
+    """
+
+    def __init__(self, expression: str, tz: str | None = None) -> None:
+        if type(expression) is not str:
+            raise ValueError(f"a cron expression is a string, not {expression!r}")
+        self.expression = expression
+        self.tz = tz
+        self._zone = _zone(tz)
+        text = _CRON_MACROS.get(expression.strip().lower(), expression)
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"cron expression {expression!r} must have 5 fields (minute hour day-of-month month day-of-week), "
+                f"not {len(fields)}"
+            )
+        self.minutes, self.hours, self.days, self.months, self.weekdays = (
+            _cron_field(f, *spec) for f, spec in zip(fields, _CRON_FIELDS, strict=True)
+        )
+        self._sorted_minutes = sorted(self.minutes)
+        self._sorted_hours = sorted(self.hours)
+        # Vixie cron: a day field that starts with "*" does not restrict the day
+        self._any_day = fields[2].startswith("*") or fields[4].startswith("*")
+        import datetime as dt
+
+        if self._next_day(dt.date(2000, 1, 1)) is None:
+            raise ValueError(f"cron expression {expression!r} never matches a day")
+
+    def __repr__(self) -> str:
+        return f"Cron({self.expression!r}" + (f", tz={self.tz!r})" if self.tz else ")")
+
+    def _day_ok(self, day: Any) -> bool:
+        if day.month not in self.months:
+            return False
+        dom, dow = day.day in self.days, (day.isoweekday() % 7) in self.weekdays
+        return (dom and dow) if self._any_day else (dom or dow)
+
+    def _next_day(self, day: Any) -> Any:
+        """The first day from ``day`` on that matches (None within the horizon)."""
+        import datetime as dt
+
+        for _ in range(_CRON_HORIZON):
+            if self._day_ok(day):
+                return day
+            day += dt.timedelta(days=1)
+        return None
+
+    def next(self, after: Any) -> Any:
+        """The first time strictly after ``after`` (an aware datetime) that
+        the schedule runs, as an aware datetime in its zone."""
+        import datetime as dt
+
+        if not isinstance(after, dt.datetime) or after.utcoffset() is None:
+            raise ValueError(f"Cron.next wants an aware datetime, not {after!r}")
+        zone = self._zone
+        local = after.astimezone(zone)
+        day = local.date()
+        start = (local.hour, local.minute)  # wall minutes before this one are past on the first day
+        while True:
+            found = self._next_day(day)
+            if found is None:
+                raise ValueError(f"cron expression {self.expression!r} has no run after {after.isoformat()}")
+            if found != day:
+                day, start = found, (0, 0)
+            for hour in self._sorted_hours:
+                if (hour, 59) < start:
+                    continue
+                for minute in self._sorted_minutes:
+                    if (hour, minute) < start:
+                        continue
+                    when = _wall_instant(dt.datetime(day.year, day.month, day.day, hour, minute), zone)
+                    if when > after:
+                        return when
+            day += dt.timedelta(days=1)
+            start = (0, 0)
+
+
+def _zone(tz: str | None) -> Any:
+    """The tzinfo of a zone name (None: UTC)."""
+    import datetime as dt
+
+    if tz is None:
+        return dt.timezone.utc
+    if type(tz) is not str:
+        raise ValueError(f"a time zone is a name such as 'Europe/Paris', not {tz!r}")
+    import zoneinfo
+
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"unknown time zone {tz!r}: {e}") from None
+
+
+def _wall_instant(wall: Any, zone: Any) -> Any:
+    """The instant a wall-clock time (naive) first shows in ``zone``; for a
+    time the zone skips (spring forward), the first minute after it that
+    exists."""
+    import datetime as dt
+
+    while True:
+        when = wall.replace(tzinfo=zone, fold=0)
+        if when.astimezone(dt.timezone.utc).astimezone(zone).replace(tzinfo=None) == wall:
+            return when
+        wall += dt.timedelta(minutes=1)  # in a gap: the next wall minute may exist
+
+
+#
+# Everything the plane decides happens in its core, and only there.  The core
+# has no sockets, no threads and no clock of its own.  The shell turns what
+# happens (a request, a closed connection, a finished run, the time passing)
+# into an event record (see the wire protocol) and calls
+# ``PlaneCore.handle(event, now)``, which returns the actions to carry out,
+# in order:
+#
+#   Reply(req, op, fields, items)  answer request ``req``; ``items`` are
+#                                  encoded TASK or RESULT items, if any
+#   Run(jobs)                      give jobs to the plane's own executor
+#   Publish(events)                completion events for subscribers
+#   Cut(conn)                      cut a silent worker's connection
+#   Log(level, msg, args)          a line for the plane's log
+#   Wake()                         the core's next deadline came sooner
+#   Journal(records, counters)     (first, with a journal) what changed, to
+#                                  commit before any other action is done
+#
+# ``now`` is an At: the wall clock (seconds since the epoch) for what belongs
+# to the calendar (ETAs, periodic tasks) and for what people read (the times
+# in a status); the monotonic clock for every deadline (heartbeats, parked
+# requests, delays, retries' backoff, debounce, rates, the cache's time to
+# live).  So a step of the wall clock moves the calendar and nothing else.
+#
+# The core is a façade over parts, each with its own state: the task table
+# (every task, its state, its indices; the one place a task changes state),
+# flow control, the workers, the waiters (clients and parked requests), the
+# schedules and the figures.  A task moves through these states, and the
+# table checks each move against _TRANSITIONS:
+#
+#   (new) -> queued | scheduled           (a restore also loads running ones)
+#   scheduled -> queued (due) | scheduled (a debounce waits again) | cancelled
+#   queued -> running (dispatched) | cancelled | failed (too large for every
+#             worker that runs it)
+#   running -> succeeded | failed | scheduled (a retry after its backoff)
+#            | queued (its worker was lost and it has retries left, the
+#              worker handed it back, or the plane's own run died with it)
+#
+# The plane's own executor is "worker zero": a worker like the others in
+# the same dispatch, which runs the tasks no connected worker knows.  The
+# accounting holds at every step:  submitted == queued + scheduled + running
+# + succeeded + failed + cancelled.
+
+At = collections.namedtuple("At", "wall mono")
+
+
+###############################################################################
+# Security ####################################################################
+###############################################################################
+
+
 def _check_exposure(address: str, secret: bytes | None, insecure: bool, what: str) -> None:
     """Refuse to listen beyond loopback without a secret (unless told to)."""
     if address.startswith(("ipc://", "inproc://", "abstract://")):
@@ -377,133 +703,6 @@ def _secret_bytes(secret: str | bytes | None) -> bytes | None:
     if isinstance(secret, str):
         secret = secret.encode()
     return secret or None
-
-
-def _memory(pid: int | str = "self") -> tuple[float, float]:
-    """(current, peak) resident memory of a process, in MB."""
-    out = {"VmRSS:": 0.0, "VmHWM:": 0.0}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0] + ":"
-                if key in out:
-                    out[key] = round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return out["VmRSS:"], out["VmHWM:"]
-
-
-###############################################################################
-# Wire protocol ################################################################
-###############################################################################
-#
-# Every message is one JSON object (UTF-8) with the protocol version "v" and
-# an "op".  With a shared secret, the object is preceded by a 32-byte
-# HMAC-SHA256 tag over the JSON bytes.  Messages that carry tasks, results or
-# events carry a *list* of them, so batching needs no new message.
-#
-#   op         from -> to        fields
-#   ---------  ----------------  --------------------------------------------
-#   submit     client -> plane   client:str, tasks:[TASK]
-#   accepted   plane -> client   plane:str, rejected:[{id, error:ERROR}]
-#   poll       client -> plane   client:str, wait:num   (held until results)
-#   results    plane -> client   plane:str, boot:str (new each time the plane
-#                                process starts), results:[RESULT], resync?:bool
-#                                (results were dropped: ask for them), closing?:bool,
-#                                lost?:[[id, state]] (a closing plane's tasks
-#                                of this client that will not finish)
-#   fetch      client -> plane   ids:[str], wait:num    (results of any task)
-#   status     client -> plane   ids:[str]
-#   statuses   plane -> client   statuses:[{id, state, ...}]
-#   cancel     client -> plane   ids:[str]
-#   cancelled  plane -> client   ids:[str]              (those it cancelled)
-#   purge      client -> plane   priority?:str          (cancel every queued task
-#                                of that priority, or of all)
-#   purged     plane -> client   count:int
-#   recent     client -> plane   limit:int, state?:str, search?:str (recent
-#                                tasks, newest first: answered with "statuses")
-#   stats      client -> plane   -
-#   report     plane -> client   stats:{...}            (as /api/stats)
-#   hello      any -> plane      -
-#   welcome    plane -> any      plane:str, version:str, events:str, heartbeats:str,
-#                                tasks:[str]
-#   bye        client -> plane   client:str
-#   ok         plane -> client   -
-#   pull       worker -> plane   worker:str, credit:int, results:[RESULT],
-#                                info?:WORKER (to register), returned?:[str]
-#                                (ids handed back unfinished), leaving?:bool
-#                                (its last: it stops); held until there is
-#                                work for the worker
-#   tasks      plane -> worker   plane:str, tasks:[TASK], register?:bool (send
-#                                info), heartbeat?:str, heartbeat_interval?:num
-#   heartbeat  worker -> plane   worker:{id:str, ...}       (PUB/SUB)
-#   events     plane -> any      events:[{id, name, state, ...}]  (PUB/SUB)
-#   error      plane -> any      error:ERROR
-#
-#   TASK   = {id:str, name:str, args:list, kwargs:dict, priority?:str,
-#             retries?:int, timeout?:num, delay?:num, run?:int}
-#            (the plane numbers each run of a task it dispatches: "run")
-#   RESULT = {id:str, state:"succeeded"|"failed"|"cancelled",
-#             result?:any, error?:ERROR, run?:int}  (a fetch also
-#             answers "queued", "scheduled", "running" or "unknown" for tasks
-#             without a result; a worker's result names the run it is from)
-#   ERROR  = {kind:str, type:str, message:str, traceback:str}
-#   WORKER = {id, name, host, pid, concurrency, version, in_flight?,
-#             tasks:{name: {priority?, retries?, timeout?}},
-#             holding?:[str] (ids of the tasks it has and has not reported)}
-#
-# With a secret, messages are also fresh and bound.  Every request and
-# heartbeat carries s:str (its sender's session), n:int (numbered from 1 in
-# that session) and b:str (a ticket "BOOT.K" the plane gave the session: BOOT
-# is new each time the plane process starts, K numbers the tickets of that
-# boot; "" until the sender has one).  The plane takes each (s, n) once,
-# only within a window below the highest n of the session, and only with a
-# ticket of its own boot that is still good, so no recorded message is taken
-# again, by it or by a restarted plane.  The plane keeps FRESH_SESSIONS
-# sessions; forgetting one makes every ticket up to its K no longer good.
-# Every reply carries re:[s, n] (the request it answers) and b (the boot);
-# an "error" of kind "stale" carries a new ticket in b: send again with it.
-# Events carry b and n (numbered by the plane).  All of it is under the tag.
-#
-# A malformed message, an unknown op or version, or a missing or mistyped
-# field is a ProtocolError: a REQ/REP peer gets an "error" reply and the
-# receiver counts it; PUB/SUB messages are counted and dropped.  A message
-# whose tag is wrong is answered with an unsigned "error" of kind "auth", so
-# that a client with no secret, or the wrong one, can read why.
-
-PROTOCOL_VERSION = 2
-_NUM = (int, float)
-
-# op -> {field: type}; every listed field is required.
-OPS: dict[str, dict[str, Any]] = {
-    "submit": {"client": str, "tasks": list},
-    "accepted": {"plane": str, "rejected": list},
-    "poll": {"client": str, "wait": _NUM},
-    "results": {"plane": str, "results": list},
-    "fetch": {"ids": list, "wait": _NUM},
-    "status": {"ids": list},
-    "statuses": {"statuses": list},
-    "cancel": {"ids": list},
-    "cancelled": {"ids": list},
-    "purge": {},
-    "purged": {"count": int},
-    "recent": {"limit": int},
-    "stats": {},
-    "report": {"stats": dict},
-    "hello": {},
-    "welcome": {"plane": str, "version": str},
-    "bye": {"client": str},
-    "ok": {},
-    "pull": {"worker": str, "credit": int, "results": list},
-    "tasks": {"plane": str, "tasks": list},
-    "heartbeat": {"worker": dict},
-    "events": {"events": list},
-    "error": {"error": dict},
-}
-
-_TAG = 32  # bytes of HMAC-SHA256
-_FETCH_STATES = frozenset((*STATES, "unknown"))
-_MAX_ID = 200  # characters in a task, client or worker id and a task name
 
 
 def _tag(secret: bytes, body: bytes) -> bytes:
@@ -524,19 +723,169 @@ def _sign(body: bytes, secret: bytes | None) -> bytes:
     return body if secret is None else _tag(secret, body) + body
 
 
-def encode(op: str, secret: bytes | None = None, **fields: Any) -> bytes:
-    """Encode one message.  Raises TypeError for values JSON cannot encode."""
-    msg = {"v": PROTOCOL_VERSION, "op": op}
-    msg.update(fields)
-    return _sign(_json_bytes(msg), secret)
+class _Session:
+    """A sender's side of freshness, with a secret (see the table): its
+    session id, the numbers of its messages, the ticket the plane gave it.
+    Shared by the threads of one client or worker."""
+
+    def __init__(self, secret: bytes | None) -> None:
+        self.secret = secret
+        self.id = os.urandom(8).hex()
+        self._numbers = itertools.count(1)  # next() is atomic: threads share it
+        self.ticket = ""  # the plane's, once it gave one
+
+    def stamp(self) -> dict:
+        """The fields that make one message fresh (none without a secret)."""
+        if self.secret is None:
+            return {}
+        return {"s": self.id, "n": next(self._numbers), "b": self.ticket}
+
+    def answers(self, reply: dict, stamp: dict) -> bool:
+        """Does ``reply`` answer the message stamped ``stamp``?  False if the
+        plane gave a new ticket instead (send it again).
+
+        Raises:
+            ProtocolError: it answers another request (a replay, or a man in
+                the middle).
+        """
+        if self.secret is None:
+            return True
+        if reply.get("re") != [stamp["s"], stamp["n"]]:
+            raise ProtocolError("a reply that does not answer this request (replayed or misrouted): dropped")
+        if reply["op"] == "error" and reply["error"].get("kind") == "stale":
+            self.ticket = reply.get("b") or ""
+            return False
+        return True
 
 
-def encode_batch(op: str, key: str, items: Iterable[bytes], secret: bytes | None = None, **fields: Any) -> bytes:
-    """Encode a message whose ``key`` is a list of already-encoded JSON items,
-    so that each task or result is encoded once, when it is made."""
-    head = _dumps({"v": PROTOCOL_VERSION, "op": op, **fields})
-    body = b"".join((head[:-1].encode(), b',"', key.encode(), b'":[', b",".join(items), b"]}"))
-    return _sign(body, secret)
+class TLSFiles(collections.namedtuple("TLSFiles", "cert key ca")):
+    """PEM files for ``tls+tcp://`` addresses: this side's certificate and
+    key, and the CA that signed the other side's.  The plane needs ``cert``
+    and ``key``; given ``ca`` too, it wants a certificate signed by it from
+    every client and worker (mutual TLS).  A client or worker needs ``ca``
+    (to check the plane), and ``cert``/``key`` when the plane wants them."""
+
+    __slots__ = ()
+
+    def config(self, server: bool, address: str = "") -> Any:
+        """A pynng TLSConfig (for the plane's side if ``server``).
+
+        Raises:
+            ValueError: a file is missing or unreadable, or one is lacking.
+        """
+
+        def read(path: str | None, what: str) -> str | None:
+            if path is None:
+                return None
+            try:
+                with open(path) as f:
+                    return f.read()
+            except OSError as e:
+                raise ValueError(f"cannot read the TLS {what} {path}: {e.strerror}") from None
+
+        T = pynng.TLSConfig
+        if server:
+            if not (self.cert and self.key):
+                raise ValueError("a tls+tcp:// address needs --tls-cert and --tls-key")
+            cfg = T(T.MODE_SERVER, own_cert_string=read(self.cert, "certificate"),
+                    own_key_string=read(self.key, "key"), ca_string=read(self.ca, "CA"))  # fmt: skip
+            # AUTH_MODE_NONE given to TLSConfig() is ignored by pynng 0.9.0: set it
+            cfg.set_auth_mode(T.AUTH_MODE_REQUIRED if self.ca else T.AUTH_MODE_NONE)
+            return cfg
+        if not self.ca:
+            raise ValueError("a tls+tcp:// address needs --tls-ca (the CA that signed the plane's certificate)")
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        cfg = T(T.MODE_CLIENT, server_name=_host_of(address), ca_string=read(self.ca, "CA"),
+                own_cert_string=read(self.cert, "certificate"), own_key_string=read(self.key, "key"))  # fmt: skip
+        cfg.set_auth_mode(T.AUTH_MODE_REQUIRED)
+        return cfg
+
+
+def _tls_for(address: str, tls: TLSFiles | None, server: bool) -> Any:
+    """The TLS configuration a socket on ``address`` needs, or None."""
+    if not address.startswith("tls+tcp://"):
+        return None
+    return (tls or TLSFiles(None, None, None)).config(server, address)
+
+
+class _Freshness:
+    """The plane's side of freshness (see the protocol table): the tickets
+    of this boot and the message numbers each session has used.  A number is
+    taken once, and only within ``window`` of the session's highest.  At
+    most ``sessions`` sessions are kept: the one that came first is forgotten
+    first, and with it every ticket up to its own, so that what it sent can
+    never be taken again."""
+
+    def __init__(self, boot: str, window: int = FRESH_WINDOW, sessions: int = FRESH_SESSIONS) -> None:
+        self._boot = boot + "."
+        self._window = window
+        self._full = (1 << window) - 1
+        self._max = sessions
+        self._lock = threading.Lock()  # guards _seen, _issued and _floor
+        self._seen: dict[str, list] = {}  # session -> [highest n, bits below it, its ticket's K] (oldest first)
+        self._issued = 0  # the last ticket's K
+        self._floor = 0  # tickets up to this K are no longer good
+
+    def ticket(self) -> str:
+        """A new ticket (for a "stale" error)."""
+        with self._lock:
+            self._issued += 1
+            return f"{self._boot}{self._issued}"
+
+    def take(self, session: str, n: int, ticket: Any) -> str:
+        """Take message ``n`` of ``session``: "ok" if it is new and recent
+        enough, under a good ticket; "stale" if the ticket is not (or no
+        longer) good; "replay" if the number was taken or is too old."""
+        if type(ticket) is not str or not ticket.startswith(self._boot):
+            return "stale"
+        k = ticket[len(self._boot) :]
+        if not k.isdigit() or len(k) > 18:
+            return "stale"
+        k = int(k)
+        with self._lock:
+            if not self._floor < k <= self._issued:
+                return "stale"
+            entry = self._seen.get(session)
+            if entry is None:
+                self._seen[session] = [n, 1, k]
+                while len(self._seen) > self._max:  # forget the oldest, and every ticket up to its newest
+                    self._floor = max(self._floor, self._seen.pop(next(iter(self._seen)))[2])
+                return "ok"
+            high, bits = entry[0], entry[1]
+            if n > high:
+                shift = n - high
+                entry[0], entry[1] = n, ((bits << shift) | 1) & self._full if shift < self._window else 1
+            else:
+                bit = 1 << (high - n)
+                if high - n >= self._window or bits & bit:
+                    return "replay"
+                entry[1] = bits | bit
+            if k > entry[2]:  # a new ticket: its place is now at the back
+                entry[2] = k
+                del self._seen[session]
+                self._seen[session] = entry
+            return "ok"
+
+
+def derived_dashboard_token(secret: str | bytes) -> str:
+    """The dashboard token a plane with this secret asks for when it is not
+    given one: derived by a one-way function (HMAC-SHA256), so that knowing
+    it (the dashboard may travel over plain HTTP) does not give the secret."""
+    return _tag(_secret_bytes(secret) or b"", b"fastworker dashboard token").hex()[:32]
+
+
+def _host_name(header: str) -> str:
+    """The name part of a Host header ("[::1]:8080" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.partition(":")[0]
+
+
+###############################################################################
+# Task options and registry ###################################################
+###############################################################################
 
 
 def _check_options(opts: Any, error: type[Exception] = ValueError) -> None:
@@ -606,345 +955,6 @@ _FLOW_OPTIONS = ("key", "debounce", "debounce_max", "tenant", "concurrency", "ra
 _NO_FLOW: dict = {}
 _NO_FLOW_VALUES = (None,) * len(_FLOW_OPTIONS)
 _LIMITS = ("concurrency", "rate", "tenant_concurrency")  # a task name's limits, known to the plane
-
-
-def _rate_interval(rate: Any) -> float | None:
-    """Seconds between starts for a rate like "100/s" ("/m", "/h"), or None
-    if it is not one."""
-    if type(rate) is not str or len(rate) > 20:
-        return None
-    count, _, unit = rate.partition("/")
-    seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
-    if seconds is None or not count.strip().isdigit() or not 1 <= int(count) <= 1_000_000:
-        return None
-    return seconds / int(count)
-
-
-def encode_task(
-    id: str,
-    name: str,
-    args: Iterable = (),
-    kwargs: dict | None = None,
-    *,
-    priority: str | None = None,
-    retries: int | None = None,
-    timeout: float | None = None,
-    delay: float | None = None,
-    eta: float | None = None,
-    **flow: Any,
-) -> bytes:
-    """One TASK item.  ``flow`` holds the flow-control options (key,
-    debounce, debounce_max, tenant, concurrency, rate, tenant_concurrency).
-    Raises TypeError if an argument is not JSON-serializable and ValueError
-    for a bad option."""
-    task: dict[str, Any] = {"id": id, "name": name, "args": list(args), "kwargs": kwargs or {}}
-    options = (("priority", priority), ("retries", retries), ("timeout", timeout), ("delay", delay), ("eta", eta))
-    for key, value in options:
-        if value is not None:
-            task[key] = value
-    for key, value in flow.items():
-        if value is not None:
-            if key not in _FLOW_OPTIONS:
-                raise TypeError(f"unknown task option {key!r}")
-            task[key] = value
-    if len(task) > 4:
-        _check_options(task)
-    try:
-        data = _json_bytes(task)
-    except RecursionError:
-        data = b""
-    except TypeError:
-        raise TypeError(_not_json(name, task["args"], task["kwargs"])) from None
-    if not data or ((task["args"] or task["kwargs"]) and (_too_deep(task["args"]) or _too_deep(task["kwargs"]))):
-        raise ValueError(f"the arguments of task {name!r} are nested more than {MAX_DEPTH} deep")
-    return data
-
-
-def _not_json(name: str, args: list, kwargs: dict) -> str:
-    """Which argument of a task JSON cannot carry, and what to do."""
-    where = [(f"argument {i + 1}", v) for i, v in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
-    for label, value in where:
-        try:
-            _json_bytes(value)
-        except (TypeError, ValueError, RecursionError) as e:
-            return (f"{label} of task {name!r} cannot be sent: {e}; pass JSON values only (str, int, float, bool, "
-                    "None, list, dict with str keys): convert it first, e.g. list(a_set) or a_datetime.isoformat()")  # fmt: skip
-    return f"the arguments of task {name!r} cannot be sent as JSON"
-
-
-def _epoch(when: Any) -> float:
-    """Seconds since the epoch of an ETA: an aware datetime or a number.
-
-    Raises:
-        ValueError: a naive datetime (its time zone would be a guess), or neither.
-    """
-    if type(when) in _NUM:
-        return when
-    import datetime as dt
-
-    if isinstance(when, dt.datetime):
-        if when.utcoffset() is None:
-            raise ValueError(f"eta must be an aware datetime (with a time zone), not the naive {when.isoformat()}")
-        return when.timestamp()
-    raise ValueError(f"eta must be an aware datetime or seconds since the epoch, not {when!r}")
-
-
-def encode_result(id: str, state: str, result: Any = None, error: dict | None = None, run: int | None = None) -> bytes:
-    """One RESULT item.  Raises TypeError/ValueError if ``result`` is not JSON."""
-    if state == CANCELLED and error is None and run is None:  # (a cancel: its item is the same but for the id)
-        return b'{"id":%s,"state":"cancelled"}' % _dumps(id).encode()
-    r: dict[str, Any] = {"id": id, "state": state}
-    if error is not None:
-        r["error"] = error
-    elif state == SUCCEEDED:
-        r["result"] = result
-    if run is not None:
-        r["run"] = run
-    return _json_bytes(r)
-
-
-def _typed(value: Any, kind: Any) -> bool:
-    if isinstance(value, bool) and kind is not bool:
-        return False  # JSON true is not a number
-    return isinstance(value, kind)
-
-
-def _check_task(t: Any) -> dict:
-    """Validate one TASK item in place (filling in empty args and kwargs).
-    Written with exact type checks: it runs once per task on every hop."""
-    if type(t) is not dict:
-        raise ProtocolError("a task must be an object")
-    tid, name = t.get("id"), t.get("name")
-    if type(tid) is not str or not 0 < len(tid) <= _MAX_ID:
-        raise ProtocolError("task field 'id' must be a non-empty string")
-    if type(name) is not str or not 0 < len(name) <= _MAX_ID:
-        raise ProtocolError("task field 'name' must be a non-empty string")
-    args, kwargs = t.get("args"), t.get("kwargs")
-    if args is None:
-        t["args"] = []
-    elif type(args) is not list:
-        raise ProtocolError("task field 'args' must be a list")
-    if kwargs is None:
-        t["kwargs"] = {}
-    elif type(kwargs) is not dict:
-        raise ProtocolError("task field 'kwargs' must be an object")
-    if (args or kwargs) and (_too_deep(t["args"]) or _too_deep(t["kwargs"])):
-        raise ProtocolError(f"task {tid!r}: its arguments are nested more than {MAX_DEPTH} deep")
-    if len(t) > 4:  # options, or fields to ignore
-        _check_options(t, ProtocolError)
-        run = t.get("run")
-        if run is not None and type(run) is not int:
-            raise ProtocolError("task field 'run' must be an integer")
-    return t
-
-
-def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Is a JSON value nested deeper than ``limit``?  (Deep values decode,
-    but the plane cannot encode them again on every thread's stack.)"""
-    todo = [(value, 1)]
-    while todo:
-        v, depth = todo.pop()
-        if depth > limit:
-            return True
-        if type(v) is list:
-            todo.extend((x, depth + 1) for x in v if type(x) is list or type(x) is dict)
-        elif type(v) is dict:
-            todo.extend((x, depth + 1) for x in v.values() if type(x) is list or type(x) is dict)
-    return False
-
-
-def _check_ids(ids: list) -> None:
-    if len(ids) > MAX_IDS or not all(type(i) is str and len(i) <= _MAX_ID for i in ids):
-        raise ProtocolError(f"'ids' must be a list of at most {MAX_IDS} task ids")
-
-
-def _check_stamp(msg: dict) -> None:
-    """The freshness fields, where present (see the table)."""
-    s, n, b = msg.get("s"), msg.get("n"), msg.get("b")
-    if s is not None and (type(s) is not str or not 0 < len(s) <= 64):
-        raise ProtocolError("field 's' must be a session id")
-    if n is not None and (type(n) is not int or not 0 < n < 2**62):
-        raise ProtocolError("field 'n' must be a positive integer")
-    if b is not None and (type(b) is not str or len(b) > 64):
-        raise ProtocolError("field 'b' must be a boot id")
-    re = msg.get("re")
-    if re is not None and (type(re) is not list or len(re) != 2 or type(re[0]) is not str or type(re[1]) is not int):
-        raise ProtocolError("field 're' must be [session, number]")
-
-
-def _check_wait(msg: dict) -> None:
-    w = msg["wait"]
-    if not 0 <= w <= 86400:  # NaN and infinities fail too
-        raise ProtocolError("field 'wait' must be a number of seconds from 0 to 86400")
-    msg["wait"] = min(float(w), MAX_WAIT)
-
-
-def decode(data: bytes, secret: bytes | None = None) -> dict:
-    """Decode and validate one message.
-
-    Raises:
-        AuthenticationError: a secret is set and the tag is missing or wrong.
-        ProtocolError: anything else that is not a valid message.
-    """
-    if secret is not None:
-        tag, body = data[:_TAG], data[_TAG:]
-        if len(tag) < _TAG or not _same(tag, _tag(secret, body)):
-            raise AuthenticationError(_refusal(data) or "message has no valid tag for the shared secret")
-        data = body
-    try:
-        msg = _loads(data)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON
-        if len(data) > _TAG and data[_TAG : _TAG + 1] == b"{" and _is_json(data[_TAG:]):
-            raise AuthenticationError(
-                "the plane signs its messages: give this side its secret (--secret or FASTWORKER_SECRET)"
-            ) from None
-        raise ProtocolError(f"not a JSON message: {e}") from None
-    if type(msg) is not dict:
-        raise ProtocolError("a message must be a JSON object")
-    try:
-        return _validate(msg)
-    except ProtocolError as e:
-        s, n = msg.get("s"), msg.get("n")
-        if secret is not None and type(s) is str and 0 < len(s) <= 64 and type(n) is int:
-            e.stamp = (s, n)  # an authentic sender's message: its error reply is bound to it
-        raise
-
-
-def _validate(msg: dict) -> dict:
-    """Every field of a decoded message, by type and range (see OPS)."""
-    v = msg.get("v")
-    if type(v) is not int or v != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {v!r}")
-    op = msg.get("op")
-    fields = OPS.get(op) if type(op) is str else None
-    if fields is None:
-        raise ProtocolError(f"unknown op {op!r}")
-    for name, kind in fields.items():
-        if not _typed(msg.get(name), kind):
-            raise ProtocolError(f"op {op!r}: field {name!r} missing or of the wrong type")
-    if "s" in msg or "re" in msg:
-        _check_stamp(msg)
-    if op == "submit" or op == "tasks":
-        if op == "submit" and len(msg["client"]) > _MAX_ID:
-            raise ProtocolError("a client id is at most 200 characters")
-        for t in msg["tasks"]:
-            _check_task(t)
-    elif op in ("fetch", "status", "cancel", "cancelled"):
-        _check_ids(msg["ids"])
-        if op == "fetch":
-            _check_wait(msg)
-    elif op == "poll":
-        _check_wait(msg)
-        if len(msg["client"]) > _MAX_ID:
-            raise ProtocolError("a client id is at most 200 characters")
-    elif op in ("results", "pull"):
-        # a worker reports final states only; a fetch may find a task unfinished
-        states = TERMINAL if op == "pull" else _FETCH_STATES
-        for r in msg["results"]:
-            if type(r) is not dict or type(r.get("id")) is not str or type(r.get("state")) is not str:
-                raise ProtocolError("a result must be an object with 'id' and a valid 'state'")
-            if r["state"] not in states:
-                raise ProtocolError("a result must be an object with 'id' and a valid 'state'")
-            run = r.get("run")
-            if run is not None and type(run) is not int:
-                raise ProtocolError("result field 'run' must be an integer")
-        lost = msg.get("lost")
-        if lost is not None and (
-            type(lost) is not list or not all(type(x) is list and len(x) == 2 and type(x[0]) is str for x in lost)
-        ):
-            raise ProtocolError("field 'lost' must be a list of [task id, state]")
-        if op == "pull":
-            if not 0 < len(msg["worker"]) <= _MAX_ID or not 0 <= msg["credit"] <= 1_000_000:
-                raise ProtocolError("a pull needs a worker id of 1 to 200 characters and a credit from 0")
-            returned = msg.get("returned")
-            if returned is not None and (type(returned) is not list or not all(type(i) is str for i in returned)):
-                raise ProtocolError("field 'returned' must be a list of task ids")
-            info = msg.get("info")
-            if info is not None and type(info) is not dict:
-                raise ProtocolError("field 'info' must be an object")
-            if type(msg.get("leaving", False)) is not bool:
-                raise ProtocolError("field 'leaving' must be true or false")
-    elif op == "purge":
-        if msg.get("priority") not in (None, *PRIORITIES):
-            raise ProtocolError("field 'priority' must be one of " + ", ".join(PRIORITIES))
-    elif op == "recent":
-        state, search = msg.get("state"), msg.get("search")
-        if not 0 <= msg["limit"] <= MAX_RECENT or state not in (None, *STATES):
-            raise ProtocolError(f"a 'recent' needs a limit of 0 to {MAX_RECENT} and a state of " + ", ".join(STATES))
-        if search is not None and (type(search) is not str or len(search) > _MAX_ID):
-            raise ProtocolError("field 'search' must be a string of at most 200 characters")
-    elif op == "statuses":
-        for s in msg["statuses"]:
-            if type(s) is not dict or type(s.get("id")) is not str or type(s.get("state")) is not str:
-                raise ProtocolError("a status must be an object with an 'id' and a 'state'")
-    elif op == "heartbeat":
-        wid = msg["worker"].get("id")
-        if type(wid) is not str or not 0 < len(wid) <= _MAX_ID:
-            raise ProtocolError("a heartbeat's worker must have a string 'id'")
-    return msg
-
-
-def _is_json(data: bytes) -> bool:
-    try:
-        _loads(data)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-def _refusal(data: bytes) -> str | None:
-    """The text of an unsigned "auth" error (how a plane answers a message it
-    could not verify), or None."""
-    if data[:1] != b"{":
-        return None
-    try:
-        msg = _loads(data)
-        err = msg["error"]
-        if msg["op"] == "error" and err["kind"] == "auth":
-            return f"the plane refused this side's message: {err['message']} (check --secret)"[:500]
-    except (ValueError, RecursionError, TypeError, KeyError):
-        pass
-    return None
-
-
-class _Session:
-    """A sender's side of freshness, with a secret (see the table): its
-    session id, the numbers of its messages, the ticket the plane gave it.
-    Shared by the threads of one client or worker."""
-
-    def __init__(self, secret: bytes | None) -> None:
-        self.secret = secret
-        self.id = os.urandom(8).hex()
-        self._numbers = itertools.count(1)  # next() is atomic: threads share it
-        self.ticket = ""  # the plane's, once it gave one
-
-    def stamp(self) -> dict:
-        """The fields that make one message fresh (none without a secret)."""
-        if self.secret is None:
-            return {}
-        return {"s": self.id, "n": next(self._numbers), "b": self.ticket}
-
-    def answers(self, reply: dict, stamp: dict) -> bool:
-        """Does ``reply`` answer the message stamped ``stamp``?  False if the
-        plane gave a new ticket instead (send it again).
-
-        Raises:
-            ProtocolError: it answers another request (a replay, or a man in
-                the middle).
-        """
-        if self.secret is None:
-            return True
-        if reply.get("re") != [stamp["s"], stamp["n"]]:
-            raise ProtocolError("a reply that does not answer this request (replayed or misrouted): dropped")
-        if reply["op"] == "error" and reply["error"].get("kind") == "stale":
-            self.ticket = reply.get("b") or ""
-            return False
-        return True
-
-
-###############################################################################
-# Task registry ################################################################
-###############################################################################
 
 
 class TaskSpec:
@@ -1160,49 +1170,493 @@ def _import_tasks(modules: Iterable[str]) -> None:
 
 
 ###############################################################################
-# Data structures ##############################################################
+# Wire protocol ###############################################################
+###############################################################################
+#
+# Every message is one JSON object (UTF-8) with the protocol version "v" and
+# an "op".  With a shared secret, the object is preceded by a 32-byte
+# HMAC-SHA256 tag over the JSON bytes.  Messages that carry tasks, results or
+# events carry a *list* of them, so batching needs no new message.
+#
+#   op         from -> to        fields
+#   ---------  ----------------  --------------------------------------------
+#   submit     client -> plane   client:str, tasks:[TASK]
+#   accepted   plane -> client   plane:str, rejected:[{id, error:ERROR}]
+#   poll       client -> plane   client:str, wait:num   (held until results)
+#   results    plane -> client   plane:str, boot:str (new each time the plane
+#                                process starts), results:[RESULT], resync?:bool
+#                                (results were dropped: ask for them), closing?:bool,
+#                                lost?:[[id, state]] (a closing plane's tasks
+#                                of this client that will not finish)
+#   fetch      client -> plane   ids:[str], wait:num    (results of any task)
+#   status     client -> plane   ids:[str]
+#   statuses   plane -> client   statuses:[{id, state, ...}]
+#   cancel     client -> plane   ids:[str]
+#   cancelled  plane -> client   ids:[str]              (those it cancelled)
+#   purge      client -> plane   priority?:str          (cancel every queued task
+#                                of that priority, or of all)
+#   purged     plane -> client   count:int
+#   recent     client -> plane   limit:int, state?:str, search?:str (recent
+#                                tasks, newest first: answered with "statuses")
+#   stats      client -> plane   -
+#   report     plane -> client   stats:{...}            (as /api/stats)
+#   hello      any -> plane      -
+#   welcome    plane -> any      plane:str, version:str, events:str, heartbeats:str,
+#                                tasks:[str]
+#   bye        client -> plane   client:str
+#   ok         plane -> client   -
+#   pull       worker -> plane   worker:str, credit:int, results:[RESULT],
+#                                info?:WORKER (to register), returned?:[str]
+#                                (ids handed back unfinished), leaving?:bool
+#                                (its last: it stops); held until there is
+#                                work for the worker
+#   tasks      plane -> worker   plane:str, tasks:[TASK], register?:bool (send
+#                                info), heartbeat?:str, heartbeat_interval?:num
+#   heartbeat  worker -> plane   worker:{id:str, ...}       (PUB/SUB)
+#   events     plane -> any      events:[{id, name, state, ...}]  (PUB/SUB)
+#   error      plane -> any      error:ERROR
+#
+#   TASK   = {id:str, name:str, args:list, kwargs:dict, priority?:str,
+#             retries?:int, timeout?:num, delay?:num, run?:int}
+#            (the plane numbers each run of a task it dispatches: "run")
+#   RESULT = {id:str, state:"succeeded"|"failed"|"cancelled",
+#             result?:any, error?:ERROR, run?:int}  (a fetch also
+#             answers "queued", "scheduled", "running" or "unknown" for tasks
+#             without a result; a worker's result names the run it is from)
+#   ERROR  = {kind:str, type:str, message:str, traceback:str}
+#   WORKER = {id, name, host, pid, concurrency, version, in_flight?,
+#             tasks:{name: {priority?, retries?, timeout?}},
+#             holding?:[str] (ids of the tasks it has and has not reported)}
+#
+# With a secret, messages are also fresh and bound.  Every request and
+# heartbeat carries s:str (its sender's session), n:int (numbered from 1 in
+# that session) and b:str (a ticket "BOOT.K" the plane gave the session: BOOT
+# is new each time the plane process starts, K numbers the tickets of that
+# boot; "" until the sender has one).  The plane takes each (s, n) once,
+# only within a window below the highest n of the session, and only with a
+# ticket of its own boot that is still good, so no recorded message is taken
+# again, by it or by a restarted plane.  The plane keeps FRESH_SESSIONS
+# sessions; forgetting one makes every ticket up to its K no longer good.
+# Every reply carries re:[s, n] (the request it answers) and b (the boot);
+# an "error" of kind "stale" carries a new ticket in b: send again with it.
+# Events carry b and n (numbered by the plane).  All of it is under the tag.
+#
+# A malformed message, an unknown op or version, or a missing or mistyped
+# field is a ProtocolError: a REQ/REP peer gets an "error" reply and the
+# receiver counts it; PUB/SUB messages are counted and dropped.  A message
+# whose tag is wrong is answered with an unsigned "error" of kind "auth", so
+# that a client with no secret, or the wrong one, can read why.
+
+PROTOCOL_VERSION = 2
+
+# op -> {field: type}; every listed field is required.
+OPS: dict[str, dict[str, Any]] = {
+    "submit": {"client": str, "tasks": list},
+    "accepted": {"plane": str, "rejected": list},
+    "poll": {"client": str, "wait": _NUM},
+    "results": {"plane": str, "results": list},
+    "fetch": {"ids": list, "wait": _NUM},
+    "status": {"ids": list},
+    "statuses": {"statuses": list},
+    "cancel": {"ids": list},
+    "cancelled": {"ids": list},
+    "purge": {},
+    "purged": {"count": int},
+    "recent": {"limit": int},
+    "stats": {},
+    "report": {"stats": dict},
+    "hello": {},
+    "welcome": {"plane": str, "version": str},
+    "bye": {"client": str},
+    "ok": {},
+    "pull": {"worker": str, "credit": int, "results": list},
+    "tasks": {"plane": str, "tasks": list},
+    "heartbeat": {"worker": dict},
+    "events": {"events": list},
+    "error": {"error": dict},
+}
+
+_TAG = 32  # bytes of HMAC-SHA256
+_FETCH_STATES = frozenset((*STATES, "unknown"))
+
+
+def encode(op: str, secret: bytes | None = None, **fields: Any) -> bytes:
+    """Encode one message.  Raises TypeError for values JSON cannot encode."""
+    msg = {"v": PROTOCOL_VERSION, "op": op}
+    msg.update(fields)
+    return _sign(_json_bytes(msg), secret)
+
+
+def encode_batch(op: str, key: str, items: Iterable[bytes], secret: bytes | None = None, **fields: Any) -> bytes:
+    """Encode a message whose ``key`` is a list of already-encoded JSON items,
+    so that each task or result is encoded once, when it is made."""
+    head = _dumps({"v": PROTOCOL_VERSION, "op": op, **fields})
+    body = b"".join((head[:-1].encode(), b',"', key.encode(), b'":[', b",".join(items), b"]}"))
+    return _sign(body, secret)
+
+
+def encode_task(
+    id: str,
+    name: str,
+    args: Iterable = (),
+    kwargs: dict | None = None,
+    *,
+    priority: str | None = None,
+    retries: int | None = None,
+    timeout: float | None = None,
+    delay: float | None = None,
+    eta: float | None = None,
+    **flow: Any,
+) -> bytes:
+    """One TASK item.  ``flow`` holds the flow-control options (key,
+    debounce, debounce_max, tenant, concurrency, rate, tenant_concurrency).
+    Raises TypeError if an argument is not JSON-serializable and ValueError
+    for a bad option."""
+    task: dict[str, Any] = {"id": id, "name": name, "args": list(args), "kwargs": kwargs or {}}
+    options = (("priority", priority), ("retries", retries), ("timeout", timeout), ("delay", delay), ("eta", eta))
+    for key, value in options:
+        if value is not None:
+            task[key] = value
+    for key, value in flow.items():
+        if value is not None:
+            if key not in _FLOW_OPTIONS:
+                raise TypeError(f"unknown task option {key!r}")
+            task[key] = value
+    if len(task) > 4:
+        _check_options(task)
+    try:
+        data = _json_bytes(task)
+    except RecursionError:
+        data = b""
+    except TypeError:
+        raise TypeError(_not_json(name, task["args"], task["kwargs"])) from None
+    if not data or ((task["args"] or task["kwargs"]) and (_too_deep(task["args"]) or _too_deep(task["kwargs"]))):
+        raise ValueError(f"the arguments of task {name!r} are nested more than {MAX_DEPTH} deep")
+    return data
+
+
+def _not_json(name: str, args: list, kwargs: dict) -> str:
+    """Which argument of a task JSON cannot carry, and what to do."""
+    where = [(f"argument {i + 1}", v) for i, v in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for label, value in where:
+        try:
+            _json_bytes(value)
+        except (TypeError, ValueError, RecursionError) as e:
+            return (f"{label} of task {name!r} cannot be sent: {e}; pass JSON values only (str, int, float, bool, "
+                    "None, list, dict with str keys): convert it first, e.g. list(a_set) or a_datetime.isoformat()")  # fmt: skip
+    return f"the arguments of task {name!r} cannot be sent as JSON"
+
+
+def encode_result(id: str, state: str, result: Any = None, error: dict | None = None, run: int | None = None) -> bytes:
+    """One RESULT item.  Raises TypeError/ValueError if ``result`` is not JSON."""
+    if state == CANCELLED and error is None and run is None:  # (a cancel: its item is the same but for the id)
+        return b'{"id":%s,"state":"cancelled"}' % _dumps(id).encode()
+    r: dict[str, Any] = {"id": id, "state": state}
+    if error is not None:
+        r["error"] = error
+    elif state == SUCCEEDED:
+        r["result"] = result
+    if run is not None:
+        r["run"] = run
+    return _json_bytes(r)
+
+
+def _typed(value: Any, kind: Any) -> bool:
+    if isinstance(value, bool) and kind is not bool:
+        return False  # JSON true is not a number
+    return isinstance(value, kind)
+
+
+def _check_task(t: Any) -> dict:
+    """Validate one TASK item in place (filling in empty args and kwargs).
+    Written with exact type checks: it runs once per task on every hop."""
+    if type(t) is not dict:
+        raise ProtocolError("a task must be an object")
+    tid, name = t.get("id"), t.get("name")
+    if type(tid) is not str or not 0 < len(tid) <= _MAX_ID:
+        raise ProtocolError("task field 'id' must be a non-empty string")
+    if type(name) is not str or not 0 < len(name) <= _MAX_ID:
+        raise ProtocolError("task field 'name' must be a non-empty string")
+    args, kwargs = t.get("args"), t.get("kwargs")
+    if args is None:
+        t["args"] = []
+    elif type(args) is not list:
+        raise ProtocolError("task field 'args' must be a list")
+    if kwargs is None:
+        t["kwargs"] = {}
+    elif type(kwargs) is not dict:
+        raise ProtocolError("task field 'kwargs' must be an object")
+    if (args or kwargs) and (_too_deep(t["args"]) or _too_deep(t["kwargs"])):
+        raise ProtocolError(f"task {tid!r}: its arguments are nested more than {MAX_DEPTH} deep")
+    if len(t) > 4:  # options, or fields to ignore
+        _check_options(t, ProtocolError)
+        run = t.get("run")
+        if run is not None and type(run) is not int:
+            raise ProtocolError("task field 'run' must be an integer")
+    return t
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Is a JSON value nested deeper than ``limit``?  (Deep values decode,
+    but the plane cannot encode them again on every thread's stack.)"""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > limit:
+            return True
+        if type(v) is list:
+            todo.extend((x, depth + 1) for x in v if type(x) is list or type(x) is dict)
+        elif type(v) is dict:
+            todo.extend((x, depth + 1) for x in v.values() if type(x) is list or type(x) is dict)
+    return False
+
+
+def _check_ids(ids: list) -> None:
+    if len(ids) > MAX_IDS or not all(type(i) is str and len(i) <= _MAX_ID for i in ids):
+        raise ProtocolError(f"'ids' must be a list of at most {MAX_IDS} task ids")
+
+
+def _check_stamp(msg: dict) -> None:
+    """The freshness fields, where present (see the table)."""
+    s, n, b = msg.get("s"), msg.get("n"), msg.get("b")
+    if s is not None and (type(s) is not str or not 0 < len(s) <= 64):
+        raise ProtocolError("field 's' must be a session id")
+    if n is not None and (type(n) is not int or not 0 < n < 2**62):
+        raise ProtocolError("field 'n' must be a positive integer")
+    if b is not None and (type(b) is not str or len(b) > 64):
+        raise ProtocolError("field 'b' must be a boot id")
+    re = msg.get("re")
+    if re is not None and (type(re) is not list or len(re) != 2 or type(re[0]) is not str or type(re[1]) is not int):
+        raise ProtocolError("field 're' must be [session, number]")
+
+
+def _check_wait(msg: dict) -> None:
+    w = msg["wait"]
+    if not 0 <= w <= 86400:  # NaN and infinities fail too
+        raise ProtocolError("field 'wait' must be a number of seconds from 0 to 86400")
+    msg["wait"] = min(float(w), MAX_WAIT)
+
+
+def decode(data: bytes, secret: bytes | None = None) -> dict:
+    """Decode and validate one message.
+
+    Raises:
+        AuthenticationError: a secret is set and the tag is missing or wrong.
+        ProtocolError: anything else that is not a valid message.
+    """
+    if secret is not None:
+        tag, body = data[:_TAG], data[_TAG:]
+        if len(tag) < _TAG or not _same(tag, _tag(secret, body)):
+            raise AuthenticationError(_refusal(data) or "message has no valid tag for the shared secret")
+        data = body
+    try:
+        msg = _loads(data)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON
+        if len(data) > _TAG and data[_TAG : _TAG + 1] == b"{" and _is_json(data[_TAG:]):
+            raise AuthenticationError(
+                "the plane signs its messages: give this side its secret (--secret or FASTWORKER_SECRET)"
+            ) from None
+        raise ProtocolError(f"not a JSON message: {e}") from None
+    if type(msg) is not dict:
+        raise ProtocolError("a message must be a JSON object")
+    try:
+        return _validate(msg)
+    except ProtocolError as e:
+        s, n = msg.get("s"), msg.get("n")
+        if secret is not None and type(s) is str and 0 < len(s) <= 64 and type(n) is int:
+            e.stamp = (s, n)  # an authentic sender's message: its error reply is bound to it
+        raise
+
+
+def _validate(msg: dict) -> dict:
+    """Every field of a decoded message, by type and range (see OPS)."""
+    v = msg.get("v")
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {v!r}")
+    op = msg.get("op")
+    fields = OPS.get(op) if type(op) is str else None
+    if fields is None:
+        raise ProtocolError(f"unknown op {op!r}")
+    for name, kind in fields.items():
+        if not _typed(msg.get(name), kind):
+            raise ProtocolError(f"op {op!r}: field {name!r} missing or of the wrong type")
+    if "s" in msg or "re" in msg:
+        _check_stamp(msg)
+    if op == "submit" or op == "tasks":
+        if op == "submit" and not 0 < len(msg["client"]) <= _MAX_ID:
+            raise ProtocolError("a client id is a string of 1 to 200 characters")
+        for t in msg["tasks"]:
+            _check_task(t)
+    elif op in ("fetch", "status", "cancel", "cancelled"):
+        _check_ids(msg["ids"])
+        if op == "fetch":
+            _check_wait(msg)
+    elif op == "poll":
+        _check_wait(msg)
+        if not 0 < len(msg["client"]) <= _MAX_ID:
+            raise ProtocolError("a client id is a string of 1 to 200 characters")
+    elif op in ("results", "pull"):
+        # a worker reports final states only; a fetch may find a task unfinished
+        states = TERMINAL if op == "pull" else _FETCH_STATES
+        for r in msg["results"]:
+            if type(r) is not dict or type(r.get("id")) is not str or type(r.get("state")) is not str:
+                raise ProtocolError("a result must be an object with 'id' and a valid 'state'")
+            if r["state"] not in states:
+                raise ProtocolError("a result must be an object with 'id' and a valid 'state'")
+            run = r.get("run")
+            if run is not None and type(run) is not int:
+                raise ProtocolError("result field 'run' must be an integer")
+        lost = msg.get("lost")
+        if lost is not None and (
+            type(lost) is not list or not all(type(x) is list and len(x) == 2 and type(x[0]) is str for x in lost)
+        ):
+            raise ProtocolError("field 'lost' must be a list of [task id, state]")
+        if op == "pull":
+            if not 0 < len(msg["worker"]) <= _MAX_ID or not 0 <= msg["credit"] <= 1_000_000:
+                raise ProtocolError("a pull needs a worker id of 1 to 200 characters and a credit from 0")
+            returned = msg.get("returned")
+            if returned is not None and (type(returned) is not list or not all(type(i) is str for i in returned)):
+                raise ProtocolError("field 'returned' must be a list of task ids")
+            info = msg.get("info")
+            if info is not None and type(info) is not dict:
+                raise ProtocolError("field 'info' must be an object")
+            if type(msg.get("leaving", False)) is not bool:
+                raise ProtocolError("field 'leaving' must be true or false")
+    elif op == "purge":
+        if msg.get("priority") not in (None, *PRIORITIES):
+            raise ProtocolError("field 'priority' must be one of " + ", ".join(PRIORITIES))
+    elif op == "recent":
+        state, search = msg.get("state"), msg.get("search")
+        if not 0 <= msg["limit"] <= MAX_RECENT or state not in (None, *STATES):
+            raise ProtocolError(f"a 'recent' needs a limit of 0 to {MAX_RECENT} and a state of " + ", ".join(STATES))
+        if search is not None and (type(search) is not str or len(search) > _MAX_ID):
+            raise ProtocolError("field 'search' must be a string of at most 200 characters")
+    elif op == "statuses":
+        for s in msg["statuses"]:
+            if type(s) is not dict or type(s.get("id")) is not str or type(s.get("state")) is not str:
+                raise ProtocolError("a status must be an object with an 'id' and a 'state'")
+    elif op == "heartbeat":
+        wid = msg["worker"].get("id")
+        if type(wid) is not str or not 0 < len(wid) <= _MAX_ID:
+            raise ProtocolError("a heartbeat's worker must have a string 'id'")
+    return msg
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        _loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _refusal(data: bytes) -> str | None:
+    """The text of an unsigned "auth" error (how a plane answers a message it
+    could not verify), or None."""
+    if data[:1] != b"{":
+        return None
+    try:
+        msg = _loads(data)
+        err = msg["error"]
+        if msg["op"] == "error" and err["kind"] == "auth":
+            return f"the plane refused this side's message: {err['message']} (check --secret)"[:500]
+    except (ValueError, RecursionError, TypeError, KeyError):
+        pass
+    return None
+
+
+def _aliased(item: bytes, tid: str, alias: str) -> bytes:
+    """A RESULT item under another task id (for a submission that joined it)."""
+    head = b'{"id":' + _json_bytes(tid)
+    if item.startswith(head):
+        return b'{"id":' + _json_bytes(alias) + item[len(head) :]
+    r = _loads(item)
+    r["id"] = alias
+    return _json_bytes(r)
+
+
+###############################################################################
+# Wire protocol: the plane's events ###########################################
+###############################################################################
+# What happens to the plane, as records: the shell makes one of each request
+# (request_event), of each closed connection, finished run and passing of
+# time, and gives it to the plane's core (PlaneCore.handle).  ``req`` is the
+# handle the shell answers a request on; ``conn`` the connection it came on.
+Submit = collections.namedtuple("Submit", "req client tasks")
+Poll = collections.namedtuple("Poll", "req conn client wait")
+Fetch = collections.namedtuple("Fetch", "req conn ids wait")
+Status = collections.namedtuple("Status", "req ids")
+#: ``req`` None: a piece of a longer request, whose cancelled ids go ``into`` a list.
+Cancel = collections.namedtuple("Cancel", "req ids into only_queued", defaults=(None, False))
+Purge = collections.namedtuple("Purge", "req priority")  # (the shell cancels the queued ones in pieces)
+Recent = collections.namedtuple("Recent", "req limit state search")
+Stats = collections.namedtuple("Stats", "req shell", defaults=(None,))  # shell: what only the shell knows
+Hello = collections.namedtuple("Hello", "req fields", defaults=(None,))
+Bye = collections.namedtuple("Bye", "req client")
+Pull = collections.namedtuple("Pull", "req conn worker credit results returned info leaving")
+Answer = collections.namedtuple("Answer", "req op fields items")  # a reply the shell made in pieces
+Heartbeat = collections.namedtuple("Heartbeat", "worker")
+ConnClosed = collections.namedtuple("ConnClosed", "conn")
+LocalDone = collections.namedtuple("LocalDone", "finished")  # runs of the plane's own executor
+Tick = collections.namedtuple("Tick", ())  # time passed
+TICK = Tick()
+Stop = collections.namedtuple("Stop", ())  # take no more work
+Close = collections.namedtuple("Close", ())  # say the last word to every client
+Restore = collections.namedtuple("Restore", "saved")  # what a journal holds
+Listening = collections.namedtuple("Listening", "heartbeats max_message_size")
+Subscribed = collections.namedtuple("Subscribed", "delta")  # event subscribers came or went
+
+
+def request_event(msg: dict, req: int, conn: int) -> Any:
+    """The event a decoded, valid request is.
+
+    Raises:
+        ProtocolError: the op is not a request the plane serves.
+    """
+    op = msg["op"]
+    if op == "submit":
+        return Submit(req, msg["client"], msg["tasks"])
+    if op == "poll":
+        return Poll(req, conn, msg["client"], msg["wait"])
+    if op == "pull":
+        return Pull(req, conn, msg["worker"], msg["credit"], msg["results"], msg.get("returned") or [],
+                    msg.get("info"), bool(msg.get("leaving")))  # fmt: skip
+    if op == "fetch":
+        return Fetch(req, conn, msg["ids"], msg["wait"])
+    if op == "status":
+        return Status(req, msg["ids"])
+    if op == "cancel":
+        return Cancel(req, msg["ids"])
+    if op == "purge":
+        return Purge(req, msg.get("priority"))
+    if op == "recent":
+        return Recent(req, msg["limit"], msg.get("state"), msg.get("search"))
+    if op == "stats":
+        return Stats(req)
+    if op == "hello":
+        return Hello(req)
+    if op == "bye":
+        return Bye(req, msg["client"])
+    raise ProtocolError(f"op {op!r} is not a request the plane serves")
+
+
+###############################################################################
+# Data structures #############################################################
 ###############################################################################
 #
 # None of these is thread-safe: the plane's lock guards them all.
 
 
 class _Task:
-    """A task as the plane tracks it from submission to its final state."""
+    """A task as the plane tracks it from submission to its final state.
+    Its times for people (``submitted``, ``started``, ``finished``) are on
+    the wall clock; ``t0`` (a run's start) and ``due`` of a delay or a
+    retry are on the monotonic clock, an ETA's ``due`` on the wall clock."""
 
-    __slots__ = (
-        "id",
-        "name",
-        "args",
-        "kwargs",
-        "rank",
-        "retries",
-        "timeout",
-        "client",
-        "state",
-        "attempts",
-        "runs",
-        "submitted",
-        "started",
-        "finished",
-        "worker",
-        "holder",
-        "error",
-        "watchers",
-        "item",
-        "seq",
-        "queued",
-        "due",
-        "timer",
-        "wire",
-        "crashes",
-        "failures",
-        "tenant",
-        "key",
-        "limits",
-        "blocked",
-        "joined",
-        "burst",
-    )
+    __slots__ = ("id", "name", "args", "kwargs", "rank", "retries", "timeout", "client", "state", "attempts", "runs",
+                 "submitted", "started", "finished", "t0", "took", "worker", "holder", "error", "watchers", "item",
+                 "seq", "queued", "due", "on_wall", "timer", "wire", "crashes", "failures", "tenant", "key", "limits",
+                 "blocked", "joined", "burst", "schedule")  # fmt: skip
 
     def __init__(self, t: dict, rank: int, retries: int, timeout: float | None, client: str, now: float) -> None:
         self.id = t["id"]
@@ -1213,12 +1667,14 @@ class _Task:
         self.retries = retries
         self.timeout = timeout
         self.client = client
-        self.state = None  # set by the core's first move
+        self.state = None  # set by the table's first move
         self.attempts = 0  # runs started (an attempt handed back unfinished does not count)
         self.runs = 0  # dispatches: a result must name the run it is from
-        self.submitted = now
-        self.started = None
-        self.finished = None
+        self.submitted = now  # (wall)
+        self.started = None  # its last run's start (wall)
+        self.finished = None  # (wall)
+        self.t0 = None  # its last run's start (mono)
+        self.took = None  # how long its last run took, once final
         self.worker = None  # name of the worker running or last running it
         self.holder = None  # the _WorkerState running it now
         self.error = None  # "Type: message" of the last failed attempt
@@ -1226,8 +1682,9 @@ class _Task:
         self.item = None  # the encoded RESULT, once final
         self.seq = None  # its place in the queue, kept when it is put back
         self.queued = False  # it has a live entry in the queue's heap
-        self.due = None  # when a scheduled task becomes due
-        self.timer = None  # its live entry in the timer heap
+        self.due = None  # when a scheduled task comes due (on the clock ``on_wall`` says)
+        self.on_wall = False  # its due time is an ETA, on the wall clock (else the monotonic one)
+        self.timer = None  # its live entry in a timer heap
         self.wire = None  # the TASK item a worker receives, encoded once
         self.crashes = 0  # plane crashes it was running through (journal)
         self.failures = None  # its failed runs, oldest first (at most MAX_RUNS_KEPT): see detail()
@@ -1235,11 +1692,12 @@ class _Task:
         self.key = None  # while it is unfinished, submissions with this key join it
         self.limits = None  # (concurrency, seconds between starts, per-tenant concurrency) or None: no limit
         self.blocked = None  # set aside by a limit while queued: "concurrency", "rate" or "tenant"
-        self.joined = None  # clients whose submissions joined it (by its key): they get its result too
-        self.burst = None  # a debounced task: (its burst's first submission, debounce, debounce_max)
+        self.joined = None  # id -> [client, cancelled] of the submissions that joined it (by its key)
+        self.burst = None  # a debounced task: (its burst's first submission (mono), debounce, debounce_max)
+        self.schedule = None  # the name of the periodic task it is a run of
 
     def wire_bytes(self) -> bytes:
-        """The TASK item for a worker, without the attempt number."""
+        """The TASK item for a worker, without the run number."""
         if self.wire is None:
             t: dict[str, Any] = {"id": self.id, "name": self.name, "args": self.args, "kwargs": self.kwargs}
             if self.timeout is not None:
@@ -1247,25 +1705,29 @@ class _Task:
             self.wire = _json_bytes(t)
         return self.wire
 
-    def summary(self, now: float) -> dict:
-        """What status() and the dashboard show."""
-        end = self.finished or now
-        return {
-            "id": self.id,
-            "name": self.name,
-            "state": self.state,
-            "priority": PRIORITIES[self.rank],
-            "attempts": self.attempts,
-            "worker": self.worker,
-            "submitted_at": self.submitted,
-            "started_at": self.started,
-            "finished_at": self.finished,
-            "due_at": self.due if self.state == SCHEDULED else None,
-            "duration": None if self.started is None else round(end - self.started, 6),
-            "error": self.error,
-        }
+    def due_at(self, now: At) -> float | None:
+        """When a scheduled task is due, by the wall clock (for people)."""
+        if self.state != SCHEDULED or self.due is None:
+            return None
+        return self.due if self.on_wall else now.wall + (self.due - now.mono)
 
-    def detail(self, now: float, show_args: bool) -> dict:
+    def duration(self, now: At) -> float | None:
+        if self.took is not None:
+            return round(self.took, 6)
+        if self.started is None:
+            return None
+        if self.finished is not None:
+            return round(self.finished - self.started, 6)
+        return round(now.mono - self.t0 if self.t0 is not None else now.wall - self.started, 6)
+
+    def summary(self, now: At) -> dict:
+        """What status() and the dashboard show."""
+        return {"id": self.id, "name": self.name, "state": self.state, "priority": PRIORITIES[self.rank],
+                "attempts": self.attempts, "worker": self.worker, "submitted_at": self.submitted,
+                "started_at": self.started, "finished_at": self.finished, "due_at": self.due_at(now),
+                "duration": self.duration(now), "error": self.error}  # fmt: skip
+
+    def detail(self, now: At, show_args: bool) -> dict:
         """What a task's page shows: its summary, every run with worker,
         times and error (the last failure's traceback in full), and its
         arguments if the operator opted in."""
@@ -1279,6 +1741,8 @@ class _Task:
         out["traceback"] = runs[-1]["traceback"] if runs and self.state == FAILED else None
         if show_args and self.args is not None:
             out["args"], out["kwargs"] = self.args, self.kwargs
+        if self.schedule is not None:
+            out["schedule"] = self.schedule
         return out
 
 
@@ -1626,22 +2090,22 @@ class ResultCache:
         self.ttl = ttl
         self._data: collections.OrderedDict = collections.OrderedDict()
         self.hits = self.misses = self.evictions = self.expired = 0
-        self.dropped: list | None = None  # when a list: the keys dropped, for whoever keeps a copy
+        self.dropped: list | None = None  # when a list: the (key, value) entries dropped, for whoever keeps a copy
 
     def put(self, key: str, value: Any, now: float) -> None:
         """Store ``value``; it expires ``ttl`` seconds after ``now``."""
         if self.max_size == 0:
             if self.dropped is not None:
-                self.dropped.append(key)
+                self.dropped.append((key, value))
             return
         data = self._data
         data[key] = (now + self.ttl, value)
         data.move_to_end(key)
         while len(data) > self.max_size:
-            old = data.popitem(last=False)[0]
+            old, (_, value) = data.popitem(last=False)
             self.evictions += 1
             if self.dropped is not None:
-                self.dropped.append(old)
+                self.dropped.append((old, value))
 
     def get(self, key: str, now: float) -> Any:
         """The value, or None if it was never stored, was evicted or expired."""
@@ -1654,7 +2118,7 @@ class ResultCache:
             self.expired += 1
             self.misses += 1
             if self.dropped is not None:
-                self.dropped.append(key)
+                self.dropped.append((key, entry[1]))
             return None
         self._data.move_to_end(key)
         self.hits += 1
@@ -1670,8 +2134,8 @@ class ResultCache:
 
     def reap(self, now: float) -> int:
         """Drop every expired entry; returns how many."""
-        dead = [k for k, (expires, _) in self._data.items() if expires <= now]
-        for k in dead:
+        dead = [(k, value) for k, (expires, value) in self._data.items() if expires <= now]
+        for k, _ in dead:
             del self._data[k]
         self.expired += len(dead)
         if self.dropped is not None:
@@ -1685,291 +2149,622 @@ class ResultCache:
         return CacheInfo(self.hits, self.misses, self.evictions, self.expired, len(self._data), self.max_size, self.ttl)
 
 
-# Cron: when a periodic task is due.  Standard five fields; wall-clock
-# semantics in a time zone, so a daylight-saving change neither skips nor
-# doubles a run: a wall time the change skips runs at the first minute that
-# exists after it, one that occurs twice runs at its first occurrence only.
-
-_CRON_FIELDS = (  # name, lowest, highest, names
-    ("minute", 0, 59, ()),
-    ("hour", 0, 23, ()),
-    ("day of month", 1, 31, ()),
-    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
-    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
-)
-_CRON_MACROS = {
-    "@hourly": "0 * * * *",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@weekly": "0 0 * * 0",
-    "@monthly": "0 0 1 * *",
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-}
-_CRON_HORIZON = 29 * 366  # days searched for the next match (a given day and weekday can be 28 years apart)
-
-
-def _cron_field(text: str, name: str, lo: int, hi: int, names: tuple) -> frozenset:
-    """The values one cron field allows ("*/15", "1-5,mon", ...)."""
-
-    def value(v: str) -> int:
-        v = v.lower()
-        if v in names:
-            return names.index(v) + (1 if name == "month" else 0)
-        if not v.isdigit():
-            raise ValueError(f"cron {name} field {text!r}: {v!r} is not a number{' or a name' if names else ''}")
-        n = int(v)
-        if not lo <= n <= hi:
-            raise ValueError(f"cron {name} field {text!r}: {n} is out of range {lo}-{hi}")
-        return n
-
-    out: set[int] = set()
-    for part in text.split(","):
-        rng, _, step_text = part.partition("/")
-        step = 1
-        if step_text:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise ValueError(f"cron {name} field {text!r}: the step {step_text!r} must be a whole number > 0")
-            step = int(step_text)
-        if rng == "*":
-            first, last = lo, hi
-        elif "-" in rng:
-            a, _, b = rng.partition("-")
-            first, last = value(a), value(b)
-            if first > last:
-                raise ValueError(f"cron {name} field {text!r}: the range {rng!r} runs backwards")
-        elif rng:
-            first = value(rng)
-            last = hi if step_text else first
-        else:
-            raise ValueError(f"cron {name} field {text!r}: an empty item")
-        out.update(range(first, last + 1, step))
-    if name == "day of week" and 7 in out:  # Sunday is 0 or 7
-        out = (out - {7}) | {0}
-    return frozenset(out)
-
-
-class Cron:
-    """A cron schedule: ``Cron("*/15 9-17 * * mon-fri", tz="Europe/Paris")``.
-
-    Five fields (minute, hour, day of month, month, day of week) with ``*``,
-    lists, ranges, steps and month and weekday names (Sunday is 0 or 7); when
-    both day fields are restricted, a day matching either runs (as Vixie
-    cron does).  ``@hourly``, ``@daily``, ``@weekly``, ``@monthly`` and
-    ``@yearly`` too.  ``tz`` is a zone name (default UTC): the fields are
-    wall-clock times there.
-
-    Raises:
-        ValueError: the expression or the zone is not valid (naming the field).
-    """
-
-    def __init__(self, expression: str, tz: str | None = None) -> None:
-        if type(expression) is not str:
-            raise ValueError(f"a cron expression is a string, not {expression!r}")
-        self.expression = expression
-        self.tz = tz
-        self._zone = _zone(tz)
-        text = _CRON_MACROS.get(expression.strip().lower(), expression)
-        fields = text.split()
-        if len(fields) != 5:
-            raise ValueError(
-                f"cron expression {expression!r} must have 5 fields (minute hour day-of-month month day-of-week), "
-                f"not {len(fields)}"
-            )
-        self.minutes, self.hours, self.days, self.months, self.weekdays = (
-            _cron_field(f, *spec) for f, spec in zip(fields, _CRON_FIELDS, strict=True)
-        )
-        self._sorted_minutes = sorted(self.minutes)
-        self._sorted_hours = sorted(self.hours)
-        # Vixie cron: a day field that starts with "*" does not restrict the day
-        self._any_day = fields[2].startswith("*") or fields[4].startswith("*")
-        import datetime as dt
-
-        if self._next_day(dt.date(2000, 1, 1)) is None:
-            raise ValueError(f"cron expression {expression!r} never matches a day")
-
-    def __repr__(self) -> str:
-        return f"Cron({self.expression!r}" + (f", tz={self.tz!r})" if self.tz else ")")
-
-    def _day_ok(self, day: Any) -> bool:
-        if day.month not in self.months:
-            return False
-        dom, dow = day.day in self.days, (day.isoweekday() % 7) in self.weekdays
-        return (dom and dow) if self._any_day else (dom or dow)
-
-    def _next_day(self, day: Any) -> Any:
-        """The first day from ``day`` on that matches (None within the horizon)."""
-        import datetime as dt
-
-        for _ in range(_CRON_HORIZON):
-            if self._day_ok(day):
-                return day
-            day += dt.timedelta(days=1)
-        return None
-
-    def next(self, after: Any) -> Any:
-        """The first time strictly after ``after`` (an aware datetime) that
-        the schedule runs, as an aware datetime in its zone."""
-        import datetime as dt
-
-        if not isinstance(after, dt.datetime) or after.utcoffset() is None:
-            raise ValueError(f"Cron.next wants an aware datetime, not {after!r}")
-        zone = self._zone
-        local = after.astimezone(zone)
-        day = local.date()
-        start = (local.hour, local.minute)  # wall minutes before this one are past on the first day
-        while True:
-            found = self._next_day(day)
-            if found is None:
-                raise ValueError(f"cron expression {self.expression!r} has no run after {after.isoformat()}")
-            if found != day:
-                day, start = found, (0, 0)
-            for hour in self._sorted_hours:
-                if (hour, 59) < start:
-                    continue
-                for minute in self._sorted_minutes:
-                    if (hour, minute) < start:
-                        continue
-                    when = _wall_instant(dt.datetime(day.year, day.month, day.day, hour, minute), zone)
-                    if when > after:
-                        return when
-            day += dt.timedelta(days=1)
-            start = (0, 0)
-
-
-def _zone(tz: str | None) -> Any:
-    """The tzinfo of a zone name (None: UTC)."""
-    import datetime as dt
-
-    if tz is None:
-        return dt.timezone.utc
-    if type(tz) is not str:
-        raise ValueError(f"a time zone is a name such as 'Europe/Paris', not {tz!r}")
-    import zoneinfo
-
-    try:
-        return zoneinfo.ZoneInfo(tz)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"unknown time zone {tz!r}: {e}") from None
-
-
-def _wall_instant(wall: Any, zone: Any) -> Any:
-    """The instant a wall-clock time (naive) first shows in ``zone``; for a
-    time the zone skips (spring forward), the first minute after it that
-    exists."""
-    import datetime as dt
-
-    while True:
-        when = wall.replace(tzinfo=zone, fold=0)
-        if when.astimezone(dt.timezone.utc).astimezone(zone).replace(tzinfo=None) == wall:
-            return when
-        wall += dt.timedelta(minutes=1)  # in a gap: the next wall minute may exist
-
-
 ###############################################################################
-# Plane core ###################################################################
+# Plane core: records and the task table ######################################
 ###############################################################################
-#
-# Everything the plane decides happens here, and only here: the task table,
-# the priority queue and the timers, the worker registry, dispatch, retries,
-# the result cache and the counters.  PlaneCore has no sockets, no threads
-# and no clock of its own.  Each event is a method call that is given
-# ``now`` (seconds, from the plane's one clock) and returns the actions the
-# shell must perform, in order:
-#
-#   Reply(req, op, fields, items)  answer request ``req``; ``items`` are
-#                                  encoded TASK or RESULT items, if any
-#   Run(jobs)                      give jobs to the plane's own executor
-#   Publish(events)                completion events for subscribers
-#   Close(conn)                    cut a silent worker's connection
-#   Log(level, msg, args)          a line for the plane's log
-#   Journal(records, counters)     (first, with a journal) what changed, to
-#                                  commit before any other action is done
-#
-# ``req`` and ``conn`` are opaque integers the shell maps to its NNG contexts
-# and pipes.  A task moves through these states, and only _move() moves it,
-# keeping every count and index that depends on its state:
-#
-#   (new) -> queued | scheduled
-#   scheduled -> queued (due) | cancelled
-#   queued -> running (dispatched) | cancelled
-#   running -> succeeded | failed | scheduled (retry after a backoff)
-#            | queued (its worker was lost and it has retries left, or the
-#              worker handed it back unfinished)
-#
-# The plane's own executor is "worker zero": a worker like the others in
-# the same dispatch (same slots, same least-loaded rule, same accounting),
-# which runs the tasks no connected worker knows.  So the accounting holds
-# at every step:  submitted == queued + scheduled + running + succeeded +
-# failed + cancelled.
 
 Reply = collections.namedtuple("Reply", "req op fields items")
 Run = collections.namedtuple("Run", "jobs")
 Publish = collections.namedtuple("Publish", "events")
-Close = collections.namedtuple("Close", "conn")
+Cut = collections.namedtuple("Cut", "conn")
 Log = collections.namedtuple("Log", "level msg args")
+Wake = collections.namedtuple("Wake", ())
 Journal = collections.namedtuple("Journal", "records counters")
 
 _NOTHING: dict = {}  # the empty fields of a reply (shared, never changed)
-_NO_ACTIONS: list = []  # (shared, never changed)
+_WAKE = Wake()
+
+_TRANSITIONS: dict[str | None, frozenset] = {
+    None: frozenset((QUEUED, SCHEDULED)),
+    SCHEDULED: frozenset((QUEUED, SCHEDULED, CANCELLED)),
+    QUEUED: frozenset((RUNNING, CANCELLED, FAILED)),
+    RUNNING: frozenset((SUCCEEDED, FAILED, SCHEDULED, QUEUED)),
+}
+_LOADED = frozenset((QUEUED, SCHEDULED, RUNNING))  # what a restore takes a task back as
 
 
-class _ClientState:
-    """What the plane keeps per client: results not yet delivered and the
-    client's parked long-poll, if any."""
+class _Actions:
+    """The actions of the event at hand, which every part adds to."""
 
-    __slots__ = ("outbox", "poll", "conn", "deadline", "seen", "resync")
+    __slots__ = ("acts", "events", "wake")
 
-    def __init__(self, now: float) -> None:
-        self.outbox: list[bytes] = []  # results not yet delivered (bounded: MAX_OUTBOX)
-        self.poll: int | None = None  # request handle of its parked poll
-        self.conn = 0  # the connection it came on
-        self.deadline = 0.0
-        self.seen = now  # when it last asked for anything
-        self.resync = False  # results were dropped from its outbox: it must ask for them
+    def __init__(self) -> None:
+        self.acts: list = []
+        self.events: list[dict] = []  # completion events (published in one action)
+        self.wake = False
+
+    def reply(self, req: int, op: str, fields: dict = _NOTHING, items: list | None = None) -> None:
+        self.acts.append(Reply(req, op, fields, items))
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        self.acts.append(Log(level, msg, args))
+
+    def take(self) -> list:
+        """The actions so far, and a clean slate for the next event."""
+        acts = self.acts
+        if self.events:
+            acts.append(Publish(self.events))
+            self.events = []
+        if self.wake:
+            acts.append(_WAKE)
+            self.wake = False
+        self.acts = []
+        return acts
 
 
-class _Fetch:
-    """A parked "fetch" request, answered when all its tasks are done."""
+class TaskTable:
+    """Every task the plane knows: the unfinished ones by id, in submission
+    order, with the counts per state and the indices of their states (the
+    queue for queued tasks, the timers for scheduled ones: the monotonic
+    clock's for delays and retries, the wall clock's for ETAs); the finished
+    ones in the result cache; the ids of submissions that joined a task
+    (aliases).  ``move()`` is the one place a task changes state: it checks
+    the move against _TRANSITIONS, keeps the counts and indices, and tells
+    each part in one line."""
 
-    __slots__ = ("req", "conn", "ids", "deadline", "waiting")
+    def __init__(self, core: PlaneCore, cache: ResultCache, journaling: bool) -> None:
+        self.core = core
+        self.tasks: dict[str, _Task] = {}
+        self.counts = dict.fromkeys(STATES, 0)
+        self.submitted = 0
+        self.queue = DispatchQueue(core.workers.runs_on)
+        self.timers = TimerHeap()  # on the monotonic clock
+        self.calendar = TimerHeap()  # on the wall clock
+        self.cache = cache
+        self.aliases: dict[str, _Task] = {}  # id of a submission that joined a task -> that task
+        self.journaling = journaling
+        self.touched: dict[str, tuple] = {}  # with a journal: tasks the event at hand changed -> (task, new)
 
-    def __init__(self, req: int, conn: int, ids: list, deadline: float, waiting: int) -> None:
-        self.req = req
-        self.conn = conn
-        self.ids = ids
-        self.deadline = deadline
-        self.waiting = waiting  # watched tasks not yet finished
+    def add(self, task: _Task) -> None:
+        self.tasks[task.id] = task
+        self.submitted += 1
+
+    def find(self, tid: str, now: At) -> _Task | None:
+        """A task by its id, or by the id of a submission that joined it."""
+        task = self.tasks.get(tid) or self.cache.peek(tid, now.mono)
+        if task is None:
+            task = self.aliases.get(tid)
+        return task
+
+    def move(self, task: _Task, state: str, now: At, *, due: float = 0.0, worker: Any = None,
+             keep_seq: bool = False, load: bool = False) -> None:  # fmt: skip
+        """Move ``task`` to ``state`` (``due``: when a scheduled task comes
+        due, on its clock; ``worker``: who runs it; ``keep_seq``: it goes back
+        to its old place in the queue; ``load``: a restore takes it back).
+
+        Raises:
+            RuntimeError: the move is not in _TRANSITIONS (a defect).
+        """
+        old = task.state
+        if state not in (_LOADED if load and old is None else _TRANSITIONS.get(old, ())):
+            raise RuntimeError(f"task {task.id}: {old} -> {state} is not a move a task can make")
+        counts = self.counts
+        if old is not None:
+            counts[old] -= 1
+            if old == QUEUED and task.queued:  # not yet dispatched: cancelled, or failed
+                self.queue.remove(task)
+            elif old == SCHEDULED and task.timer is not None:  # not come due: cancelled, or waits anew
+                (self.calendar if task.on_wall else self.timers).remove(task)
+        counts[state] += 1
+        task.state = state
+        if state == QUEUED:
+            self.queue.push(task, keep_seq or load)
+        elif state == SCHEDULED and (self.calendar if task.on_wall else self.timers).push(task, due):
+            self.core.out.wake = True  # it is now the soonest
+        self.core.workers.moved(task, old, state, worker, now, load)  # who runs it
+        self.core.flow.moved(task, old, state, now)  # the limits it counts against
+        if state in TERMINAL:
+            self._settle(task, now)
+        if self.journaling and task.id not in self.touched:
+            self.touched[task.id] = (task, old is None)
+
+    def _settle(self, task: _Task, now: At) -> None:
+        """A task reached its final state (``task.item`` holds its RESULT)."""
+        task.finished = now.wall
+        if task.t0 is not None:
+            task.took = now.mono - task.t0
+        del self.tasks[task.id]
+        task.wire = None
+        if not self.core.log_args:
+            task.args = task.kwargs = None  # keep the outcome, not the input
+        self.cache.put(task.id, task, now.mono)
+        self.core.figures.settled(task, now)  # counts, per-name figures, recent tasks
+        self.core.waiters.settled(task, now)  # its client and those that joined it get its result
+        self.core.flow.settled(task)  # its key is free
+        self.core.schedules.settled(task)  # a periodic run ended
+
+    def outcome(self, task: _Task, state: str, item: bytes, error: Any, now: At) -> None:
+        """The outcome of one run of a running task: retry it, or make it
+        final.  A task that raised waits 1 s, 2 s, 4 s ... (from the retry
+        backoff, on the monotonic clock) before its next run; one whose worker
+        was lost is queued again at once, at its old place."""
+        err = error if type(error) is dict else None
+        figures = self.core.figures
+        if err is not None:
+            task.error = f"{err.get('type')}: {err.get('message')}"
+            figures.failed_run(task, err, now)
+        kind = err.get("kind") if err is not None else None
+        if state == FAILED and kind in ("raised", "lost") and task.attempts <= task.retries:
+            figures.counters["retried"] += 1
+            if kind == "lost":
+                figures.counters["requeued"] += 1
+                self.move(task, QUEUED, now, keep_seq=True)
+            else:
+                backoff = self.core.retry_backoff * 2 ** min(task.attempts - 1, 30)
+                task.on_wall = False
+                self.move(task, SCHEDULED, now, due=now.mono + min(backoff, MAX_BACKOFF))
+            return
+        if state == SUCCEEDED:
+            task.error = None  # an earlier attempt's error is history
+        task.item = item
+        self.move(task, state, now)
+
+    def hand_back(self, task: _Task, now: At, counted: bool = True) -> None:
+        """A running task goes back to its place in the queue without its
+        run counting as an attempt (its worker handed it back, left, or the
+        plane's own run was cut short)."""
+        task.attempts -= 1
+        if counted:
+            self.core.figures.counters["handed_back"] += 1
+        self.move(task, QUEUED, now, keep_seq=True)
+
+    def run_again(self, task: _Task, now: At) -> None:
+        """A run that died with the plane (a crash, or a stop past its grace)
+        runs again, unless the task was running at two plane crashes already:
+        then it fails, so that a task that crashes the plane cannot crash it
+        for ever."""
+        if task.crashes >= 2:
+            self.fail(task, _error("lost", "WorkerLost", "the task was running when the plane crashed, twice; "
+                                   "not run again"), now)  # fmt: skip
+        else:
+            self.hand_back(task, now, counted=False)
+
+    def fail(self, task: _Task, err: dict, now: At) -> None:
+        """Make a task final as failed with ``err`` (no run to blame)."""
+        task.error = f"{err['type']}: {err['message']}"
+        task.item = encode_result(task.id, FAILED, error=err)
+        self.move(task, FAILED, now)
+
+    def cancel(self, ids: list, now: At, states: tuple = (QUEUED, SCHEDULED)) -> list[str]:
+        """Cancel those of ``ids`` that are in ``states``; the ids cancelled.
+        The id of a submission that joined a task only stops waiting."""
+        cancelled = []
+        for tid in ids:
+            task = self.tasks.get(tid)
+            if task is not None and task.state in states:
+                task.item = encode_result(tid, CANCELLED)
+                self.move(task, CANCELLED, now)
+                cancelled.append(tid)
+            elif tid in self.aliases and self.aliases[tid].state in states and not self.aliases[tid].joined[tid][1]:
+                leader = self.aliases[tid]
+                client = leader.joined[tid][0]
+                leader.joined[tid] = [client, True]  # (it stays known, as cancelled, while its task is)
+                cs = self.core.waiters.clients.get(client)
+                if cs is not None:  # its client learns, whoever cancelled it
+                    self.core.waiters.post(cs, encode_result(tid, CANCELLED))
+                if self.journaling:
+                    self.touched[leader.id] = (leader, True)  # its body (who joined it) changed
+                cancelled.append(tid)
+        return cancelled
+
+    def forget(self, dropped: list[_Task]) -> None:
+        """Results the cache let go: the aliases of their tasks go too."""
+        for task in dropped:
+            for alias in task.joined or ():
+                self.aliases.pop(alias, None)
+
+    def due(self, now: At) -> list[_Task]:
+        """The scheduled tasks whose time has come, on either clock."""
+        return self.timers.pop_due(now.mono) + self.calendar.pop_due(now.wall)
+
+    def next_due(self, now: At) -> float | None:
+        """Seconds until the soonest scheduled task is due, or None."""
+        soon = [d - n for d, n in ((self.timers.next_due(), now.mono), (self.calendar.next_due(), now.wall))
+                if d is not None]  # fmt: skip
+        return min(soon) if soon else None
+
+    def due_wall(self, task: _Task, now: At) -> float | None:
+        """When a scheduled task is due, by the wall clock (for people)."""
+        if task.state != SCHEDULED or task.due is None:
+            return None
+        return task.due if task.on_wall else now.wall + (task.due - now.mono)
+
+    # -- the journal's view -------------------------------------------------------
+
+    def row(self, task: _Task, new: bool, now: At) -> list:
+        """A journal record: the task's row (see _JOURNAL_SCHEMA) as it is
+        now; its body (what it is, with its flow options) only if it is new
+        or that changed.  Times on the monotonic clock are written as wall
+        clock times."""
+        body = None
+        if new:
+            flow = {}
+            if task.tenant is not None:
+                flow["tenant"] = task.tenant
+            if task.key is not None:
+                flow["key"] = task.key
+            if task.limits is not None:
+                flow["limits"] = list(task.limits)
+            if task.joined:
+                flow["joined"] = task.joined
+            if task.burst is not None:
+                first, debounce, longest = task.burst
+                flow["burst"] = [now.wall + first - now.mono, debounce, longest]
+            if task.schedule is not None:
+                flow["schedule"] = task.schedule
+            body = [task.name, task.args, task.kwargs, task.rank, task.retries, task.timeout, task.client,
+                    task.submitted, flow]  # fmt: skip
+        due = self.due_wall(task, now)
+        if due is not None and task.on_wall:
+            due = -due  # (an ETA: negative, so that a restore puts it on the wall clock again)
+        return [task.id, body, task.seq, task.state, task.attempts, task.runs, due, task.started, task.finished,
+                task.worker, None if task.holder is None else task.holder.id, task.error, task.item, task.crashes]  # fmt: skip
+
+    def records(self, now: At) -> list:
+        """What the event at hand changed, for the journal: each task it
+        touched once, as it is now, and the results the cache dropped."""
+        records = [self.row(task, new, now) for task, new in self.touched.values()]
+        self.touched.clear()
+        return records
+
+    def load(self, rows: list, now: At) -> tuple[list, list, int]:
+        """Tasks from a journal's rows: (unfinished ones, finished ones, the
+        highest queue number).  Malformed rows raise JournalError; nothing
+        is taken in then."""
+        unfinished, finished, last_seq = [], [], -1
+        try:
+            for row in rows:
+                tid, body, seq, state, attempts, runs, due, started, ended, worker, holder, error, item, crashes = row
+                body = _loads(body)
+                name, args, kwargs, rank, retries, timeout, client, submitted = body[:8]
+                flow = body[8] if len(body) > 8 else {}
+                if state not in STATES or (seq is not None and type(seq) is not int) or not 0 <= rank < len(PRIORITIES):
+                    raise ValueError(f"state {state!r}, seq {seq!r}, rank {rank!r}")
+                if type(flow) is not dict:
+                    raise ValueError(f"flow options {flow!r}")
+                task = _Task({"id": tid, "name": name, "args": args, "kwargs": kwargs}, rank, retries, timeout,
+                             client, submitted)  # fmt: skip
+                task.seq, task.attempts, task.runs, task.crashes = seq, attempts, runs, crashes
+                task.started, task.finished, task.worker, task.error = started, ended, worker, error
+                task.tenant, task.key, task.schedule = flow.get("tenant"), flow.get("key"), flow.get("schedule")
+                limits = flow.get("limits")
+                task.limits = None if limits is None else tuple(limits)
+                task.joined = flow.get("joined") or None
+                burst = flow.get("burst")
+                if burst is not None:
+                    task.burst = (now.mono + burst[0] - now.wall, burst[1], burst[2])
+                if state in TERMINAL:
+                    if type(item) is not bytes:
+                        raise ValueError("a final task without its result")
+                    task.state, task.item, task.args, task.kwargs = state, item, None, None
+                    if started is not None and ended is not None:
+                        task.took = ended - started
+                    finished.append(task)
+                else:
+                    if state == SCHEDULED:
+                        if type(due) is not float:
+                            raise ValueError("a scheduled task without its time")
+                        if due < 0:  # an ETA: on the wall clock
+                            task.on_wall, task.due = True, -due
+                        else:  # a delay or a backoff: the same wait on this boot's monotonic clock
+                            task.on_wall, task.due = False, now.mono + due - now.wall
+                    unfinished.append((task, state, holder))
+                if seq is not None:
+                    last_seq = max(last_seq, seq)
+        except (ValueError, TypeError, IndexError, AttributeError) as e:
+            raise JournalError(f"holds a malformed task row ({e})") from None
+        return unfinished, finished, last_seq
+
+
+###############################################################################
+# Plane core: flow control ####################################################
+###############################################################################
+#: Where a limit holds tasks back: ("concurrency", name, None), ("tenant",
+#: name, tenant) or ("rate", name, None).
+Hold = collections.namedtuple("Hold", "kind name tenant")
+
+
+class FlowControl:
+    """What lets a task in and when it may start: keys (a submission whose
+    key an unfinished task holds joins it), debounce (a keyed task waits for
+    newer submissions), ``--max-queued``, and the limits that hold across
+    every worker (concurrency, per-tenant concurrency, rate).  A task a
+    limit holds back is set aside here, holding no slot, and goes back into
+    the queue at its place when a run of its name ends or its rate lets it
+    start."""
+
+    def __init__(self, core: PlaneCore, max_queued: int | None) -> None:
+        self.core = core
+        self.max_queued = max_queued  # more tasks waiting (queued or scheduled) are refused: QueueFull
+        self.keys: dict[tuple[str, str], _Task] = {}  # (name, key) -> its unfinished task
+        self.running: collections.Counter = collections.Counter()  # name -> its limited runs going on
+        self.running_tenant: collections.Counter = collections.Counter()  # (name, tenant) -> the same
+        self.next_start: dict[str, float] = {}  # a rate-limited name -> the earliest its next run may start (mono)
+        self.held: dict[Hold, list] = {}  # -> heap of (rank, order, task) set aside by that limit
+        self.held_count = 0
+        self._order = itertools.count()  # the order tasks were set aside in
+        self.rate_wake: float | None = None  # the earliest a task held by its rate may start (mono)
+        self.joined = 0  # submissions that joined an unfinished task of their key
+        self.refused = 0  # submissions refused because the queue was full
+
+    # -- letting tasks in ---------------------------------------------------------
+
+    def full(self) -> bool:
+        """Would one more waiting task be past ``--max-queued``?"""
+        counts = self.core.table.counts
+        return self.max_queued is not None and counts[QUEUED] + counts[SCHEDULED] >= self.max_queued
+
+    @staticmethod
+    def limits_of(t: dict, opts: dict) -> tuple | None:
+        """A task's limits: (concurrency, seconds between starts, per-tenant
+        concurrency) from its own options, else its name's defaults."""
+        conc = t.get("concurrency") or opts.get("concurrency")
+        rate = t.get("rate") or opts.get("rate")
+        tenant_conc = t.get("tenant_concurrency") or opts.get("tenant_concurrency")
+        if conc is None and rate is None and tenant_conc is None:
+            return None
+        return conc, None if rate is None else _rate_interval(rate), tenant_conc
+
+    def keep(self, task: _Task, t: dict, due: tuple | None, now: At) -> tuple | None:
+        """A new keyed task takes its key; debounced, it waits for newer
+        submissions.  ``due`` is when it may be queued: ``(time, on the wall
+        clock?)``, or None for now; the same comes back, later if debounced."""
+        self.keys[task.name, task.key] = task
+        debounce = t.get("debounce")
+        if debounce is None:
+            return due
+        task.burst = (now.mono, debounce, t.get("debounce_max") or 10 * debounce)
+        when = now.mono + debounce
+        if due is not None:
+            at, on_wall = due
+            when = max(when, now.mono + at - now.wall if on_wall else at)
+        return when, False
+
+    def join(self, task: _Task, alias: str, t: dict, client: str, now: At) -> None:
+        """A submission whose key ``task`` holds joins it: ``alias`` (its
+        id) answers for the task and its client gets the task's result.  A
+        debounced task that is still waiting takes the newer arguments and
+        waits again (no later than its burst's limit)."""
+        self.joined += 1
+        if task.joined is None:
+            task.joined = {}
+        task.joined[alias] = [client, False]
+        self.core.table.aliases[alias] = task
+        if task.burst is not None and task.state == SCHEDULED and not task.attempts:
+            first, debounce, longest = task.burst
+            task.args, task.kwargs, task.wire = t["args"], t["kwargs"], None
+            self.core.table.move(task, SCHEDULED, now, due=min(now.mono + debounce, first + longest))
+        if self.core.table.journaling:
+            self.core.table.touched[task.id] = (task, True)  # its arguments or its joined changed: its body again
+
+    def submit(self, ev: Submit, now: At) -> None:
+        """A client submits TASK items (validated): queue or schedule each,
+        join it to the unfinished task of its key, or reject it (a duplicate
+        id, an unknown name, a full queue); answer "accepted"."""
+        core = self.core
+        table, workers, out = core.table, core.workers, core.out
+        if core.stopping:
+            out.reply(ev.req, "error", {"error": _error("unavailable", "PlaneUnavailable", "the plane is stopping")})
+            return
+        cs = core.waiters.client(ev.client, now)
+        rejected, joined = [], []
+        for t in ev.tasks:
+            tid = t["id"]
+            known = table.tasks.get(tid) or table.cache.peek(tid, now.mono)
+            if known is not None or tid in table.aliases:
+                if known is None:  # (a joined submission sent again)
+                    leader = table.aliases[tid]
+                    client, cancelled = leader.joined[tid]
+                    if client == ev.client:
+                        if cancelled:
+                            core.waiters.post(cs, encode_result(tid, CANCELLED))
+                        elif leader.state in TERMINAL:
+                            core.waiters.post(cs, _aliased(leader.item, leader.id, tid))
+                        continue
+                elif known.client == ev.client:  # sent again after its reply was lost
+                    if known.state in TERMINAL:
+                        core.waiters.post(cs, known.item)
+                    continue
+                rejected.append({"id": tid, "error": _error("protocol", "ProtocolError", "duplicate task id")})
+                continue
+            opts = workers.options_of(t["name"])
+            if opts is None:
+                err = _error("unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}")
+                rejected.append({"id": tid, "error": err})
+                continue
+            plain = len(t) == 4  # no options: the common case, kept short
+            key = None if plain else t.get("key")
+            if key is not None:
+                leader = self.keys.get((t["name"], key))
+                if leader is not None:
+                    self.join(leader, tid, t, ev.client, now)
+                    joined.append([tid, leader.id])
+                    continue
+            if self.full():
+                workers.dispatch(now)  # what can start now does not wait
+                if self.full():
+                    self.refused += 1
+                    err = _error("queue_full", "QueueFull",
+                                 f"the plane holds {self.max_queued} waiting tasks (--max-queued)")  # fmt: skip
+                    rejected.append({"id": tid, "error": err})
+                    continue
+            due = None  # when it may be queued: (time, on the wall clock?), or None: now
+            if plain:
+                task = _Task(t, _RANK[opts["priority"]], opts["retries"], opts["timeout"], ev.client, now.wall)
+            else:
+                retries = t.get("retries")
+                task = _Task(t, _RANK[t.get("priority") or opts["priority"]],
+                             opts["retries"] if retries is None else retries, t.get("timeout") or opts["timeout"],
+                             ev.client, now.wall)  # fmt: skip
+                task.tenant, task.key = t.get("tenant"), key
+                eta, delay = t.get("eta"), t.get("delay")
+                if eta is not None and eta > now.wall:
+                    due = (eta, True)
+                elif delay:
+                    due = (now.mono + delay, False)
+            if not plain or len(opts) > 3:  # options beyond the plain ones: limits among them?
+                task.limits = self.limits_of(t, opts)
+            table.add(task)
+            if key is not None:
+                due = self.keep(task, t, due, now)
+            if due is None:
+                table.move(task, QUEUED, now)
+            else:
+                task.on_wall = due[1]
+                table.move(task, SCHEDULED, now, due=due[0])
+        workers.dispatch(now)  # the work goes out first: it is what takes time
+        out.reply(ev.req, "accepted", {"rejected": rejected, "joined": joined} if joined else {"rejected": rejected})
+
+    def settled(self, task: _Task) -> None:
+        """A task is final: its key is free again."""
+        if task.key is not None and self.keys.get((task.name, task.key)) is task:
+            del self.keys[task.name, task.key]
+
+    # -- limits ---------------------------------------------------------------------
+
+    def moved(self, task: _Task, old: str | None, state: str, now: At) -> None:
+        """A task with limits moved: count its runs, let held ones out."""
+        if task.limits is None:
+            return
+        name = task.name
+        if old == QUEUED:
+            if task.blocked is not None:  # held by a limit, and cancelled
+                task.blocked = None
+                self.held_count -= 1
+            if state != RUNNING and self.held:
+                self._release(task)  # it may have been let out for a turn it will not take
+        elif old == RUNNING:
+            self.running[name] -= 1
+            if task.tenant is not None:
+                self.running_tenant[name, task.tenant] -= 1
+            if self.held:
+                self._release(task)
+        if state == RUNNING:
+            self.running[name] += 1
+            if task.tenant is not None:
+                self.running_tenant[name, task.tenant] += 1
+            interval = task.limits[1]
+            if interval is not None:  # its rate: the next start waits
+                at = self.next_start[name] = max(now.mono, self.next_start.get(name, now.mono)) + interval
+                if Hold("rate", name, None) in self.held:
+                    self._wake_for_rate(at)
+
+    def must_wait(self, task: _Task, now: At) -> bool:
+        """Does a limit keep this (just popped) task from starting now?  Then
+        it is set aside until one of its name's runs ends, or its rate lets
+        it start; it holds no worker's slot meanwhile."""
+        conc, interval, tenant_conc = task.limits
+        name = task.name
+        if conc is not None and self.running[name] >= conc:
+            return self._hold(task, Hold("concurrency", name, None))
+        if tenant_conc is not None and self.running_tenant[name, task.tenant] >= tenant_conc:
+            return self._hold(task, Hold("tenant", name, task.tenant))
+        if interval is not None:
+            at = self.next_start.get(name, now.mono)
+            if at > now.mono:
+                self._wake_for_rate(at)
+                return self._hold(task, Hold("rate", name, None))
+        return False
+
+    def _wake_for_rate(self, at: float) -> None:
+        if self.rate_wake is None or at < self.rate_wake:
+            self.rate_wake = at
+            self.core.out.wake = True
+
+    def _hold(self, task: _Task, hold: Hold) -> bool:
+        """Set a task aside; the held go back in the order the queue gave
+        them (priority, then the tenants' turns)."""
+        task.blocked = hold.kind
+        heapq.heappush(self.held.setdefault(hold, []), (task.rank, next(self._order), task))
+        self.held_count += 1
+        return True
+
+    def _release(self, task: _Task) -> None:
+        """A run of ``task``'s name ended: the first task held by its name's
+        (or its tenant's) concurrency goes back into the queue."""
+        for hold in (Hold("concurrency", task.name, None), Hold("tenant", task.name, task.tenant)):
+            if hold in self.held:
+                self._let_out(hold)
+
+    def _let_out(self, hold: Hold) -> _Task | None:
+        """The first task held at ``hold`` (skipping those cancelled
+        meanwhile) goes back into the queue, at its place."""
+        heap = self.held[hold]
+        task = None
+        while heap:
+            task = heapq.heappop(heap)[2]
+            if task.blocked is not None:
+                task.blocked = None
+                self.held_count -= 1
+                self.core.table.queue.push(task, keep_seq=True)
+                break
+            task = None
+        if not heap:
+            del self.held[hold]
+        return task
+
+    def release_rates(self, now: At) -> bool:
+        """Tasks held by a rate whose time has come go back into the queue;
+        True if it was time to look."""
+        if self.rate_wake is None or now.mono < self.rate_wake:
+            return False
+        self.rate_wake = None
+        for hold in [h for h in self.held if h.kind == "rate"]:
+            at = self.next_start.get(hold.name, now.mono)
+            if at > now.mono:
+                self.rate_wake = at if self.rate_wake is None else min(self.rate_wake, at)
+                continue
+            task = self._let_out(hold)
+            if task is not None and hold in self.held:  # look again (the one let out may never start)
+                self._wake_for_rate(now.mono + task.limits[1])
+        return True
+
+    # -- observing -------------------------------------------------------------------
+
+    def waiting(self, task: _Task, now: At) -> tuple[str, str] | None:
+        """Why flow control keeps a waiting task back, if it does."""
+        if task.state == SCHEDULED and task.burst is not None:
+            left = f"{max(0.0, task.due - now.mono):.1f} s"
+            return "debounce", f"waits {left} for newer submissions of its key {task.key!r} (debounce)"
+        if task.blocked == "concurrency":
+            return "concurrency", f"waits for its concurrency limit: {task.limits[0]} of {task.name!r} run at once"
+        if task.blocked == "tenant":
+            return "tenant_concurrency", (f"waits for its tenant's limit: {task.limits[2]} of {task.name!r} "
+                                          f"for tenant {task.tenant!r} run at once")  # fmt: skip
+        if task.blocked == "rate":
+            at = self.next_start.get(task.name, now.mono)
+            return "rate", f"waits {max(0.0, at - now.mono):.2f} s for its rate limit ({task.name!r})"
+        return None
+
+    def summary(self) -> dict:
+        return {"held": self.held_count, "keys": len(self.keys), "joined": self.joined, "refused": self.refused,
+                "max_queued": self.max_queued}  # fmt: skip
+
+
+###############################################################################
+# Plane core: workers #########################################################
+###############################################################################
 
 
 class _WorkerState:
     """A worker as the plane sees it: a connected subworker, or the plane's
     own executor (``local``, worker zero), which is always ready for work."""
 
-    __slots__ = (
-        "id",
-        "name",
-        "host",
-        "pid",
-        "concurrency",
-        "tasks",
-        "in_flight",
-        "credit",
-        "pull",
-        "pull_deadline",
-        "conn",
-        "local",
-        "ghost",
-        "last_seen",
-        "last_heartbeat",
-        "registered_at",
-        "turn",
-        "completed",
-        "max_bytes",
-        "address",
-    )
+    __slots__ = ("id", "name", "host", "pid", "concurrency", "tasks", "in_flight", "credit", "pull", "pull_deadline",
+                 "conn", "local", "ghost", "last_seen", "last_heartbeat", "registered_at", "turn", "completed",
+                 "max_bytes", "address")  # fmt: skip
 
-    def __init__(self, wid: str, info: dict, tasks: Any, conn: int | None, now: float) -> None:
+    def __init__(self, wid: str, info: dict, tasks: Any, conn: int | None, now: At) -> None:
         self.id = wid
         self.name = str(info.get("name") or wid)[:_MAX_ID]
         self.host = str(info.get("host") or "?")[:_MAX_ID]
@@ -1979,18 +2774,18 @@ class _WorkerState:
         conc = info.get("concurrency")
         self.concurrency = conc if type(conc) is int and 0 < conc <= 1_000_000 else 1
         size = info.get("max_message_size")  # the largest message it accepts: a batch stays below it
-        self.max_bytes = size if type(size) is int and 65536 <= size <= 2**31 else DEFAULT_MAX_MESSAGE_SIZE
+        self.max_bytes = size if type(size) is int and MIN_MESSAGE_SIZE <= size <= 2**31 else DEFAULT_MAX_MESSAGE_SIZE
         self.tasks = tasks  # the names it can run -> their default options
         self.in_flight: dict[str, _Task] = {}
         self.credit = self.concurrency  # 0 while it drains
         self.pull: int | None = None  # request handle of its parked "pull"
-        self.pull_deadline = 0.0
+        self.pull_deadline = 0.0  # (mono)
         self.conn = conn
         self.local = conn is None
         self.ghost = False  # known from the journal only: it ran tasks before the plane restarted
-        self.last_seen = now  # any sign of life: a pull or a heartbeat
-        self.last_heartbeat = now
-        self.registered_at = now
+        self.last_seen = now.mono  # any sign of life: a pull or a heartbeat
+        self.last_heartbeat = now.wall
+        self.registered_at = now.wall
         self.turn = 0  # breaks ties between equally loaded workers: least recently served first
         self.completed = 0
 
@@ -1999,843 +2794,94 @@ class _WorkerState:
         return min(self.credit, self.concurrency) - len(self.in_flight)
 
     def summary(self) -> dict:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "host": self.host,
-            "address": self.address,
-            "pid": self.pid,
-            "concurrency": self.concurrency,
-            "in_flight": len(self.in_flight),
-            "load": round(len(self.in_flight) / self.concurrency, 3),
-            "completed": self.completed,
-            "last_heartbeat": self.last_heartbeat,
-            "registered_at": self.registered_at,
-            "tasks": sorted(self.tasks),
-            "state": "reconnecting" if self.ghost else "draining" if self.credit == 0 else "connected",
-        }
+        return {"id": self.id, "name": self.name, "host": self.host, "address": self.address, "pid": self.pid,
+                "concurrency": self.concurrency, "in_flight": len(self.in_flight),
+                "load": round(len(self.in_flight) / self.concurrency, 3), "completed": self.completed,
+                "last_heartbeat": self.last_heartbeat, "registered_at": self.registered_at, "tasks": sorted(self.tasks),
+                "state": "reconnecting" if self.ghost else "draining" if self.credit == 0 else "connected"}  # fmt: skip
 
 
-class _NameStats:
-    """What the plane knows of one task name's finished runs: counts, the
-    newest durations (for percentiles) and the last failure."""
+class Workers:
+    """Who runs tasks: the connected subworkers (by id and by connection),
+    the plane's own slots (worker zero), what each can run (the catalog),
+    whether each is alive (heartbeats, a parked request's deadline), and the
+    dispatch that hands queued tasks to them."""
 
-    __slots__ = ("succeeded", "failed", "cancelled", "durations", "last_failure")
-
-    def __init__(self) -> None:
-        self.succeeded = self.failed = self.cancelled = 0  # (counted by PlaneCore._count_finished)
-        self.durations: collections.deque = collections.deque(maxlen=NAME_DURATIONS)
-        self.last_failure: dict | None = None
-
-    def summary(self, name: str) -> dict:
-        done = self.succeeded + self.failed
-        ds = sorted(self.durations)
-        return {
-            "name": name,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "cancelled": self.cancelled,
-            "failure_rate": round(self.failed / done, 4) if done else 0.0,
-            "p50": round(_percentile(ds, 50), 6) if ds else None,
-            "p95": round(_percentile(ds, 95), 6) if ds else None,
-            "last_failure": self.last_failure,
-        }
-
-
-class _Schedule:
-    """A periodic task as the plane keeps it: when it is next due, and how
-    its runs went.  ``every`` counts from the previous due time (no drift);
-    a due time that passed while nothing could fire it (downtime, a pause)
-    is made up once, not once per missed slot."""
-
-    __slots__ = ("name", "every", "cron", "overlap", "next_due", "last_due", "last_run", "last_state", "runs",
-                 "skipped", "running", "orphaned", "seen", "wake")  # fmt: skip
-
-    def __init__(self, name: str, options: dict, now: float) -> None:
-        self.name = name
-        self.every = options.get("every")
-        self.cron = Cron(options["cron"], options.get("tz")) if options.get("cron") else None
-        self.overlap = bool(options.get("overlap"))
-        self.next_due = self.following(now, now)
-        self.last_due: float | None = None
-        self.last_run: str | None = None  # id of its latest run
-        self.last_state: str | None = None  # that run's state
-        self.runs = self.skipped = 0
-        self.running = 0  # runs not finished (retries included)
-        self.orphaned = False  # neither a connected worker nor the plane knows it: its due times are skipped
-        self.seen = now  # when someone last could run it (an orphan long unseen is forgotten)
-        self.wake = self.next_due  # when the core looks at it next (an orphan: at most once a second)
-
-    def missed(self, now: float) -> int:
-        """How many of its due times have passed by ``now`` (at least one)."""
-        return 1 if self.every is None else int((now - self.next_due) // self.every) + 1
-
-    def following(self, due: float, now: float) -> float:
-        """The first due time after ``now``, counting from ``due``."""
-        if self.every is not None:
-            return due + (int((now - due) // self.every) + 1) * self.every
-        import datetime as dt
-
-        return self.cron.next(dt.datetime.fromtimestamp(now, dt.timezone.utc)).timestamp()
-
-    def saved(self) -> list:
-        return [self.next_due, self.last_due, self.last_run, self.last_state, self.runs, self.skipped]
-
-    def summary(self, tasks: dict) -> dict:
-        """What stats() and the dashboard show (``tasks``: the core's unfinished ones)."""
-        s: dict[str, Any] = {"name": self.name}
-        if self.every is not None:
-            s["every"] = self.every
-        else:
-            s["cron"], s["tz"] = self.cron.expression, self.cron.tz or "UTC"
-        s.update(overlap=self.overlap, next_run=self.next_due, last_run=self.last_due, last_task=self.last_run,
-                 runs=self.runs, skipped=self.skipped, running=self.running, orphaned=self.orphaned)  # fmt: skip
-        last = tasks.get(self.last_run) if self.last_run else None
-        s["last_state"] = self.last_state if last is None else last.state
-        return s
-
-
-class PlaneCore:
-    """The plane's state machine: queue, timers, registry, dispatch, retries,
-    result cache and counters, with no I/O (see the section comment).
-
-    Not thread-safe: the shell calls it under one lock.
-
-    Args:
-        plane_id: the plane's identity, stamped on its replies.
-        local_tasks: name -> TaskSpec of the tasks the plane can run itself.
-        now: the clock's time at creation.
-        concurrency: slots of the plane's own executor (worker zero).
-    """
-
-    def __init__(
-        self,
-        plane_id: str,
-        local_tasks: dict[str, TaskSpec],
-        now: float,
-        *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        result_cache_size: int = DEFAULT_CACHE_SIZE,
-        result_cache_ttl: float = DEFAULT_CACHE_TTL,
-        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
-        reap_interval: float = REAP_INTERVAL,
-        journaling: bool = False,
-        log_args: bool = False,
-        max_queued: int | None = None,
-    ) -> None:
-        self.id = plane_id
-        self.local_tasks = local_tasks
-        self.cache = ResultCache(result_cache_size, result_cache_ttl)
+    def __init__(self, core: PlaneCore, local_tasks: dict[str, TaskSpec], concurrency: int, heartbeat_timeout: float,
+                 zero_depth: int, now: At) -> None:  # fmt: skip
+        self.core = core
+        self.local = local_tasks
         self.heartbeat_timeout = heartbeat_timeout
-        self.retry_backoff = retry_backoff
-        self.reap_interval = reap_interval
-        self.heartbeat_address: str | None = None  # told to workers at registration (set by the shell)
-        self.max_message_size = DEFAULT_MAX_MESSAGE_SIZE  # the largest message the plane takes (set by the shell)
-        self.subscribers = 0  # event subscribers connected (kept by the shell)
-        self.stopping = False  # no new work; running tasks may finish
-        self.closed = False  # stopped: clients collect their last results and learn what will not finish
-        self.journaling = journaling  # say what changed, in Journal actions
-        self.log_args = log_args  # the operator opted in: arguments in the log and on the dashboard
-        self.log_tasks = logger.isEnabledFor(logging.DEBUG)  # a DEBUG line per start and finish
-        self.max_queued = max_queued  # more tasks waiting (queued or scheduled) are refused: QueueFull
-        self.refused = 0  # submissions refused because the queue was full
-        self.joined = 0  # submissions that joined an unfinished task of their key
-        self.keys: dict[str, _Task] = {}  # key -> its unfinished task
-        self.running_by_name: collections.Counter = collections.Counter()  # for the concurrency limits
-        self.running_by_tenant: collections.Counter = collections.Counter()  # (name, tenant) -> running
-        self.next_start: dict[str, float] = {}  # a rate-limited name -> the earliest its next run may start
-        self.held: dict[Any, list] = {}  # name or (name, tenant) -> heap of (rank, seq, task) set aside by a limit
-        self.held_count = 0
-        self._holds = itertools.count()  # the order tasks were set aside in
-        self._rate_wake: float | None = None  # the earliest a task held by its rate may start
-        self.timers_changed = False  # a timer came due sooner: the shell's housekeeper must wake
-        self.tasks: dict[str, _Task] = {}  # every task not yet finished, in submission order
-        self.queue = DispatchQueue(self._runs_on)
-        self.timers = TimerHeap()
-        self.clients: dict[str, _ClientState] = {}
-        self.fetches: set[_Fetch] = set()
-        self.workers: dict[str, _WorkerState] = {}  # connected subworkers by id
+        self.heartbeat_address: str | None = None  # told to workers when they register (the shell's)...
+        self.message_limit = DEFAULT_MAX_MESSAGE_SIZE  # ...and the largest message the plane takes
+        self.by_id: dict[str, _WorkerState] = {}  # connected subworkers (and ghosts after a restore)
         self.by_conn: dict[int, _WorkerState] = {}
         self.catalog: dict[str, dict] = {}  # task name -> default options, over the connected subworkers
-        self._zero_known = -1  # len(local_tasks) when _zero_useful was computed (-1: never)
-        self._zero_useful = True  # the plane knows a task no connected worker knows: it takes part in dispatch
         self.zero = _WorkerState("plane", {"name": "plane", "concurrency": concurrency}, local_tasks, None, now)
-        self.counts = dict.fromkeys(STATES, 0)
-        self.submitted = self.retried = self.late = 0
-        self.workers_lost = self.workers_left = self.requeued = self.handed_back = 0
-        self.names: dict[str, _NameStats] = {}  # figures per task name, for the dashboard
-        self.throughput: collections.deque = collections.deque(maxlen=THROUGHPUT_WINDOW)  # [second, ok, failed]
-        self._bucket: list = [None, 0, 0]  # the newest of them
-        self.errors = {"protocol": 0, "auth": 0, "replay": 0, "internal": 0, "send": 0}
-        self.recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # finished tasks, oldest first
-        self.recent_failed: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # ...that failed
-        self.started_at = now
-        self._turns = itertools.count(1)
-        self.zero.turn = next(self._turns)
-        self._sweep_interval = min(1.0, heartbeat_timeout / 4)
-        self._next_sweep = now + self._sweep_interval
-        self._next_reap = now + reap_interval
-        self._acts: list = []  # actions of the event at hand
-        self._parked = 0  # client polls and fetches parked, over all connections
-        self._parked_by_conn: dict[int, int] = {}
-        self._touched: dict[str, tuple] = {}  # with a journal: tasks the event at hand changed, (task, new)
         # With a journal, a run of the plane's own starts only once it is
         # committed as running; so that commits carry more than a slot's
-        # worth, the plane's executor holds up to this many times its slots
-        # (runs wait in its inbox, still in priority order).
-        self._zero_depth = ZERO_JOURNAL_DEPTH if journaling else 1
-        self._lost: dict[str, list] = {}  # once closed: client -> [[task id, state]] that will not finish
-        if journaling:
-            self.cache.dropped = []
-        self._ripe: set[_ClientState] = set()  # clients with a parked poll and results for it
-        self._events: list[dict] = []  # completion events of the event at hand
-        self.schedules: dict[str, _Schedule] = {}  # periodic tasks by name
-        self._saved_schedules: dict[str, list] = {}  # from a journal, for schedules not yet known again
-        self._schedules_known = -1  # len(local_tasks) when the schedules were last looked for
-        self._schedules_dirty = False  # with a journal: a schedule changed in the event at hand
-        self._sync_schedules(now)
+        # worth, its executor holds up to this many times its slots.
+        self.zero_depth = zero_depth
+        self._known = -1  # len(local_tasks) when the catalog was made (-1: never)
+        self._zero_useful = True  # the plane knows a task no connected worker knows: it takes part in dispatch
+        self._turns = itertools.count(1)
+        self.zero.turn = next(self._turns)
 
-    # -- the one place a task changes state -------------------------------------
-
-    def _move(
-        self, task: _Task, state: str, now: float, *, due: float = 0.0, worker: Any = None, keep_seq: bool = False
-    ) -> None:
-        """Move ``task`` to ``state`` and keep every count and index that
-        depends on it: the counts per state, the queue, the timers, the
-        workers' in-flight sets; a final state settles the task."""
-        old = task.state
-        counts = self.counts
-        if old is not None:
-            counts[old] -= 1
-            if old == QUEUED:
-                if task.queued:  # not popped by dispatch: cancelled
-                    self.queue.remove(task)
-                elif task.blocked is not None:  # set aside by a limit: cancelled
-                    self._unhold(task)
-                if task.limits is not None and state != RUNNING and self.held:
-                    self._release(task)  # it may have been let out for a turn it will not take
-            elif old == SCHEDULED:
-                if task.timer is not None:  # not come due: cancelled
-                    self.timers.remove(task)
-            elif old == RUNNING:
-                del task.holder.in_flight[task.id]
-                task.holder = None
-                if task.limits is not None:
-                    self.running_by_name[task.name] -= 1
-                    if task.tenant is not None:
-                        self.running_by_tenant[task.name, task.tenant] -= 1
-                    if self.held:
-                        self._release(task)
-        counts[state] += 1
-        task.state = state
-        if state == QUEUED:
-            self.queue.push(task, keep_seq)
-        elif state == SCHEDULED:
-            if self.timers.push(task, due):
-                self.timers_changed = True
-        elif state == RUNNING:
-            task.holder = worker
-            worker.in_flight[task.id] = task
-            task.attempts += 1
-            task.runs += 1
-            task.started = now
-            task.worker = worker.name
-            if task.limits is not None:  # (the runs of tasks with limits are counted)
-                self.running_by_name[task.name] += 1
-                if task.tenant is not None:
-                    self.running_by_tenant[task.name, task.tenant] += 1
-                if task.limits[1] is not None:  # its rate: the next start waits
-                    at = self.next_start[task.name] = max(now, self.next_start.get(task.name, now)) + task.limits[1]
-                    if ("rate", task.name, None) in self.held:
-                        self._wake_for_rate(at)
-            if self.log_tasks:
-                args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.log_args else ""
-                self._log(logging.DEBUG, "task %s %s started on %s (run %d)%s", task.id, task.name, worker.name,
-                          task.runs, args)  # fmt: skip
-        else:
-            self._settle(task, now)
-        if self.journaling and task.id not in self._touched:
-            self._touched[task.id] = (task, old is None)
-
-    @staticmethod
-    def _row(t: _Task, new: bool) -> list:
-        """A journal record: the task's row (see _JOURNAL_SCHEMA) as it is
-        now; its body (the part that never changes) only if it is new."""
-        body = [t.name, t.args, t.kwargs, t.rank, t.retries, t.timeout, t.client, t.submitted] if new else None
-        return [t.id, body, t.seq, t.state, t.attempts, t.runs, t.due if t.state == SCHEDULED else None, t.started,
-                t.finished, t.worker, None if t.holder is None else t.holder.id, t.error, t.item, t.crashes]  # fmt: skip
-
-    def _counters(self) -> dict:
-        return {
-            "submitted": self.submitted,
-            "counts": dict(self.counts),
-            "retried": self.retried,
-            "late": self.late,
-            "workers_lost": self.workers_lost,
-            "workers_left": self.workers_left,
-            "requeued": self.requeued,
-            "handed_back": self.handed_back,
-            "schedules": {name: s.saved() for name, s in self.schedules.items()},
-        }
-
-    def _settle(self, task: _Task, now: float) -> None:
-        """A task reached its final state (``task.item`` holds its RESULT):
-        cache it and tell whoever waits for it."""
-        task.finished = now
-        del self.tasks[task.id]
-        task.wire = None
-        if not self.log_args:
-            task.args = task.kwargs = None  # keep the outcome, not the input
-        self._count_finished(task, now)
-        self.cache.put(task.id, task, now)
-        self.recent.append(task)
-        if task.state == FAILED:
-            self.recent_failed.append(task)
-        cs = self.clients.get(task.client)
-        if cs is not None:
-            self._post(cs, task.item)
-        if task.key is not None:
-            if self.keys.get((task.name, task.key)) is task:
-                del self.keys[task.name, task.key]  # the key is free again
-            for client in task.joined or ():
-                other = self.clients.get(client)
-                if other is not None:
-                    self._post(other, task.item)
-        if not task.client:  # a periodic task's run
-            s = self.schedules.get(task.name)
-            if s is not None:
-                s.running -= 1
-                if s.last_run == task.id:
-                    s.last_state = task.state
-                self._schedules_dirty = self.journaling
-        if task.watchers:
-            for fetch in task.watchers:
-                fetch.waiting -= 1
-                if fetch.waiting == 0 and fetch in self.fetches:
-                    self._unpark_fetch(fetch)
-                    self._reply(fetch.req, "results", items=self.fetch_items(fetch.ids, now))
-            task.watchers = None
-        if self.subscribers:
-            self._events.append(task.summary(now))
-
-    def _count_finished(self, task: _Task, now: float) -> None:
-        """The figures per task name and the throughput chart."""
-        state = task.state
-        figures = self.names.get(task.name) or self._figures(task.name)
-        if state == SUCCEEDED:
-            figures.succeeded += 1
-        elif state == FAILED:
-            figures.failed += 1
-            figures.last_failure = {"id": task.id, "at": now, "error": task.error}
-        else:
-            figures.cancelled += 1
-        took = None if task.started is None or state == CANCELLED else now - task.started
-        if took is not None:
-            figures.durations.append(took)
-        if self.log_tasks:
-            where = "" if took is None else f" on {task.worker} in {took:.6f} s"
-            self._log(logging.DEBUG, "task %s %s %s%s", task.id, task.name, state, where)
-        if state != CANCELLED:
-            bucket = self._bucket
-            if bucket[0] != int(now):
-                bucket = self._bucket = [int(now), 0, 0]
-                self.throughput.append(bucket)
-            bucket[1 if state == SUCCEEDED else 2] += 1
-
-    def _figures(self, name: str) -> _NameStats:
-        if len(self.names) >= MAX_NAMES:
-            name = "(other)"
-        return self.names.get(name) or self.names.setdefault(name, _NameStats())
-
-    def _outcome(self, task: _Task, state: str, item: bytes, error: Any, now: float) -> None:
-        """The outcome of one run of a running task: retry it, or make it
-        final.  A task that raised waits 1 s, 2 s, 4 s ... (from the retry
-        backoff) before its next run; one whose worker was lost is queued
-        again at once, at its old place."""
-        err = error if type(error) is dict else None
-        if err is not None:
-            task.error = f"{err.get('type')}: {err.get('message')}"
-            self._failed_run(task, err, now)
-        kind = err.get("kind") if err is not None else None
-        if state == FAILED and kind in ("raised", "lost") and task.attempts <= task.retries:
-            self.retried += 1
-            if kind == "lost":
-                self.requeued += 1
-                self._move(task, QUEUED, now, keep_seq=True)
-            else:
-                backoff = self.retry_backoff * 2 ** min(task.attempts - 1, 30)
-                self._move(task, SCHEDULED, now, due=now + min(backoff, MAX_BACKOFF))
-            return
-        if state == SUCCEEDED:
-            task.error = None  # an earlier attempt's error is history
-        task.item = item
-        self._move(task, state, now)
-
-    def _failed_run(self, task: _Task, err: dict, now: float) -> None:
-        """Keep a failed run for the task's page, and say so at WARNING."""
-        tb = str(err.get("traceback") or "")
-        if len(tb) > MAX_TRACEBACK:  # the end says the most
-            tb = "...\n" + tb[-MAX_TRACEBACK:]
-        run = {"run": task.runs, "worker": task.worker, "started_at": task.started, "finished_at": now,
-               "state": FAILED, "error": task.error, "traceback": tb or None}  # fmt: skip
-        if task.failures is None:
-            task.failures = []
-        elif len(task.failures) >= MAX_RUNS_KEPT:
-            del task.failures[0]
-        task.failures.append(run)
-        took = "" if task.started is None else f" after {now - task.started:.3f} s"
-        args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.log_args else ""
-        self._log(logging.WARNING, "task %s %s failed on %s%s (run %d): %s%s", task.id, task.name, task.worker,
-                  took, task.runs, task.error, args)  # fmt: skip
-
-    # -- building actions ---------------------------------------------------------
-
-    def _reply(self, req: int, op: str, fields: dict = _NOTHING, items: list | None = None) -> None:
-        self._acts.append(Reply(req, op, fields, items))
-
-    def _post(self, cs: _ClientState, item: bytes) -> None:
-        """A result for a client: into its outbox, answered with its parked
-        poll once the event is handled.  An outbox past MAX_OUTBOX loses its
-        oldest results (they stay in the cache) and the client is told to
-        ask for what it misses."""
-        cs.outbox.append(item)
-        if len(cs.outbox) > MAX_OUTBOX * 1.25:
-            del cs.outbox[: len(cs.outbox) - MAX_OUTBOX]
-            cs.resync = True
-        if cs.poll is not None:
-            self._ripe.add(cs)
-
-    def _may_park(self, conn: int) -> bool:
-        """Room for one more parked poll or fetch (MAX_PARKED in all,
-        MAX_PARKED_PER_CONN per connection)?"""
-        return self._parked < MAX_PARKED and self._parked_by_conn.get(conn, 0) < MAX_PARKED_PER_CONN
-
-    def _count_parked(self, conn: int, delta: int) -> None:
-        self._parked += delta
-        left = self._parked_by_conn.get(conn, 0) + delta
-        if left:
-            self._parked_by_conn[conn] = left
-        else:
-            del self._parked_by_conn[conn]
-
-    def _park(self, cs: _ClientState, req: int, conn: int, deadline: float) -> None:
-        cs.poll, cs.conn, cs.deadline = req, conn, deadline
-        self._count_parked(conn, 1)
-
-    def _unpark(self, cs: _ClientState) -> int:
-        """Take a client's parked poll (to answer it)."""
-        req, cs.poll = cs.poll, None
-        self._count_parked(cs.conn, -1)
-        return req
-
-    def _unpark_fetch(self, fetch: _Fetch) -> None:
-        self.fetches.discard(fetch)
-        self._count_parked(fetch.conn, -1)
-
-    def _answer(self, cs: _ClientState, items: list, fields: dict = _NOTHING) -> None:
-        """Answer a client's parked poll."""
-        self._reply(self._unpark(cs), "results", self._with_resync(cs, fields), items)
-
-    @staticmethod
-    def _with_resync(cs: _ClientState, fields: dict) -> dict:
-        if cs.resync:
-            cs.resync = False
-            return {**fields, "resync": True}
-        return fields
-
-    def _log(self, level: int, msg: str, *args: Any) -> None:
-        self._acts.append(Log(level, msg, args))
-
-    def _done(self) -> list:
-        """The actions of the event at hand.  Clients' parked polls are
-        answered here, after every result of the event is in, so that they
-        all travel in one reply."""
-        if self._ripe:
-            for cs in self._ripe:
-                if cs.poll is not None and cs.outbox:
-                    self._answer(cs, self._take_results(cs))
-            self._ripe.clear()
-        if self._events:
-            self._acts.append(Publish(self._events))
-            self._events = []
-        acts, self._acts = self._acts, []
-        if self.journaling and (self._touched or self.cache.dropped or self._schedules_dirty):
-            self._schedules_dirty = False
-            acts.insert(0, Journal(self._journal_records(), self._counters()))
-        return acts
-
-    def _journal_records(self) -> list:
-        """What the event at hand changed, for the journal: each task it
-        touched once, as it is now, and the results the cache dropped."""
-        records = [self._row(task, new) for task, new in self._touched.values()]
-        self._touched.clear()
-        dropped = self.cache.dropped
-        if dropped:
-            records.extend([key] for key in dropped)
-            dropped.clear()
-        return records
-
-    @staticmethod
-    def _take_results(cs: _ClientState) -> list[bytes]:
-        """As many of a client's waiting results as fit one message."""
-        items, size = cs.outbox, 0
-        for n, item in enumerate(items):
-            size += len(item)
-            if size > _BATCH_BYTES and n:
-                cs.outbox = items[n:]
-                return items[:n]
-        cs.outbox = []
-        return items
-
-    # -- client events ------------------------------------------------------------
-
-    def _client(self, cid: str, now: float) -> _ClientState:
-        cs = self.clients.get(cid)
-        if cs is None:
-            cs = self.clients[cid] = _ClientState(now)
-        cs.seen = now
-        return cs
+    # -- what runs where --------------------------------------------------------------
 
     def options_of(self, name: str) -> dict | None:
         """The default options of a task some worker can run, or None.
-        Connected subworkers run the tasks they know; the plane runs the
-        rest of its own."""
+        Connected subworkers run the tasks they know; the plane the rest."""
         opts = self.catalog.get(name)
         if opts is None:
-            spec = self.local_tasks.get(name)
+            spec = self.local.get(name)
             opts = None if spec is None else spec.options
         return opts
 
-    def submit(self, req: int, client: str, tasks: list[dict], now: float) -> list:
-        """A client submits TASK items (validated): queue or schedule each,
-        or reject it (duplicate id, unknown name); answer "accepted"."""
-        if self.stopping:
-            self._reply(req, "error", {"error": _error("unavailable", "PlaneUnavailable", "the plane is stopping")})
-            return self._done()
-        cs = self._client(client, now)
-        rejected, joined = [], []
-        counts = self.counts
-        for t in tasks:
-            tid = t["id"]
-            known = self.tasks.get(tid) or self.cache.peek(tid, now)
-            if known is not None:
-                if known.client != client:
-                    rejected.append({"id": tid, "error": _error("protocol", "ProtocolError", "duplicate task id")})
-                elif known.state in TERMINAL:  # sent again after its reply was lost, and done since: deliver it
-                    self._post(cs, known.item)
-                continue
-            opts = self.options_of(t["name"])
-            if opts is None:
-                err = _error("unknown_task", "UnknownTask", f"no plane or connected worker knows task {t['name']!r}")
-                rejected.append({"id": tid, "error": err})
-                continue
-            plain = len(t) == 4  # no options: the common case, kept short
-            key = None if plain else t.get("key")
-            if key is not None and (t["name"], key) in self.keys:
-                joined.append([tid, self._join(self.keys[t["name"], key], t, client, now)])
-                continue
-            if self.max_queued is not None and counts[QUEUED] + counts[SCHEDULED] >= self.max_queued:
-                self._dispatch(now)  # what can start now does not wait
-            if self.max_queued is not None and counts[QUEUED] + counts[SCHEDULED] >= self.max_queued:
-                self.refused += 1
-                err = _error(
-                    "queue_full", "QueueFull", f"the plane holds {self.max_queued} waiting tasks (--max-queued)"
-                )
-                rejected.append({"id": tid, "error": err})
-                continue
-            if plain:
-                task = _Task(t, _RANK[opts["priority"]], opts["retries"], opts["timeout"], client, now)
-                due = now
-            else:
-                retries = t.get("retries")
-                task = _Task(
-                    t,
-                    _RANK[t.get("priority") or opts["priority"]],
-                    opts["retries"] if retries is None else retries,
-                    t.get("timeout") or opts["timeout"],
-                    client,
-                    now,
-                )
-                task.tenant = t.get("tenant")
-                task.key = key
-                due = t.get("eta") or now + (t.get("delay") or 0)
-            if not plain or len(opts) > 3:  # options beyond the plain ones: limits among them?
-                task.limits = self._limits_of(t, opts)
-            self.tasks[tid] = task
-            self.submitted += 1
-            if key is not None:
-                self.keys[task.name, key] = task
-                debounce = t.get("debounce")
-                if debounce is not None:
-                    task.burst = (now, debounce, t.get("debounce_max") or 10 * debounce)
-                    due = max(due, now + debounce)
-            if due > now:
-                self._move(task, SCHEDULED, now, due=due)
-            else:
-                self._move(task, QUEUED, now)
-        self._dispatch(now)  # the work goes out first: it is what takes time
-        self._reply(req, "accepted", {"rejected": rejected, "joined": joined} if joined else {"rejected": rejected})
-        return self._done()
+    def runs_on(self, name: str) -> frozenset:
+        """The slots that can run a task of this name: the connected workers
+        that know it, else the plane's own if it knows it, else none."""
+        ids = frozenset(w.id for w in self.by_id.values() if name in w.tasks)
+        if ids or name not in self.local:
+            return ids
+        return frozenset((self.zero.id,))
 
-    @staticmethod
-    def _limits_of(t: dict, opts: dict) -> tuple | None:
-        """A task's limits: its own options, else its name's defaults."""
-        conc = t.get("concurrency") or opts.get("concurrency")
-        rate = t.get("rate") or opts.get("rate")
-        tenant_conc = t.get("tenant_concurrency") or opts.get("tenant_concurrency")
-        if conc is None and rate is None and tenant_conc is None:
-            return None
-        return conc, None if rate is None else _rate_interval(rate), tenant_conc
+    def changed(self) -> None:
+        """The connected workers or the plane's registry changed: what runs
+        where (the catalog, worker zero's share, the queue's lanes)."""
+        self.catalog = {}
+        for w in self.by_id.values():
+            for name, options in w.tasks.items():
+                self.catalog.setdefault(name, options)
+        self._known = len(self.local)
+        self._zero_useful = any(name not in self.catalog for name in self.local)
+        self.core.table.queue.regroup()
 
-    def _join(self, task: _Task, t: dict, client: str, now: float) -> str:
-        """A submission whose key ``task`` holds joins it: its client gets the
-        task's result.  A debounced task that is still waiting takes the
-        newer arguments and waits again (no later than its burst's limit)."""
-        self.joined += 1
-        if client != task.client:
-            if task.joined is None:
-                task.joined = set()
-            task.joined.add(client)
-        if task.burst is not None and task.state == SCHEDULED and not task.attempts:
-            first, debounce, longest = task.burst
-            task.args, task.kwargs, task.wire = t["args"], t["kwargs"], None
-            self._move(task, SCHEDULED, now, due=min(now + debounce, first + longest))
-            if self.journaling:
-                self._touched[task.id] = (task, True)  # its arguments changed: write its body again
-        return task.id
+    def names(self) -> list[str]:
+        return sorted(set(self.catalog) | set(self.local))
 
-    # -- limits: tasks set aside while they wait for one -----------------------------------
+    def moved(self, task: _Task, old: str | None, state: str, worker: Any, now: At, load: bool) -> None:
+        """Who runs a task that moved into or out of RUNNING."""
+        if old == RUNNING:
+            del task.holder.in_flight[task.id]
+            task.holder = None
+        if state != RUNNING:
+            return
+        task.holder = worker
+        worker.in_flight[task.id] = task
+        if load:  # (a restore: its run goes on, or it runs again)
+            return
+        task.attempts += 1
+        task.runs += 1
+        task.started, task.t0, task.worker = now.wall, now.mono, worker.name
+        if self.core.log_tasks:
+            args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.core.log_args else ""
+            self.core.out.log(logging.DEBUG, "task %s %s started on %s (run %d)%s", task.id, task.name, worker.name,
+                              task.runs, args)  # fmt: skip
 
-    def _must_wait(self, task: _Task, now: float) -> bool:
-        """Does a limit keep this (just popped) task from starting now?  Then
-        it is set aside until one of its name's runs ends, or its rate lets
-        it start; it holds no worker's slot meanwhile."""
-        conc, interval, tenant_conc = task.limits
-        name = task.name
-        if conc is not None and self.running_by_name[name] >= conc:
-            return self._hold(task, "concurrency", name)
-        if tenant_conc is not None and self.running_by_tenant[name, task.tenant] >= tenant_conc:
-            return self._hold(task, "tenant", (name, task.tenant))
-        if interval is not None:
-            at = self.next_start.get(name, now)
-            if at > now:
-                self._wake_for_rate(at)
-                return self._hold(task, "rate", ("rate", name, None))
-        return False
+    # -- a worker's requests --------------------------------------------------------------
 
-    def _wake_for_rate(self, at: float) -> None:
-        if self._rate_wake is None or at < self._rate_wake:
-            self._rate_wake = at
-            self.timers_changed = True  # the housekeeper must wake sooner
-
-    def _hold(self, task: _Task, why: str, where: Any) -> bool:
-        """Set a task aside; the held go back in the order the queue gave
-        them (priority, then the tenants' turns)."""
-        task.blocked = why
-        heapq.heappush(self.held.setdefault(where, []), (task.rank, next(self._holds), task))
-        self.held_count += 1
-        return True
-
-    def _unhold(self, task: _Task) -> None:
-        """A held task leaves (cancelled): its entry is skipped later."""
-        task.blocked = None
-        self.held_count -= 1
-
-    def _release(self, task: _Task) -> None:
-        """A run of ``task``'s name ended: the first task held by its name's
-        (or its tenant's) concurrency goes back into the queue, at its place."""
-        for where in (task.name, (task.name, task.tenant)):
-            if where in self.held:
-                self._let_out(where)
-
-    def _let_out(self, where: Any) -> _Task | None:
-        """The first task held at ``where`` (skipping those cancelled
-        meanwhile) goes back into the queue, at its place."""
-        heap = self.held[where]
-        task = None
-        while heap:
-            task = heapq.heappop(heap)[2]
-            if task.blocked is not None:
-                task.blocked = None
-                self.held_count -= 1
-                self.queue.push(task, keep_seq=True)
-                break
-            task = None
-        if not heap:
-            del self.held[where]
-        return task
-
-    def _release_rates(self, now: float) -> None:
-        """Tasks held by a rate whose time has come go back into the queue."""
-        self._rate_wake = None
-        for where in [w for w in self.held if type(w) is tuple and len(w) == 3]:
-            at = self.next_start.get(where[1], now)
-            if at > now:
-                self._rate_wake = at if self._rate_wake is None else min(self._rate_wake, at)
-                continue
-            task = self._let_out(where)
-            if task is not None and where in self.held:  # look again (the one let out may never start)
-                self._wake_for_rate(now + task.limits[1])
-
-    def poll(self, req: int, conn: int, client: str, wait: float, now: float) -> list:
-        """A client's long-poll for its results: answered at once if any
-        wait, else parked until some arrive or ``wait`` seconds pass.  At
-        most MAX_PARKED polls are parked, MAX_PARKED_PER_CONN per connection;
-        past that, polls are answered at once, and so is the first poll of
-        a client this plane does not know (it may be a restarted plane: the
-        client learns so from the answer)."""
-        new = client not in self.clients
-        cs = self._client(client, now)
-        if cs.poll is not None:  # the client gave up on it: it has a new one now
-            self._answer(cs, [])
-        if self.closed:
-            self._last_word(req, client, cs)
-        elif new or cs.outbox or wait <= 0 or not self._may_park(conn):
-            self._reply(req, "results", self._with_resync(cs, _NOTHING), self._take_results(cs))
-        else:
-            self._park(cs, req, conn, now + wait)
-        return self._done()
-
-    def fetch_items(self, ids: list, now: float) -> list[bytes]:
-        """RESULT items (or the current state) of tasks by id."""
-        items = []
-        for tid in ids:
-            task = self.tasks.get(tid)
-            if task is None:
-                task = self.cache.get(tid, now)
-            if task is None:
-                items.append(_json_bytes({"id": tid, "state": "unknown"}))
-            elif task.state in TERMINAL:
-                items.append(task.item)
-            else:
-                items.append(_json_bytes({"id": tid, "state": task.state}))
-        return items
-
-    def fetch(self, req: int, conn: int, ids: list, wait: float, now: float) -> list:
-        """Results of any tasks by id, parked up to ``wait`` seconds while
-        some of them are unfinished (parked like a poll: see poll())."""
-        pending = [self.tasks[i] for i in ids if i in self.tasks]
-        if not pending or wait <= 0 or self.stopping or len(ids) > QUERY_CHUNK or not self._may_park(conn):
-            self._reply(req, "results", items=self.fetch_items(ids, now))
-        else:
-            fetch = _Fetch(req, conn, ids, now + wait, len(pending))
-            self._count_parked(conn, 1)
-            for task in pending:
-                if task.watchers is None:
-                    task.watchers = []
-                task.watchers.append(fetch)
-            self.fetches.add(fetch)
-        return self._done()
-
-    def _status(self, tid: str, now: float, why: bool = False) -> dict:
-        task = self.tasks.get(tid) or self.cache.peek(tid, now)
-        if task is None:
-            return {"id": tid, "state": "unknown"}
-        out = task.summary(now)
-        if why and (task.state == QUEUED or task.state == SCHEDULED):
-            out["waiting"], out["why"] = self._waiting(task, now)
-        return out
-
-    def statuses(self, ids: list, now: float) -> list[dict]:
-        """A query: the status of each task (of a few: why one waits, too)."""
-        why = len(ids) <= WHY_IDS
-        return [self._status(tid, now, why) for tid in ids]
-
-    def _waiting(self, task: _Task, now: float) -> tuple[str, str]:
-        """Why a queued or scheduled task does not run yet: a short reason
-        and a sentence."""
-        if task.state == SCHEDULED:
-            left = f"{max(0.0, (task.due or now) - now):.1f} s"
-            if task.burst is not None:
-                return "debounce", f"waits {left} for newer submissions of its key {task.key!r} (debounce)"
-            if task.attempts:
-                return "retry", f"waits {left} of its retry backoff after {task.attempts} failed run(s)"
-            return "scheduled", f"waits {left} for its time"
-        if task.blocked == "concurrency":
-            limit = task.limits[0]
-            return "concurrency", f"waits for its concurrency limit: {limit} of {task.name!r} run at once"
-        if task.blocked == "tenant":
-            return "tenant_concurrency", (f"waits for its tenant's limit: {task.limits[2]} of {task.name!r} "
-                                          f"for tenant {task.tenant!r} run at once")  # fmt: skip
-        if task.blocked == "rate":
-            at = self.next_start.get(task.name, now)
-            return "rate", f"waits {max(0.0, at - now):.2f} s for its rate limit ({task.name!r})"
-        if task.name not in self.catalog and task.name not in self.local_tasks:
-            return "worker", f"waits for a worker that knows {task.name!r}"
-        higher, mine, others = self.queue.ahead_of(task)
-        ahead = higher + mine + others
-        if task.tenant is not None and others and not mine:
-            return "tenant_turn", f"waits for its tenant's turn: {ahead} task(s) go first"
-        if ahead:
-            return "queue", f"behind {ahead} task(s) of higher or equal priority"
-        return "slot", "waits for a free slot on a worker that knows it"
-
-    def status(self, req: int, ids: list, now: float) -> list:
-        self._reply(req, "statuses", {"statuses": self.statuses(ids, now)})
-        return self._done()
-
-    def cancel(self, req: int, ids: list, now: float) -> list:
-        """Cancel the tasks that have not started (queued or scheduled)."""
-        cancelled: list[str] = []
-        self._cancel(ids, cancelled, now)
-        self._reply(req, "cancelled", {"ids": cancelled})
-        return self._done()
-
-    def cancel_some(self, ids: list, cancelled: list, now: float) -> list:
-        """Cancel what can be of ``ids``, adding them to ``cancelled`` (the
-        shell cancels a long list a piece at a time)."""
-        self._cancel(ids, cancelled, now)
-        return self._done()
-
-    def purge_some(self, ids: list, cancelled: list, now: float) -> list:
-        """Cancel those of ``ids`` that are still queued (a purge, a piece
-        at a time: see queued_ids())."""
-        self._cancel(ids, cancelled, now, (QUEUED,))
-        return self._done()
-
-    def queued_ids(self, priority: str | None) -> list[str]:
-        """The ids of the queued tasks, of one priority or of all."""
-        rank = None if priority is None else _RANK[priority]
-        return [t.id for t in self.tasks.values() if t.state == QUEUED and (rank is None or t.rank == rank)]
-
-    def _cancel(self, ids: list, cancelled: list, now: float, states: tuple = (QUEUED, SCHEDULED)) -> None:
-        for tid in ids:
-            task = self.tasks.get(tid)
-            if task is not None and task.state in states:
-                task.item = encode_result(tid, CANCELLED)
-                self._move(task, CANCELLED, now)
-                cancelled.append(tid)
-
-    def answer(self, req: int, op: str, fields: dict, items: list | None, now: float) -> list:
-        """Answer a request with what the shell gathered in pieces."""
-        self._reply(req, op, fields, items)
-        return self._done()
-
-    def bye(self, req: int, client: str, now: float) -> list:
-        """A client leaves: forget it (and answer its parked poll)."""
-        cs = self.clients.get(client)
-        if cs is not None:
-            if cs.poll is not None:
-                self._answer(cs, [])
-            del self.clients[client]
-        self._reply(req, "ok")
-        return self._done()
-
-    # -- worker events ------------------------------------------------------------
-
-    def pull(
-        self,
-        req: int,
-        conn: int,
-        wid: str,
-        credit: int,
-        results: list[dict],
-        returned: list[str],
-        info: dict | None,
-        now: float,
-        leaving: bool = False,
-    ) -> list:
+    def pull(self, ev: Pull, now: At) -> None:
         """A worker's request for work.  It carries the results of earlier
         runs and the ids of tasks it hands back; the reply carries new tasks,
         as soon as there are any.  The first pull (with ``info``) registers
@@ -2846,72 +2892,74 @@ class PlaneCore:
         Raises:
             ProtocolError: the registration info is invalid (nothing changed).
         """
-        w = self.workers.get(wid)
+        core, out, table = self.core, self.core.out, self.core.table
+        w = self.by_id.get(ev.worker)
         registered = False
-        if w is None or info is not None:
-            if info is None or self.stopping:  # unknown here (a plane that restarted, or dropped it): say so
-                self.late += len(results)
-                self._reply(req, "tasks", {"register": not self.stopping}, [])
-                return self._done()
-            w = self._register(wid, info, conn, {r["id"] for r in results}, now)
+        if w is None or ev.info is not None:
+            if ev.info is None or core.stopping:  # unknown here (a plane that restarted, or dropped it): say so
+                core.figures.counters["late"] += len(ev.results)
+                out.reply(ev.req, "tasks", {"register": not core.stopping}, [])
+                return
+            w = self._register(ev.worker, ev.info, ev.conn, {r["id"] for r in ev.results}, now)
             registered = True
-        elif conn != w.conn:  # it reconnected: its old connection's close must not drop it
+        elif ev.conn != w.conn:  # it reconnected: its old connection's close must not drop it
             self.by_conn.pop(w.conn, None)
-            w.conn = conn
-            self.by_conn[conn] = w
-        w.last_seen = now
-        for r in results:
-            task = self.tasks.get(r["id"])
-            if task is None or task.holder is not w or r.get("run", task.runs) != task.runs:
-                self.late += 1  # its worker was declared dead, or it was handed back: ignored
+            w.conn = ev.conn
+            self.by_conn[ev.conn] = w
+        w.last_seen = now.mono
+        for r in ev.results:
+            task = table.tasks.get(r["id"])
+            if task is None or task.holder is not w or r.get("run") != task.runs:
+                core.figures.counters["late"] += 1  # declared dead, handed back, or not of this run: ignored
                 continue
             w.completed += 1
-            self._outcome(task, r["state"], _json_bytes(r), r.get("error"), now)
-        for tid in returned:
+            table.outcome(task, r["state"], _json_bytes(r), r.get("error"), now)
+        for tid in ev.returned:
             task = w.in_flight.get(tid)
             if task is not None:
-                task.attempts -= 1  # it never ran to the end: not an attempt
-                self.handed_back += 1
-                self._move(task, QUEUED, now, keep_seq=True)
-        if leaving and not registered:
-            self._leave(w, now)
-            self._reply(req, "tasks", items=[])
-            return self._done()
+                table.hand_back(task, now)
+        if ev.leaving and not registered:
+            self._remove(w, False)
+            for task in list(w.in_flight.values()):
+                table.hand_back(task, now)
+            core.figures.counters["workers_left"] += 1
+            out.log(logging.INFO, "worker %s (%s, pid %s) left", w.name, w.host, w.pid)
+            out.reply(ev.req, "tasks", items=[])
+            self.dispatch(now)  # what it handed back runs elsewhere
+            return
         if registered or w.ghost:
-            fields = {"register": True} if w.ghost else self._welcome_worker
-            self._reply(req, "tasks", fields, [])
-            self._dispatch(now)
-            return self._done()
-        w.credit = max(0, credit)
+            fields = {"register": True} if w.ghost else self._welcome()
+            out.reply(ev.req, "tasks", fields, [])
+            self.dispatch(now)
+            return
+        w.credit = max(0, ev.credit)
         # A worker keeps at most one request parked here.  Tasks go to the
         # parked one; a second request (it brought results) is answered at
         # once, or takes the parked one's place once that is answered.
         second = None
         if w.pull is None:
-            w.pull, w.pull_deadline = req, now + PULL_WAIT
+            w.pull, w.pull_deadline = ev.req, now.mono + PULL_WAIT
         else:
-            second = req
-        self._dispatch(now)
+            second = ev.req
+        self.dispatch(now)
         if second is not None and w.pull is None:
-            w.pull, w.pull_deadline, second = second, now + PULL_WAIT, None
-            self._dispatch(now)
+            w.pull, w.pull_deadline, second = second, now.mono + PULL_WAIT, None
+            self.dispatch(now)
         if w.pull is not None and w.credit == 0:  # it drains: nothing to wait for
-            self._reply(w.pull, "tasks", items=[])
+            out.reply(w.pull, "tasks", items=[])
             w.pull = None
         if second is not None:
-            self._reply(second, "tasks", items=[])
-        return self._done()
+            out.reply(second, "tasks", items=[])
 
-    @property
-    def _welcome_worker(self) -> dict:
+    def _welcome(self) -> dict:
         """What a worker learns when it registers."""
         return {
             "heartbeat": self.heartbeat_address,
             "heartbeat_interval": self.heartbeat_timeout / 5,
-            "max_message_size": self.max_message_size,
+            "max_message_size": self.message_limit,
         }
 
-    def _register(self, wid: str, info: dict, conn: int, reported: set, now: float) -> _WorkerState:
+    def _register(self, wid: str, info: dict, conn: int, reported: set, now: At) -> _WorkerState:
         """A worker registers.  One this plane knows already (it lost an
         answer on its way, or the plane restarted and it is a ghost) keeps
         only the tasks it says it holds or reports; the others never reached
@@ -2924,157 +2972,124 @@ class PlaneCore:
         if wid == self.zero.id:
             raise ProtocolError(f"worker id {wid!r} is reserved for the plane itself")
         w = _WorkerState(wid, info, tasks, conn, now)
-        old = self.workers.get(wid)
+        old = self.by_id.get(wid)
         if old is not None:
             keep = None if held is None else set(held) | reported
             if old.pull is not None:  # its request parked from before: answered, empty
-                self._reply(old.pull, "tasks", items=[])
+                self.core.out.reply(old.pull, "tasks", items=[])
             for task in list(old.in_flight.values()):
                 if keep is not None and task.id not in keep:
-                    self._run_again(task, now)
+                    self.core.table.run_again(task, now)
             w.in_flight = old.in_flight
             for task in w.in_flight.values():
                 task.holder = w
             if old.conn is not None and old.conn != conn:
                 self.by_conn.pop(old.conn, None)
-            self._log(logging.INFO, "worker %s is back: %d task(s) it was running", w.name, len(w.in_flight))
+            self.core.out.log(logging.INFO, "worker %s is back: %d task(s) it was running", w.name, len(w.in_flight))
         w.turn = next(self._turns)
-        self.workers[wid] = w
+        self.by_id[wid] = w
         self.by_conn[conn] = w
-        self._rebuild_catalog()
-        self._sync_schedules(now)
-        self._log(logging.INFO, "worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid, w.concurrency)
+        self.changed()
+        self.core.schedules.sync(now)
+        self.core.out.log(logging.INFO, "worker %s (%s, pid %s, %d slots) registered", w.name, w.host, w.pid,
+                          w.concurrency)  # fmt: skip
         return w
 
-    def _rebuild_catalog(self) -> None:
-        """The connected workers or the plane's registry changed: what runs
-        where (the catalog, worker zero's share, the queue's lanes)."""
-        self.catalog = {}
-        for w in self.workers.values():
-            for name, options in w.tasks.items():
-                self.catalog.setdefault(name, options)
-        local = self.local_tasks
-        self._zero_known = len(local)
-        self._zero_useful = any(name not in self.catalog for name in local)
-        self.queue.regroup()
-
-    def _runs_on(self, name: str) -> frozenset:
-        """The slots that can run a task of this name: the connected workers
-        that know it, else the plane's own if it knows it, else none."""
-        ids = frozenset(w.id for w in self.workers.values() if name in w.tasks)
-        if ids or name not in self.local_tasks:
-            return ids
-        return frozenset((self.zero.id,))
-
-    def heartbeat(self, wid: str, now: float) -> list:
-        """A worker's heartbeat: proof of life for a worker whose connection
-        stays up while it hangs."""
-        w = self.workers.get(wid)
-        if w is not None:
-            w.last_seen = w.last_heartbeat = now
-        return _NO_ACTIONS
-
-    def conn_closed(self, conn: int, now: float) -> list:
-        """A connection closed: drop the worker on it, if any."""
-        w = self.by_conn.get(conn)
-        if w is not None:
-            self._drop(w, "connection closed", now)
-        return self._done()
-
-    def _leave(self, w: _WorkerState, now: float) -> None:
-        """A worker stopped cleanly, having handed back what it did not
-        finish; anything it still held runs again."""
-        del self.workers[w.id]
+    def _remove(self, w: _WorkerState, register: bool) -> None:
+        """A worker leaves the registry; its parked request is answered
+        (``register``: it should register again, if it is still there)."""
+        del self.by_id[w.id]
         self.by_conn.pop(w.conn, None)
-        self._rebuild_catalog()
+        self.changed()
         if w.pull is not None:
-            self._reply(w.pull, "tasks", items=[])
+            self.core.out.reply(w.pull, "tasks", {"register": True} if register else _NOTHING, [])
             w.pull = None
-        for task in list(w.in_flight.values()):
-            task.attempts -= 1
-            self.handed_back += 1
-            self._move(task, QUEUED, now, keep_seq=True)
-        self.workers_left += 1
-        self._log(logging.INFO, "worker %s (%s, pid %s) left", w.name, w.host, w.pid)
-        self._dispatch(now)
 
-    def _drop(self, w: _WorkerState, why: str, now: float) -> None:
+    def drop(self, w: _WorkerState, why: str, now: At) -> None:
         """A worker is gone: requeue or fail what it was running."""
-        if self.workers.get(w.id) is not w:
+        if self.by_id.get(w.id) is not w:
             return
-        del self.workers[w.id]
-        self.by_conn.pop(w.conn, None)
-        self._rebuild_catalog()
-        if w.pull is not None:
-            self._reply(w.pull, "tasks", {"register": True}, [])
-            w.pull = None
-        lost = list(w.in_flight.values())
+        self._remove(w, True)
+        table, lost = self.core.table, list(w.in_flight.values())
         if w.ghost:  # its runs died with the plane, not by the task's fault
             for task in lost:
-                self._run_again(task, now)
-            self._log(logging.WARNING, "worker %s did not come back: %d task(s) queued again", w.name, len(lost))
+                table.run_again(task, now)
+            self.core.out.log(logging.WARNING, "worker %s did not come back: %d task(s) queued again", w.name,
+                              len(lost))  # fmt: skip
         else:
-            self.workers_lost += 1
+            self.core.figures.counters["workers_lost"] += 1
             err = _error("lost", "WorkerLost", f"worker {w.name} was lost ({why}) while running the task")
             for task in lost:
-                self._outcome(task, FAILED, encode_result(task.id, FAILED, error=err), err, now)
-            self._log(logging.WARNING, "worker %s lost (%s): %d task(s) in flight", w.name, why, len(lost))
-        self._dispatch(now)
+                table.outcome(task, FAILED, encode_result(task.id, FAILED, error=err), err, now)
+            self.core.out.log(logging.WARNING, "worker %s lost (%s): %d task(s) in flight", w.name, why, len(lost))
+        self.dispatch(now)
 
-    def _run_again(self, task: _Task, now: float) -> None:
-        """A run that died with the plane (a crash, or a stop past its grace)
-        is queued again without counting as an attempt, unless the task was
-        running at two plane crashes already: then it fails, so that a task
-        that crashes the plane cannot crash it for ever."""
-        if task.crashes >= 2:
-            err = _error("lost", "WorkerLost", "the task was running when the plane crashed, twice; not run again")
-            task.error = f"{err['type']}: {err['message']}"
-            task.item = encode_result(task.id, FAILED, error=err)
-            self._move(task, FAILED, now)
-        else:
-            task.attempts -= 1
-            self._move(task, QUEUED, now, keep_seq=True)
+    def heartbeat(self, wid: str, now: At) -> None:
+        w = self.by_id.get(wid)
+        if w is not None:
+            w.last_seen, w.last_heartbeat = now.mono, now.wall
 
-    def local_done(self, finished: list[tuple], now: float) -> list:
-        """The plane's own executor (worker zero) finished runs: a list of
-        ``(task id, run, state, RESULT item, error)``."""
-        zero = self.zero
-        for tid, run, state, item, error in finished:
-            task = self.tasks.get(tid)
-            if task is None or task.holder is not zero or run != task.runs:
-                self.late += 1
+    def sweep(self, now: At) -> float:
+        """Drop the workers silent past the heartbeat timeout (and cut their
+        connection: if one wakes up, it registers afresh); answer parked
+        requests past their deadline.  Returns when to look again (mono)."""
+        wake = now.mono + min(1.0, self.heartbeat_timeout / 4)
+        for w in list(self.by_id.values()):
+            if now.mono - w.last_seen > self.heartbeat_timeout:
+                self.drop(w, f"no heartbeat for {now.mono - w.last_seen:.1f} s", now)
+                if w.conn is not None:
+                    self.core.out.acts.append(Cut(w.conn))
                 continue
-            zero.completed += 1
-            self._outcome(task, state, item, error, now)
-        self._dispatch(now)
-        return self._done()
+            wake = min(wake, w.last_seen + self.heartbeat_timeout + 0.001)  # when the quietest times out
+            if w.pull is not None and w.pull_deadline <= now.mono:
+                self.core.out.reply(w.pull, "tasks", items=[])
+                w.pull = None
+        return wake
 
-    # -- dispatch -----------------------------------------------------------------------
+    def ghost(self, wid: str | None, name: str | None, now: At) -> _WorkerState:
+        """A worker that ran tasks before the plane restarted, not back yet."""
+        wid = wid or "?"
+        w = self.by_id.get(wid)
+        if w is None:
+            w = self.by_id[wid] = _WorkerState(wid, {"name": name or wid}, {}, None, now)
+            w.local, w.ghost, w.turn = False, True, next(self._turns)
+        return w
 
-    def _dispatch(self, now: float) -> None:
+    def close(self) -> None:
+        """The plane closes: every parked request is answered."""
+        for w in self.by_id.values():
+            if w.pull is not None:
+                self.core.out.reply(w.pull, "tasks", items=[])
+                w.pull = None
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def dispatch(self, now: At) -> None:
         """Hand queued tasks to workers with room: each task to the
         least-loaded worker that can run it (worker zero only takes what no
         connected subworker knows), and each worker its share in one message.
         A lane (see DispatchQueue) whose next task no worker with room can
         take this round is passed over as a whole."""
-        if not self.queue or self.stopping:
+        core = self.core
+        queue = core.table.queue
+        if not queue or core.stopping:
             return
-        if self._zero_known != len(self.local_tasks):  # the plane's registry grew
-            self._rebuild_catalog()
+        if self._known != len(self.local):  # the plane's registry grew
+            self.changed()
         ready = []  # heap of [load, turn, worker, free slots]
-        for w in self.workers.values():
+        for w in self.by_id.values():
             if w.pull is not None:
                 room = w.free()
                 if room > 0:
                     ready.append([len(w.in_flight) / w.concurrency, w.turn, w, room])
         zero = self.zero
-        room = zero.concurrency * self._zero_depth - len(zero.in_flight)
+        room = zero.concurrency * self.zero_depth - len(zero.in_flight)
         if room > 0 and self._zero_useful:
             ready.append([len(zero.in_flight) / zero.concurrency, zero.turn, zero, room])
         if not ready:
             return
         heapq.heapify(ready)
-        queue, catalog = self.queue, self.catalog
+        catalog, flow, table = self.catalog, core.flow, core.table
         batches: dict[_WorkerState, list] = {}
         room_left: dict[_WorkerState, int] = {}  # bytes a subworker's batch may still take
         passed_lanes: list[TaskQueue] = []  # lanes none of whose workers can take their next task this round
@@ -3104,17 +3119,17 @@ class PlaneCore:
             for e in passed:
                 heapq.heappush(ready, e)
             if entry is None:
-                if not size or not self._fits_no_worker(task, size, now):
+                if not size or not self._too_large(task, size, now):
                     passed_lanes.append(lane)  # it waits for a slot, and so does the rest of its lane
                 continue
             queue.pop(lane)
-            if task.limits is not None and self._must_wait(task, now):
+            if task.limits is not None and flow.must_wait(task, now):
                 heapq.heappush(ready, entry)
                 continue
             w = entry[2]
             if w is not zero:
                 room_left[w] = room_left.get(w, w.max_bytes - _BATCH_MARGIN) - size
-            self._move(task, RUNNING, now, worker=w)
+            table.move(task, RUNNING, now, worker=w)
             batches.setdefault(w, []).append(task)
             entry[3] -= 1
             if entry[3]:
@@ -3125,410 +3140,559 @@ class PlaneCore:
             w.turn = next(self._turns)
             if w is zero:
                 jobs = [_Job(t.id, t.name, t.args, t.kwargs, t.timeout, t.runs, "", t.rank, t.seq) for t in tasks]
-                self._acts.append(Run(jobs))
+                core.out.acts.append(Run(jobs))
             else:
                 items = [b'{"run":%d,' % t.runs + t.wire_bytes()[1:] for t in tasks]
-                self._reply(w.pull, "tasks", items=items)
+                core.out.reply(w.pull, "tasks", items=items)
                 w.pull = None
 
-    def _fits_no_worker(self, task: _Task, size: int, now: float) -> bool:
+    def _too_large(self, task: _Task, size: int, now: At) -> bool:
         """A task too large for every connected worker that knows it fails
         (True); otherwise it waits for one that can take it (False)."""
-        limits = [w.max_bytes for w in self.workers.values() if task.name in w.tasks]
-        largest = max(limits, default=0)
+        largest = max((w.max_bytes for w in self.by_id.values() if task.name in w.tasks), default=0)
         if size <= largest - _BATCH_MARGIN:
             return False
-        err = _error(
-            "too_large",
-            "TaskTooLarge",
+        self.core.table.fail(task, _error("too_large", "TaskTooLarge",
             f"the task takes {size} bytes in a message; the workers that run {task.name!r} accept at most "
-            f"{largest} bytes (their --max-message-size)",
-        )
-        task.error = f"{err['type']}: {err['message']}"
-        task.item = encode_result(task.id, FAILED, error=err)
-        self._move(task, FAILED, now)
+            f"{largest} bytes (their --max-message-size)"), now)  # fmt: skip
         return True
 
-    # -- time ---------------------------------------------------------------------------
+    # -- observing ---------------------------------------------------------------------------
 
-    def tick(self, now: float) -> list:
-        """Time passed: queue tasks that came due; now and then answer
-        expired parked requests, drop silent workers and reap the cache."""
-        due = self.timers.pop_due(now)
-        for task in due:
-            self._move(task, QUEUED, now)
-        if self._rate_wake is not None and now >= self._rate_wake:
-            self._release_rates(now)
-            due.append(None)  # (dispatch)
-        if len(self.local_tasks) != self._schedules_known:
-            self._sync_schedules(now)
-        if self.schedules and now >= self._next_schedule:
-            due += self._fire(now)
-        if due:
-            self._dispatch(now)
-        if now >= self._next_sweep:
-            self._sweep(now)
-        if now >= self._next_reap:
-            self.cache.reap(now)
-            self._next_reap = now + self.reap_interval
-        return self._done()
+    def running_on_ghosts(self) -> int:
+        """Tasks held by workers that have not come back since a restart (a
+        stopping plane does not wait for them)."""
+        return sum(len(w.in_flight) for w in self.by_id.values() if w.ghost)
 
-    def _sweep(self, now: float) -> None:
+    def detail(self, wid: str, now: At) -> dict | None:
+        """A worker (or "plane", the plane's own executor) and what it runs."""
+        w = self.zero if wid == self.zero.id else self.by_id.get(wid)
+        if w is None:
+            return None
+        running = itertools.islice(w.in_flight.values(), MAX_RECENT)
+        return {**w.summary(), "running": [t.summary(now) for t in running]}
+
+
+###############################################################################
+# Plane core: waiters #########################################################
+###############################################################################
+
+
+class _ClientState:
+    """What the plane keeps per client: results not yet delivered and the
+    client's parked long-poll, if any."""
+
+    __slots__ = ("outbox", "poll", "conn", "deadline", "seen", "resync")
+
+    def __init__(self, now: At) -> None:
+        self.outbox: list[bytes] = []  # results not yet delivered (bounded: MAX_OUTBOX)
+        self.poll: int | None = None  # request handle of its parked poll
+        self.conn = 0  # the connection it came on
+        self.deadline = 0.0  # (mono)
+        self.seen = now.mono  # when it last asked for anything
+        self.resync = False  # results were dropped from its outbox: it must ask for them
+
+
+class _Fetch:
+    """A parked "fetch" request, answered when all its tasks are done."""
+
+    __slots__ = ("req", "conn", "ids", "deadline", "waiting")
+
+    def __init__(self, req: int, conn: int, ids: list, deadline: float, waiting: int) -> None:
+        self.req = req
+        self.conn = conn
+        self.ids = ids
+        self.deadline = deadline  # (mono)
+        self.waiting = waiting  # watched tasks not yet finished
+
+
+class Waiters:
+    """Who waits for what: the clients (their undelivered results and their
+    parked poll), the parked fetches, how many requests are parked per
+    connection and in all, and, once the plane closed, each client's tasks
+    that will not finish.  A result goes into its client's outbox; parked
+    polls are answered at the end of the event (``finish``), so every result
+    of one event travels in one reply."""
+
+    def __init__(self, core: PlaneCore) -> None:
+        self.core = core
+        self.clients: dict[str, _ClientState] = {}
+        self.fetches: set[_Fetch] = set()
+        self.parked = 0  # polls and fetches parked, over all connections
+        self.parked_by_conn: dict[int, int] = {}
+        self._ripe: set[_ClientState] = set()  # clients with a parked poll and results for it
+        self._lost: dict[str, list] = {}  # once closed: client -> [[task id, state]] that will not finish
+        self.subscribers = 0  # event subscribers connected (the shell counts them)
+
+    def client(self, cid: str, now: At) -> _ClientState:
+        cs = self.clients.get(cid)
+        if cs is None:
+            cs = self.clients[cid] = _ClientState(now)
+        cs.seen = now.mono
+        return cs
+
+    def post(self, cs: _ClientState, item: bytes) -> None:
+        """A result for a client.  An outbox past MAX_OUTBOX loses its oldest
+        results (they stay in the cache) and the client is told to ask for
+        what it misses."""
+        cs.outbox.append(item)
+        if len(cs.outbox) > MAX_OUTBOX * 1.25:
+            del cs.outbox[: len(cs.outbox) - MAX_OUTBOX]
+            cs.resync = True
+        if cs.poll is not None:
+            self._ripe.add(cs)
+
+    def settled(self, task: _Task, now: At) -> None:
+        """A task is final: its client gets its result, and so does each
+        submission that joined it (under its own id); parked fetches that
+        waited for it are answered once all their tasks are; subscribers get
+        an event."""
+        clients = self.clients
+        cs = clients.get(task.client)
+        if cs is not None:
+            self.post(cs, task.item)
+        for alias, (client, cancelled) in (task.joined or {}).items():
+            other = None if cancelled else clients.get(client)
+            if other is not None:
+                self.post(other, _aliased(task.item, task.id, alias))
+        if task.watchers:
+            for fetch in task.watchers:
+                fetch.waiting -= 1
+                if fetch.waiting == 0 and fetch in self.fetches:
+                    self._unpark_fetch(fetch)
+                    self.core.out.reply(fetch.req, "results", items=self.core.fetch_items(fetch.ids, now))
+            task.watchers = None
+        if self.subscribers:
+            self.core.out.events.append(task.summary(now))
+
+    # -- parking --------------------------------------------------------------------
+
+    def _may_park(self, conn: int) -> bool:
+        """Room for one more parked poll or fetch (MAX_PARKED in all,
+        MAX_PARKED_PER_CONN per connection)?"""
+        return self.parked < MAX_PARKED and self.parked_by_conn.get(conn, 0) < MAX_PARKED_PER_CONN
+
+    def _count_parked(self, conn: int, delta: int) -> None:
+        self.parked += delta
+        left = self.parked_by_conn.get(conn, 0) + delta
+        if left:
+            self.parked_by_conn[conn] = left
+        else:
+            del self.parked_by_conn[conn]
+
+    def _unpark(self, cs: _ClientState) -> int:
+        """Take a client's parked poll (to answer it)."""
+        req, cs.poll = cs.poll, None
+        self._count_parked(cs.conn, -1)
+        return req
+
+    def _unpark_fetch(self, fetch: _Fetch) -> None:
+        self.fetches.discard(fetch)
+        self._count_parked(fetch.conn, -1)
+
+    def _results(self, req: int, cs: _ClientState, items: list) -> None:
+        """Answer a client's poll with results (and say if it missed some)."""
+        fields = _NOTHING
+        if cs.resync:
+            cs.resync = False
+            fields = {"resync": True}
+        self.core.out.reply(req, "results", fields, items)
+
+    def _answer(self, cs: _ClientState, items: list) -> None:
+        """Answer a client's parked poll."""
+        self._results(self._unpark(cs), cs, items)
+
+    @staticmethod
+    def _take_results(cs: _ClientState) -> list[bytes]:
+        """As many of a client's waiting results as fit one message."""
+        items, size = cs.outbox, 0
+        for n, item in enumerate(items):
+            size += len(item)
+            if size > _BATCH_BYTES and n:
+                cs.outbox = items[n:]
+                return items[:n]
+        cs.outbox = []
+        return items
+
+    # -- requests ------------------------------------------------------------------
+
+    def poll(self, ev: Poll, now: At) -> None:
+        """A client's long-poll for its results: answered at once if any
+        wait, else parked until some arrive or ``wait`` seconds pass.  At
+        most MAX_PARKED polls are parked, MAX_PARKED_PER_CONN per connection;
+        past that, polls are answered at once, and so is the first poll of
+        a client this plane does not know (it may be a restarted plane: the
+        client learns so from the answer)."""
+        new = ev.client not in self.clients
+        cs = self.client(ev.client, now)
+        if cs.poll is not None:  # the client gave up on it: it has a new one now
+            self._answer(cs, [])
+        if self.core.closed:
+            self._last_word(ev.req, ev.client, cs)
+        elif new or cs.outbox or ev.wait <= 0 or not self._may_park(ev.conn):
+            self._results(ev.req, cs, self._take_results(cs))
+        else:
+            cs.poll, cs.conn, cs.deadline = ev.req, ev.conn, now.mono + ev.wait
+            self._count_parked(ev.conn, 1)
+
+    def fetch(self, ev: Fetch, pending: list[_Task], now: At) -> None:
+        """Results of any tasks by id (``pending``: those unfinished), parked
+        up to ``wait`` seconds while some of them are unfinished (parked like
+        a poll: see poll())."""
+        core = self.core
+        if not pending or ev.wait <= 0 or core.stopping or len(ev.ids) > QUERY_CHUNK or not self._may_park(ev.conn):
+            core.out.reply(ev.req, "results", items=core.fetch_items(ev.ids, now))
+            return
+        fetch = _Fetch(ev.req, ev.conn, ev.ids, now.mono + ev.wait, len(pending))
+        self._count_parked(ev.conn, 1)
+        for task in pending:
+            if task.watchers is None:
+                task.watchers = []
+            task.watchers.append(fetch)
+        self.fetches.add(fetch)
+
+    def bye(self, ev: Bye, now: At) -> None:
+        """A client leaves: forget it (and answer its parked poll)."""
+        cs = self.clients.get(ev.client)
+        if cs is not None:
+            if cs.poll is not None:
+                self._answer(cs, [])
+            del self.clients[ev.client]
+        self.core.out.reply(ev.req, "ok")
+
+    def finish(self) -> None:
+        """(The end of an event.)  Answer the parked polls that have results."""
+        if self._ripe:
+            for cs in self._ripe:
+                if cs.poll is not None and cs.outbox:
+                    self._answer(cs, self._take_results(cs))
+            self._ripe.clear()
+
+    def sweep(self, now: At) -> None:
+        """Answer parked requests past their deadline; forget clients long
+        silent; keep a silent client's results in the cache only."""
         for cid, cs in list(self.clients.items()):
             if cs.poll is not None:
-                if cs.deadline <= now:
+                if cs.deadline <= now.mono:
                     self._answer(cs, [])
-            elif now - cs.seen > CLIENT_IDLE_TTL:
+            elif now.mono - cs.seen > CLIENT_IDLE_TTL:
                 del self.clients[cid]
-            elif cs.outbox and now - cs.seen > OUTBOX_IDLE:  # it stopped asking: keep its results in the cache only
+            elif cs.outbox and now.mono - cs.seen > OUTBOX_IDLE:
                 cs.outbox = []
                 cs.resync = True
-        for fetch in [f for f in self.fetches if f.deadline <= now]:
+        for fetch in [f for f in self.fetches if f.deadline <= now.mono]:
             self._unpark_fetch(fetch)
-            self._reply(fetch.req, "results", items=self.fetch_items(fetch.ids, now))
-        wake = now + self._sweep_interval
-        for w in list(self.workers.values()):
-            if now - w.last_seen > self.heartbeat_timeout:
-                self._drop(w, f"no heartbeat for {now - w.last_seen:.1f} s", now)
-                if w.conn is not None:
-                    self._acts.append(Close(w.conn))  # if it wakes up, it registers afresh
-                continue
-            wake = min(wake, w.last_seen + self.heartbeat_timeout + 0.001)  # when the quietest times out
-            if w.pull is not None and w.pull_deadline <= now:
-                self._reply(w.pull, "tasks", items=[])
-                w.pull = None
-        self._next_sweep = wake
+            self.core.out.reply(fetch.req, "results", items=self.core.fetch_items(fetch.ids, now))
 
-    def next_deadline(self) -> float:
-        """When ``tick()`` has something to do next."""
-        due = self.timers.next_due()
-        wake = min(self._next_sweep, self._next_reap, self._next_schedule)
-        if self._rate_wake is not None and self._rate_wake < wake:
-            wake = self._rate_wake
-        return wake if due is None or due > wake else due
+    # -- closing ------------------------------------------------------------------
 
-    # -- periodic tasks -----------------------------------------------------------------
-
-    def _sync_schedules(self, now: float) -> None:
-        """Take up the periodic tasks the plane or a connected worker knows
-        (a schedule stays once known, until no one has run it for long; with
-        a journal, where it left off)."""
-        self._schedules_known = len(self.local_tasks)
-        for source in (self.local_tasks, self.catalog):
-            for name, spec in source.items():
-                options = spec.options if isinstance(spec, TaskSpec) else spec
-                if "every" not in options and "cron" not in options:
-                    continue
-                s = self.schedules.get(name)
-                if s is not None:
-                    self._adopted(s, now)
-                    continue
-                s = self.schedules[name] = _Schedule(name, options, now)
-                saved = self._saved_schedules.pop(name, None)
-                if saved is not None:
-                    s.next_due, s.last_due, s.last_run, s.last_state, s.runs, s.skipped = saved
-                    s.wake = s.next_due
-                    s.running = sum(1 for t in self.tasks.values() if t.name == name and not t.client)
-                self.timers_changed = True
-        self._next_schedule = min((s.wake for s in self.schedules.values()), default=float("inf"))
-
-    def _adopted(self, s: _Schedule, now: float) -> None:
-        """Someone can run a schedule (again)."""
-        s.seen = now
-        if s.orphaned:
-            s.orphaned, s.wake = False, s.next_due
-            self.timers_changed = True
-            self._log(logging.INFO, "periodic task %s has a runner again: its runs resume", s.name)
-
-    def _fire(self, now: float) -> list:
-        """Create one run of each periodic task that is due (or skip it if
-        its last run is still going); the runs are queued.  A schedule that
-        no one can run is said once, its due times are counted as skipped (it
-        is looked at once a second, not at each), and it is forgotten after
-        SCHEDULE_FORGET heartbeat timeouts without a runner."""
-        runs = []
-        for s in list(self.schedules.values()):
-            if s.wake > now:
-                continue
-            opts = self.options_of(s.name)
-            if opts is None:
-                if not s.orphaned:
-                    s.orphaned, s.seen = True, now  # (forgotten only after SCHEDULE_FORGET timeouts from now)
-                    self._log(logging.WARNING, "periodic task %s: no connected worker or the plane knows it; its runs "
-                              "are skipped (and counted) until one does", s.name)  # fmt: skip
-                if now - s.seen >= self.heartbeat_timeout * SCHEDULE_FORGET:
-                    del self.schedules[s.name]
-                    self._schedules_dirty = self.journaling
-                    self._log(logging.INFO, "periodic task %s forgotten: no one has run it for %.0f s", s.name,
-                              now - s.seen)  # fmt: skip
-                    continue
-                if s.next_due <= now:
-                    s.skipped += s.missed(now)
-                    s.next_due = s.following(s.next_due, now)
-                    self._schedules_dirty = self.journaling
-                s.wake = max(s.next_due, now + 1.0)
-                continue
-            self._adopted(s, now)
-            due, s.next_due = s.next_due, s.following(s.next_due, now)
-            s.wake = s.next_due
-            self._schedules_dirty = self.journaling
-            tid = f"{s.name}@{due:.3f}"
-            if self.stopping or (s.running and not s.overlap) or tid in self.tasks:
-                s.skipped += 1
-                why = "the plane stops" if self.stopping else "still running"
-                self._log(logging.DEBUG, "periodic task %s: run due at %.3f skipped (%s)", s.name, due, why)
-                continue
-            task = _Task({"id": tid, "name": s.name, "args": [], "kwargs": {}}, _RANK[opts["priority"]],
-                         opts["retries"], opts["timeout"], "", now)  # fmt: skip
-            self.tasks[tid] = task
-            self.submitted += 1
-            s.runs += 1
-            s.running += 1
-            s.last_due, s.last_run, s.last_state = due, tid, QUEUED
-            self._move(task, QUEUED, now)
-            runs.append(task)
-        self._next_schedule = min((s.wake for s in self.schedules.values()), default=float("inf"))
-        return runs
-
-    # -- stopping -------------------------------------------------------------------------
-
-    def stop(self, now: float) -> list:
-        """Stop taking work: submissions are refused and nothing more is
-        dispatched; running tasks may finish and report, and their results
-        reach their clients as usual."""
-        self.stopping = True
-        return self._done()
-
-    def close(self, now: float) -> list:
+    def close(self, tasks: Iterable[_Task] | None) -> None:
         """The plane closes: every client gets its last results and the list
-        of its tasks that will not finish.  With a journal nothing is lost:
-        unfinished tasks wait in it for the next plane (a run of the plane's
-        own that is cut short runs again then)."""
-        self.stopping = self.closed = True
-        if self.journaling:
-            for task in list(self.zero.in_flight.values()):
-                task.attempts -= 1
-                self._move(task, QUEUED, now, keep_seq=True)
-        else:
-            for task in self.tasks.values():
-                self._lost.setdefault(task.client, []).append([task.id, task.state])
+        of ``tasks`` of its own that will not finish (None: they wait in the
+        journal for the next plane); parked fetches get an error."""
+        for task in tasks or ():
+            self._lost.setdefault(task.client, []).append([task.id, task.state])
         for cid, cs in self.clients.items():
             if cs.poll is not None:
                 self._last_word(self._unpark(cs), cid, cs)
         err = _error("unavailable", "PlaneUnavailable", "the plane is shutting down")
         for fetch in list(self.fetches):
             self._unpark_fetch(fetch)
-            self._reply(fetch.req, "error", {"error": err})
-        for w in self.workers.values():
-            if w.pull is not None:
-                self._reply(w.pull, "tasks", items=[])
-                w.pull = None
-        return self._done()
+            self.core.out.reply(fetch.req, "error", {"error": err})
 
     def _last_word(self, req: int, cid: str, cs: _ClientState) -> None:
         """A closed plane's answer to a poll: results, and the tasks that
         will not finish."""
-        self._reply(req, "results", {"closing": True, "lost": self._lost.pop(cid, [])}, self._take_results(cs))
+        fields = {"closing": True, "lost": self._lost.pop(cid, [])}
+        self.core.out.reply(req, "results", fields, self._take_results(cs))
 
     def undelivered(self) -> int:
         """Clients that have not collected their last word from a closed plane."""
         return len(self._lost) + sum(1 for cs in self.clients.values() if cs.outbox)
 
-    # -- restarting from a journal ---------------------------------------------------
 
-    def restore(self, saved: dict, now: float) -> list:
-        """Take back the state a journal holds (``_Journal.open``): the
-        plane's id and counters, unfinished tasks (queued in their old order,
-        scheduled for their old times) and cached results.  A task that was
-        running stays running on its worker, which has until the heartbeat
-        timeout to come back and report; one the plane itself ran is queued
-        again, or fails if it was running at the crash before too.
+###############################################################################
+# Plane core: schedules and figures ###########################################
+###############################################################################
+
+
+class _Schedule:
+    """A periodic task as the plane keeps it: when it is next due (wall
+    clock), and how its runs went.  ``every`` counts from the previous due
+    time (no drift); a due time that passed while nothing could fire it
+    (downtime, a pause) is made up once, not once per missed slot."""
+
+    __slots__ = ("name", "every", "cron", "overlap", "next_due", "last_due", "last_run", "last_state", "runs",
+                 "skipped", "running", "orphaned", "seen", "wake")  # fmt: skip
+
+    def __init__(self, name: str, options: dict, now: At) -> None:
+        self.name = name
+        self.every = options.get("every")
+        self.cron = Cron(options["cron"], options.get("tz")) if options.get("cron") else None
+        self.overlap = bool(options.get("overlap"))
+        self.next_due = self.following(now.wall, now.wall)
+        self.last_due: float | None = None
+        self.last_run: str | None = None  # id of its latest run
+        self.last_state: str | None = None  # that run's state
+        self.runs = self.skipped = 0
+        self.running = 0  # runs not finished (retries included)
+        self.orphaned = False  # neither a connected worker nor the plane knows it: its due times are skipped
+        self.seen = now.mono  # when someone last could run it (an orphan long unseen is forgotten)
+        self.wake = self.next_due  # when the core looks at it next (wall; an orphan: at most once a second)
+
+    def following(self, due: float, now: float) -> float:
+        """The first due time after ``now``, counting from ``due``."""
+        if self.every is not None:
+            return due + (int((now - due) // self.every) + 1) * self.every
+        import datetime as dt
+
+        return self.cron.next(dt.datetime.fromtimestamp(now, dt.timezone.utc)).timestamp()
+
+    def missed(self, now: float) -> int:
+        """How many of its due times have passed by ``now`` (at least one)."""
+        return 1 if self.every is None else int((now - self.next_due) // self.every) + 1
+
+    def saved(self) -> list:
+        return [self.next_due, self.last_due, self.last_run, self.last_state, self.runs, self.skipped]
+
+    def summary(self, tasks: dict) -> dict:
+        """What stats() and the dashboard show (``tasks``: the core's unfinished ones)."""
+        s: dict[str, Any] = {"name": self.name}
+        if self.every is not None:
+            s["every"] = self.every
+        else:
+            s["cron"], s["tz"] = self.cron.expression, self.cron.tz or "UTC"
+        s.update(overlap=self.overlap, next_run=self.next_due, last_run=self.last_due, last_task=self.last_run,
+                 runs=self.runs, skipped=self.skipped, running=self.running, orphaned=self.orphaned)  # fmt: skip
+        last = tasks.get(self.last_run) if self.last_run else None
+        s["last_state"] = self.last_state if last is None else last.state
+        return s
+
+
+def _saved_schedule_ok(v: Any) -> bool:
+    return (type(v) is list and len(v) == 6 and type(v[0]) in _NUM and type(v[1]) in (*_NUM, type(None))
+            and type(v[2]) in (str, type(None)) and type(v[3]) in (str, type(None)) and type(v[4]) is int
+            and type(v[5]) is int)  # fmt: skip
+
+
+class Schedules:
+    """The periodic tasks (``every`` / ``cron``) the plane or a connected
+    worker knows: when each is next due, and how its runs went.  A run is
+    marked as its schedule's (``task.schedule``).  One that no one can run
+    is said once, looked at once a second, and forgotten after
+    SCHEDULE_FORGET heartbeat timeouts without a runner."""
+
+    def __init__(self, core: PlaneCore, journaling: bool) -> None:
+        self.core = core
+        self.journaling = journaling
+        self.by_name: dict[str, _Schedule] = {}
+        self.saved: dict[str, list] = {}  # from a journal: schedules not yet known again, where they left off
+        self.known = -1  # len(local_tasks) when they were last looked for
+        self.next = float("inf")  # the soonest wake (wall)
+        self.dirty = False  # with a journal: a schedule changed in the event at hand
+
+    def sync(self, now: At) -> None:
+        """Take up the periodic tasks the plane or a connected worker knows."""
+        workers = self.core.workers
+        self.known = len(workers.local)
+        for source in (workers.local, workers.catalog):
+            for name, spec in source.items():
+                options = spec.options if isinstance(spec, TaskSpec) else spec
+                if "every" not in options and "cron" not in options:
+                    continue
+                s = self.by_name.get(name)
+                if s is not None:
+                    self._adopted(s, now)
+                    continue
+                s = self.by_name[name] = _Schedule(name, options, now)
+                saved = self.saved.pop(name, None)
+                if saved is not None:
+                    s.next_due, s.last_due, s.last_run, s.last_state, s.runs, s.skipped = saved
+                    s.wake = s.next_due
+                    s.running = sum(1 for t in self.core.table.tasks.values() if t.schedule == name)
+                self.core.out.wake = True
+        self.next = min((s.wake for s in self.by_name.values()), default=float("inf"))
+
+    def _adopted(self, s: _Schedule, now: At) -> None:
+        """Someone can run a schedule (again)."""
+        s.seen = now.mono
+        if s.orphaned:
+            s.orphaned, s.wake = False, s.next_due
+            self.core.out.wake = True
+            self.core.out.log(logging.INFO, "periodic task %s has a runner again: its runs resume", s.name)
+
+    def fire(self, now: At) -> bool:
+        """Queue one run of each periodic task that is due (or skip it if its
+        last run is still going); True if any was queued."""
+        core, out = self.core, self.core.out
+        if len(core.workers.local) != self.known:
+            self.sync(now)
+        if now.wall < self.next:
+            return False
+        fired = False
+        for s in list(self.by_name.values()):
+            if s.wake > now.wall:
+                continue
+            self.dirty = self.journaling
+            opts = core.workers.options_of(s.name)
+            if opts is None:
+                self._orphan(s, now)
+                continue
+            self._adopted(s, now)
+            due, s.next_due = s.next_due, s.following(s.next_due, now.wall)
+            s.wake = s.next_due
+            tid = f"{s.name}@{due:.3f}"
+            if core.stopping or (s.running and not s.overlap) or tid in core.table.tasks:
+                s.skipped += 1
+                why = "the plane stops" if core.stopping else "still running"
+                out.log(logging.DEBUG, "periodic task %s: run due at %.3f skipped (%s)", s.name, due, why)
+                continue
+            task = _Task({"id": tid, "name": s.name, "args": [], "kwargs": {}}, _RANK[opts["priority"]],
+                         opts["retries"], opts["timeout"], "", now.wall)  # fmt: skip
+            task.schedule = s.name
+            core.table.add(task)
+            s.runs += 1
+            s.running += 1
+            s.last_due, s.last_run, s.last_state = due, tid, QUEUED
+            core.table.move(task, QUEUED, now)
+            fired = True
+        self.next = min((s.wake for s in self.by_name.values()), default=float("inf"))
+        return fired
+
+    def _orphan(self, s: _Schedule, now: At) -> None:
+        """A due schedule no one can run: said once, its due times counted as
+        skipped, looked at again in a second; forgotten once long unseen."""
+        if not s.orphaned:
+            s.orphaned, s.seen = True, now.mono  # (forgotten only SCHEDULE_FORGET timeouts from now)
+            self.core.out.log(logging.WARNING, "periodic task %s: no connected worker or the plane knows it; its "
+                              "runs are skipped (and counted) until one does", s.name)  # fmt: skip
+        if now.mono - s.seen >= self.core.workers.heartbeat_timeout * SCHEDULE_FORGET:
+            del self.by_name[s.name]
+            self.core.out.log(logging.INFO, "periodic task %s forgotten: no one has run it for %.0f s", s.name,
+                              now.mono - s.seen)  # fmt: skip
+            return
+        if s.next_due <= now.wall:
+            s.skipped += s.missed(now.wall)
+            s.next_due = s.following(s.next_due, now.wall)
+        s.wake = max(s.next_due, now.wall + 1.0)
+
+    def settled(self, task: _Task) -> None:
+        """A periodic run ended."""
+        if task.schedule is not None:
+            s = self.by_name.get(task.schedule)
+            if s is not None:
+                s.running -= 1
+                if s.last_run == task.id:
+                    s.last_state = task.state
+                self.dirty = self.journaling
+
+    def load(self, saved: dict, now: At) -> None:
+        """Schedules from a journal pick up where they left off, once known again.
 
         Raises:
-            JournalError: a row is malformed (nothing is taken back).
+            JournalError: one is malformed.
         """
-        rows = saved["rows"]
-        tasks, finished, running, last_seq = {}, [], [], -1
-        try:
-            for row in rows:
-                tid, body, seq, state, attempts, runs, due, started, ended, worker, holder, error, item, crashes = row
-                name, args, kwargs, rank, retries, timeout, client, submitted = _loads(body)
-                task = _Task({"id": tid, "name": name, "args": args, "kwargs": kwargs}, rank, retries, timeout, client,
-                             submitted)  # fmt: skip
-                task.state, task.seq, task.attempts, task.runs, task.crashes = state, seq, attempts, runs, crashes
-                task.started, task.finished, task.worker, task.error = started, ended, worker, error
-                if state not in STATES or (seq is not None and type(seq) is not int) or not 0 <= rank < len(PRIORITIES):
-                    raise ValueError(f"state {state!r}, seq {seq!r}, rank {rank!r}")
-                if state in TERMINAL:
-                    if type(item) is not bytes:
-                        raise ValueError("a final task without its result")
-                    task.item, task.args, task.kwargs = item, None, None
-                    finished.append(task)
-                else:
-                    tasks[tid] = task
-                    task.due = due if state == SCHEDULED else None
-                    if state == SCHEDULED and type(due) is not float:
-                        raise ValueError("a scheduled task without its time")
-                    if state == RUNNING:
-                        running.append((task, holder))
-                if seq is not None:
-                    last_seq = max(last_seq, seq)
-        except (ValueError, TypeError) as e:
-            raise JournalError(f"holds a malformed task row ({e})") from None
-        self.id = saved["plane"]
-        counters = saved.get("counters") or {}
-        self.counts.update(counters.get("counts") or {})
-        for state in (QUEUED, SCHEDULED, RUNNING):
-            self.counts[state] = 0
-        for key in ("retried", "late", "workers_lost", "workers_left", "requeued", "handed_back"):
-            setattr(self, key, counters.get(key, 0))
-        saved_schedules = counters.get("schedules") or {}
-        for name, v in saved_schedules.items():
-            if not (type(v) is list and len(v) == 6 and type(v[0]) in _NUM and type(v[1]) in (*_NUM, type(None))
-                    and type(v[2]) in (str, type(None)) and type(v[3]) in (str, type(None))
-                    and type(v[4]) is int and type(v[5]) is int):  # fmt: skip
+        for name, v in saved.items():
+            if not _saved_schedule_ok(v):
                 raise JournalError(f"holds a malformed schedule for {name!r}")
-        for task in tasks.values():
-            self.tasks[task.id] = task
-            self.counts[task.state] += 1
-            if task.state == QUEUED:
-                self.queue.push(task, keep_seq=True)
-            elif task.state == SCHEDULED:
-                self.timers.push(task, task.due)
-        self.submitted = sum(self.counts.values())  # the accounting holds whatever the counters said
-        self._saved_schedules = dict(saved_schedules)  # schedules pick up where they left off, once known again
-        self.schedules = {}
-        self._sync_schedules(now)
-        self.queue.resume_after(last_seq)
-        for task in sorted(finished, key=lambda t: t.finished or 0.0):
-            self.cache.put(task.id, task, task.finished or now)
-            self.recent.append(task)
-            if task.state == FAILED:
-                self.recent_failed.append(task)
-        for task, holder in running:
-            task.crashes += 1
-            w = self.zero if holder == self.zero.id else self._ghost(holder, task.worker, now)
-            task.holder = w
-            w.in_flight[task.id] = task
-            w.concurrency = max(w.concurrency, len(w.in_flight))  # a ghost's slots: at least what it holds
-            if w is self.zero:  # its run died with the plane
-                self._run_again(task, now)
-            elif self.journaling:
-                self._touched.setdefault(task.id, (task, False))  # it was running at this crash
-        self._log(
-            logging.INFO,
-            "plane %s restored from its journal: %d queued, %d scheduled, %d running, %d results",
-            self.id,
-            self.counts[QUEUED],
-            self.counts[SCHEDULED],
-            self.counts[RUNNING],
-            len(self.cache),
-        )
-        self._dispatch(now)
-        return self._done()
+        self.saved, self.by_name = dict(saved), {}  # (taken up by sync(), once the tasks are back)
 
-    def _ghost(self, wid: str | None, name: str | None, now: float) -> _WorkerState:
-        """A worker that ran tasks before the plane restarted, not back yet."""
-        wid = wid or "?"
-        w = self.workers.get(wid)
-        if w is None:
-            w = self.workers[wid] = _WorkerState(wid, {"name": name or wid}, {}, None, now)
-            w.local, w.ghost, w.turn = False, True, next(self._turns)
-        return w
+    def summaries(self) -> list[dict]:
+        return [s.summary(self.core.table.tasks) for s in self.by_name.values()]
 
-    def running_on_ghosts(self) -> int:
-        """Tasks held by workers that have not come back since a restart (a
-        stopping plane does not wait for them)."""
-        return sum(len(w.in_flight) for w in self.workers.values() if w.ghost)
 
-    # -- observing --------------------------------------------------------------------------
+class _NameStats:
+    """What the plane knows of one task name's finished runs: counts, the
+    newest durations (for percentiles) and the last failure."""
 
-    def stats(self, now: float) -> dict:
-        """Counts per state and priority, workers, the result cache."""
-        info = self.cache.info()
-        zero = self.zero
-        return {
-            "tasks": {"submitted": self.submitted, **self.counts, "retried": self.retried},
-            "queues": dict(zip(PRIORITIES, self.queue.counts, strict=True)),
-            "workers": [w.summary() for w in self.workers.values()],
-            "dispatch": {
-                "workers_lost": self.workers_lost,
-                "workers_left": self.workers_left,
-                "requeued": self.requeued,
-                "handed_back": self.handed_back,
-                "late_results": self.late,
-            },
-            "local": {"concurrency": zero.concurrency, "running": len(zero.in_flight), "completed": zero.completed},
-            "cache": {
-                "size": info.size,
-                "max_size": info.max_size,
-                "ttl": info.ttl,
-                "hits": info.hits,
-                "misses": info.misses,
-                "evictions": info.evictions,
-                "expired": info.expired,
-            },
-            "clients": len(self.clients),
-            "flow": {
-                "held": self.held_count,
-                "keys": len(self.keys),
-                "joined": self.joined,
-                "refused": self.refused,
-                "max_queued": self.max_queued,
-            },  # fmt: skip
-            "schedules": [s.summary(self.tasks) for s in self.schedules.values()],
-            "errors": dict(self.errors),
-        }
+    __slots__ = ("succeeded", "failed", "cancelled", "durations", "last_failure")
 
-    def recent_tasks(self, limit: int, state: str | None, now: float, search: str | None = None) -> list[dict]:
-        """Recent tasks, newest first: unfinished ones, then finished (failed
-        ones are kept apart, so a flood of successes does not hide them).
-        ``search`` is a task's id, or part of its name or of its id.  At most
-        RECENT_SCAN tasks are looked at."""
-        if search:
-            task = self.tasks.get(search) or self.cache.peek(search, now)
-            if task is not None:
-                return [task.summary(now)] if state is None or task.state == state else []
-        out: list[dict] = []
-        unfinished = () if state in TERMINAL else reversed(self.tasks.values())
-        finished = (
-            ()
-            if state in (QUEUED, SCHEDULED, RUNNING)
-            else reversed(self.recent_failed if state == FAILED else self.recent)
-        )
-        for task in itertools.islice(itertools.chain(unfinished, finished), RECENT_SCAN):
-            if len(out) >= limit:
-                break
-            if (state is None or task.state == state) and (not search or search in task.name or search in task.id):
-                out.append(task.summary(now))
-        return out
+    def __init__(self) -> None:
+        self.succeeded = self.failed = self.cancelled = 0
+        self.durations: collections.deque = collections.deque(maxlen=NAME_DURATIONS)
+        self.last_failure: dict | None = None
 
-    def task_detail(self, tid: str, now: float) -> dict | None:
-        """A task's page: see _Task.detail(); why it waits, if it does."""
-        task = self.tasks.get(tid) or self.cache.peek(tid, now)
-        if task is None:
-            return None
-        out = task.detail(now, self.log_args)
-        if task.state == QUEUED or task.state == SCHEDULED:
-            out["waiting"], out["why"] = self._waiting(task, now)
-        return out
+    def summary(self, name: str) -> dict:
+        done = self.succeeded + self.failed
+        ds = sorted(self.durations)
+        return {"name": name, "succeeded": self.succeeded, "failed": self.failed, "cancelled": self.cancelled,
+                "failure_rate": round(self.failed / done, 4) if done else 0.0,
+                "p50": round(_percentile(ds, 50), 6) if ds else None,
+                "p95": round(_percentile(ds, 95), 6) if ds else None, "last_failure": self.last_failure}  # fmt: skip
 
-    def worker_detail(self, wid: str, now: float) -> dict | None:
-        """A worker (or "plane", the plane's own executor) and what it runs."""
-        w = self.zero if wid == self.zero.id else self.workers.get(wid)
-        if w is None:
-            return None
-        running = itertools.islice(w.in_flight.values(), MAX_RECENT)
-        return {**w.summary(), "running": [t.summary(now) for t in running]}
 
-    def name_figures(self) -> list[dict]:
-        """Per task name: counts, failure rate, p50/p95 durations, last failure."""
-        return [f.summary(name) for name, f in sorted(self.names.items())]
+class Figures:
+    """What the plane counts, kept once for stats(), the journal and a
+    restore (``counters``); per task name (counts, durations, the last
+    failure); finished tasks per second (the dashboard's chart); the tasks
+    that finished lately (failed ones apart, so that a flood of successes
+    does not hide them)."""
 
-    def throughput_chart(self, now: float, step: int = 10) -> list[list]:
+    COUNTERS = ("retried", "late", "workers_lost", "workers_left", "requeued", "handed_back")
+
+    def __init__(self, core: PlaneCore) -> None:
+        self.core = core
+        self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self.errors = {"protocol": 0, "internal": 0}  # requests the core refused, events it could not handle
+        self.names: dict[str, _NameStats] = {}
+        self.throughput: collections.deque = collections.deque(maxlen=THROUGHPUT_WINDOW)  # [second, ok, failed]
+        self._bucket: list = [None, 0, 0]  # the newest of them
+        self.recent: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # finished tasks, oldest first
+        self.recent_failed: collections.deque = collections.deque(maxlen=RECENT_TASKS)  # ...that failed
+
+    def settled(self, task: _Task, now: At) -> None:
+        """A task is final: the figures of its name, the chart, the recent lists."""
+        state = task.state
+        figures = self._of(task.name)
+        if state == SUCCEEDED:
+            figures.succeeded += 1
+        elif state == FAILED:
+            figures.failed += 1
+            figures.last_failure = {"id": task.id, "at": now.wall, "error": task.error}
+        else:
+            figures.cancelled += 1
+        took = task.took if state != CANCELLED else None
+        if took is not None:
+            figures.durations.append(took)
+        if self.core.log_tasks:
+            where = "" if took is None else f" on {task.worker} in {took:.6f} s"
+            self.core.out.log(logging.DEBUG, "task %s %s %s%s", task.id, task.name, state, where)
+        if state != CANCELLED:
+            bucket = self._bucket
+            if bucket[0] != int(now.wall):
+                bucket = self._bucket = [int(now.wall), 0, 0]
+                self.throughput.append(bucket)
+            bucket[1 if state == SUCCEEDED else 2] += 1
+        self.recent.append(task)
+        if state == FAILED:
+            self.recent_failed.append(task)
+
+    def _of(self, name: str) -> _NameStats:
+        if len(self.names) >= MAX_NAMES:
+            name = "(other)"
+        return self.names.get(name) or self.names.setdefault(name, _NameStats())
+
+    def failed_run(self, task: _Task, err: dict, now: At) -> None:
+        """Keep a failed run for the task's page, and say so at WARNING."""
+        tb = str(err.get("traceback") or "")
+        if len(tb) > MAX_TRACEBACK:  # the end says the most
+            tb = "...\n" + tb[-MAX_TRACEBACK:]
+        run = {"run": task.runs, "worker": task.worker, "started_at": task.started, "finished_at": now.wall,
+               "state": FAILED, "error": task.error, "traceback": tb or None}  # fmt: skip
+        if task.failures is None:
+            task.failures = []
+        elif len(task.failures) >= MAX_RUNS_KEPT:
+            del task.failures[0]
+        task.failures.append(run)
+        took = "" if task.t0 is None else f" after {now.mono - task.t0:.3f} s"
+        args = f" args={task.args!r} kwargs={task.kwargs!r}" if self.core.log_args else ""
+        self.core.out.log(logging.WARNING, "task %s %s failed on %s%s (run %d): %s%s", task.id, task.name,
+                          task.worker, took, task.runs, task.error, args)  # fmt: skip
+
+    def chart(self, now: At, step: int = 10) -> list[list]:
         """Tasks finished per ``step`` seconds over THROUGHPUT_WINDOW seconds,
         oldest first: [[start, succeeded, failed], ...]."""
-        last = int(now) // step * step
+        last = int(now.wall) // step * step
         first = last - THROUGHPUT_WINDOW + step
         chart = [[t, 0, 0] for t in range(first, last + step, step)]
         for second, ok, failed in self.throughput:
@@ -3538,12 +3702,404 @@ class PlaneCore:
                 bucket[2] += failed
         return chart
 
-    def task_names(self) -> list[str]:
-        return sorted(set(self.catalog) | set(self.local_tasks))
+    def summaries(self) -> list[dict]:
+        """Per task name: counts, failure rate, p50/p95 durations, last failure."""
+        return [f.summary(name) for name, f in sorted(self.names.items())]
 
 
 ###############################################################################
-# Running tasks ################################################################
+# Plane core: the façade ######################################################
+###############################################################################
+
+
+class PlaneCore:
+    """The plane's state machine (see "Plane core: records and the task
+    table"): ``handle(event, now)`` is the one way in, and returns the
+    actions to carry out; the other methods are queries.  Not thread-safe:
+    the shell calls it under one lock.
+
+    Args:
+        plane_id: the plane's identity, stamped on its replies.
+        local_tasks: name -> TaskSpec of the tasks the plane can run itself.
+        now: the time at creation (an At).
+        concurrency: slots of the plane's own executor (worker zero).
+    """
+
+    def __init__(self, plane_id: str, local_tasks: dict[str, TaskSpec], now: At, *,
+                 concurrency: int = DEFAULT_CONCURRENCY, result_cache_size: int = DEFAULT_CACHE_SIZE,
+                 result_cache_ttl: float = DEFAULT_CACHE_TTL, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+                 retry_backoff: float = DEFAULT_RETRY_BACKOFF, reap_interval: float = REAP_INTERVAL,
+                 journaling: bool = False, log_args: bool = False, max_queued: int | None = None) -> None:  # fmt: skip
+        self.id = plane_id
+        self.out = _Actions()  # what the event at hand says to do
+        self.log_args = log_args  # the operator opted in: arguments in the log and on the dashboard
+        self.log_tasks = logger.isEnabledFor(logging.DEBUG)  # a DEBUG line per start and finish
+        self.retry_backoff, self.reap_interval, self.journaling = retry_backoff, reap_interval, journaling
+        self.stopping = False  # no new work; running tasks may finish
+        self.closed = False  # stopped: clients collect their last results and learn what will not finish
+        self.started_at = now.wall
+        self.figures = Figures(self)
+        depth = ZERO_JOURNAL_DEPTH if journaling else 1
+        self.workers = Workers(self, local_tasks, concurrency, heartbeat_timeout, depth, now)
+        self.table = TaskTable(self, ResultCache(result_cache_size, result_cache_ttl), journaling)
+        self.table.cache.dropped = []  # (the aliases of a dropped result go with it, and its journal row)
+        self.flow = FlowControl(self, max_queued)
+        self.waiters = Waiters(self)
+        self.schedules = Schedules(self, journaling)
+        self._next_sweep = now.mono + min(1.0, heartbeat_timeout / 4)
+        self._next_reap = now.mono + reap_interval
+        self._handlers: dict[type, Callable] = {
+            Submit: self.flow.submit, Poll: self.waiters.poll, Fetch: self._fetch, Status: self._status,
+            Cancel: self._cancel, Answer: self._answer, Recent: self._recent, Stats: self._stats, Hello: self._hello,
+            Bye: self.waiters.bye, Pull: self.workers.pull, Heartbeat: self._heartbeat, ConnClosed: self._conn_closed,
+            LocalDone: self._local_done, Tick: self._tick, Stop: self._stop, Close: self._close, Restore: self._restore,
+            Listening: self._listening, Subscribed: self._subscribed,
+        }  # fmt: skip
+        self.schedules.sync(now)
+        self.out.take()
+
+    def handle(self, event: Any, now: At) -> list:
+        """Take one event at ``now``; the actions to carry out, in order.  A
+        request the core refuses (a worker's bad registration) is answered
+        with an error; an event the core cannot handle (a defect) is logged
+        and counted, and what it did until then is still carried out: no
+        action of one event is ever left for the next."""
+        try:
+            self._handlers[type(event)](event, now)
+        except JournalError:  # (a restore refused: nothing was taken in)
+            self.out.take()
+            raise
+        except ProtocolError as e:
+            self.figures.errors["protocol"] += 1
+            self._refuse(event, _error("protocol", "ProtocolError", str(e)))
+        except Exception as e:
+            self.figures.errors["internal"] += 1
+            self.out.log(logging.ERROR, "internal error in the plane's core on %s: %s", type(event).__name__,
+                         traceback.format_exc())  # fmt: skip
+            self._refuse(event, _error("internal", type(e).__name__, str(e)))
+        self.waiters.finish()
+        acts = self.out.take()
+        dropped = self.table.cache.dropped
+        if dropped:
+            self.table.forget([task for _, task in dropped])
+        if self.journaling and (self.table.touched or dropped or self.schedules.dirty):
+            self.schedules.dirty = False
+            records = self.table.records(now) + [[tid] for tid, _ in dropped]
+            acts.insert(0, Journal(records, self._counters()))
+        dropped.clear()
+        return acts
+
+    def _refuse(self, event: Any, err: dict) -> None:
+        """Answer the event's request with ``err``, unless it was answered."""
+        req = getattr(event, "req", None)
+        if req is not None and not any(type(a) is Reply and a.req == req for a in self.out.acts):
+            self.out.reply(req, "error", {"error": err})
+
+    def _counters(self) -> dict:
+        """What the journal keeps besides the tasks (and a restore takes back)."""
+        table = self.table
+        schedules = {name: s.saved() for name, s in self.schedules.by_name.items()}
+        return {"submitted": table.submitted, "counts": dict(table.counts), **self.figures.counters,
+                "schedules": schedules}  # fmt: skip
+
+    # -- events -----------------------------------------------------------------------
+
+    def _fetch(self, ev: Fetch, now: At) -> None:
+        table = self.table
+        pending = [t for t in map(table.tasks.get, ev.ids) if t is not None]
+        pending += [t for t in (table.aliases.get(i) for i in ev.ids) if t is not None and t.state not in TERMINAL]
+        self.waiters.fetch(ev, pending, now)
+
+    def _status(self, ev: Status, now: At) -> None:
+        self.out.reply(ev.req, "statuses", {"statuses": self.statuses(ev.ids, now)})
+
+    def _cancel(self, ev: Cancel, now: At) -> None:
+        """Cancel the tasks that have not started (queued or scheduled; a
+        purge: queued only).  A piece of a longer request (no ``req``) adds
+        the ids it cancelled to ``into``."""
+        cancelled = self.table.cancel(ev.ids, now, (QUEUED,) if ev.only_queued else (QUEUED, SCHEDULED))
+        if ev.req is None:
+            ev.into.extend(cancelled)
+        else:
+            self.out.reply(ev.req, "cancelled", {"ids": cancelled})
+
+    def _answer(self, ev: Answer, now: At) -> None:
+        self.out.reply(ev.req, ev.op, ev.fields, ev.items)
+
+    def _recent(self, ev: Recent, now: At) -> None:
+        self.out.reply(ev.req, "statuses", {"statuses": self.recent_tasks(ev.limit, ev.state, now, ev.search)})
+
+    def _stats(self, ev: Stats, now: At) -> None:
+        self.out.reply(ev.req, "report", {"stats": self.stats(now, ev.shell)})
+
+    def _hello(self, ev: Hello, now: At) -> None:
+        self.out.reply(ev.req, "welcome", {**ev.fields, "tasks": self.workers.names()})
+
+    def _heartbeat(self, ev: Heartbeat, now: At) -> None:
+        self.workers.heartbeat(ev.worker, now)
+
+    def _conn_closed(self, ev: ConnClosed, now: At) -> None:
+        w = self.workers.by_conn.get(ev.conn)
+        if w is not None:
+            self.workers.drop(w, "connection closed", now)
+
+    def _local_done(self, ev: LocalDone, now: At) -> None:
+        """The plane's own executor finished runs: ``(task id, run, state,
+        RESULT item, error)`` each."""
+        table, zero = self.table, self.workers.zero
+        for tid, run, state, item, error in ev.finished:
+            task = table.tasks.get(tid)
+            if task is None or task.holder is not zero or run != task.runs:
+                self.figures.counters["late"] += 1
+                continue
+            zero.completed += 1
+            table.outcome(task, state, item, error, now)
+        self.workers.dispatch(now)
+
+    def _tick(self, ev: Tick, now: At) -> None:
+        """Time passed: queue what came due, let rate-held tasks out, fire
+        schedules; now and then answer expired parked requests, drop silent
+        workers and reap the cache."""
+        due = self.table.due(now)
+        for task in due:
+            self.table.move(task, QUEUED, now)
+        let_out = self.flow.release_rates(now)
+        if self.schedules.fire(now) or due or let_out:
+            self.workers.dispatch(now)
+        if now.mono >= self._next_sweep:
+            self.waiters.sweep(now)
+            self._next_sweep = self.workers.sweep(now)
+        if now.mono >= self._next_reap:
+            self.table.cache.reap(now.mono)
+            self._next_reap = now.mono + self.reap_interval
+
+    def _stop(self, ev: Stop, now: At) -> None:
+        """Stop taking work: submissions are refused and nothing more is
+        dispatched; running tasks may finish and report."""
+        self.stopping = True
+
+    def _close(self, ev: Close, now: At) -> None:
+        """The plane closes: every client gets its last results and the list
+        of its tasks that will not finish.  With a journal nothing is lost:
+        unfinished tasks wait in it for the next plane (a run of the plane's
+        own that is cut short runs again then)."""
+        self.stopping = self.closed = True
+        if self.journaling:
+            for task in list(self.workers.zero.in_flight.values()):
+                self.table.hand_back(task, now, counted=False)
+        self.waiters.close(None if self.journaling else list(self.table.tasks.values()))
+        self.workers.close()
+
+    def _listening(self, ev: Listening, now: At) -> None:
+        self.workers.heartbeat_address, self.workers.message_limit = ev.heartbeats, ev.max_message_size
+
+    def _subscribed(self, ev: Subscribed, now: At) -> None:
+        self.waiters.subscribers += ev.delta
+
+    def _restore(self, ev: Restore, now: At) -> None:
+        """Take back the state a journal holds (``_Journal.open``): the
+        plane's id and counters, unfinished tasks (queued in their old order,
+        scheduled for their old times, with their keys, tenants, limits,
+        joined submissions and debounce) and cached results.  A task that was
+        running stays running on its worker, which has until the heartbeat
+        timeout to come back and report; one the plane itself ran is queued
+        again, or fails if it was running at the crash before too.
+
+        Raises:
+            JournalError: a row is malformed (nothing is taken back).
+        """
+        table, saved = self.table, ev.saved
+        unfinished, finished, last_seq = table.load(saved["rows"], now)
+        counters = saved.get("counters") or {}
+        self.schedules.load(counters.get("schedules") or {}, now)  # (JournalError: before anything changed)
+        self.id = saved["plane"]
+        for key in Figures.COUNTERS:
+            self.figures.counters[key] = counters.get(key, 0)
+        table.counts.update({s: n for s, n in (counters.get("counts") or {}).items() if s in TERMINAL})
+        for task in sorted(finished, key=lambda t: t.finished or 0.0):
+            table.cache.put(task.id, task, now.mono - max(0.0, now.wall - (task.finished or now.wall)))
+            self.figures.recent.append(task)
+            if task.state == FAILED:
+                self.figures.recent_failed.append(task)
+            for alias in task.joined or ():
+                table.aliases[alias] = task
+        zero = self.workers.zero
+        for task, state, holder in unfinished:
+            table.tasks[task.id] = task
+            for alias in task.joined or ():
+                table.aliases[alias] = task
+            if task.key is not None:
+                self.flow.keys[task.name, task.key] = task
+            w = None
+            if state == RUNNING:
+                task.crashes += 1
+                w = zero if holder == zero.id else self.workers.ghost(holder, task.worker, now)
+                w.concurrency = max(w.concurrency, len(w.in_flight) + 1)  # a ghost's slots: at least what it holds
+            table.move(task, state, now, due=task.due, worker=w, load=True)
+            if w is zero:  # its run died with the plane
+                table.run_again(task, now)
+            elif w is not None and self.journaling:
+                table.touched.setdefault(task.id, (task, False))  # it was running at this crash
+        table.submitted = sum(table.counts.values())  # the accounting holds whatever the counters said
+        table.queue.resume_after(last_seq)
+        self.schedules.sync(now)
+        self.out.log(logging.INFO, "plane %s restored from its journal: %d queued, %d scheduled, %d running, %d "
+                     "results", self.id, table.counts[QUEUED], table.counts[SCHEDULED], table.counts[RUNNING],
+                     len(table.cache))  # fmt: skip
+        self.workers.dispatch(now)
+
+    # -- queries -------------------------------------------------------------------------
+
+    def next_deadline(self, now: At) -> float:
+        """Seconds until the core has something to do without an event."""
+        soon = [self._next_sweep - now.mono, self._next_reap - now.mono, self.schedules.next - now.wall]
+        if self.flow.rate_wake is not None:
+            soon.append(self.flow.rate_wake - now.mono)
+        due = self.table.next_due(now)
+        if due is not None:
+            soon.append(due)
+        return max(0.0, min(soon))
+
+    def fetch_items(self, ids: list, now: At) -> list[bytes]:
+        """RESULT items (or the current state) of tasks by id; the id of a
+        submission that joined a task answers for that task."""
+        table, items = self.table, []
+        for tid in ids:
+            task = table.tasks.get(tid) or table.cache.get(tid, now.mono)
+            alias = task is None and table.aliases.get(tid)
+            if alias:
+                task = alias
+            if task is None:
+                items.append(_json_bytes({"id": tid, "state": "unknown"}))
+            elif alias and task.joined[tid][1]:  # a joined submission that was cancelled
+                items.append(encode_result(tid, CANCELLED))
+            elif task.state in TERMINAL:
+                items.append(_aliased(task.item, task.id, tid) if alias else task.item)
+            else:
+                items.append(_json_bytes({"id": tid, "state": task.state}))
+        return items
+
+    def statuses(self, ids: list, now: At) -> list[dict]:
+        """The status of each task (of a few: why one waits, too); the id of
+        a submission that joined a task says which (``"joined"``)."""
+        why = len(ids) <= WHY_IDS
+        return [self._status_of(tid, now, why) for tid in ids]
+
+    def _status_of(self, tid: str, now: At, why: bool) -> dict:
+        table = self.table
+        task = table.tasks.get(tid) or table.cache.peek(tid, now.mono)
+        joined = task is None and table.aliases.get(tid)
+        if joined:
+            task = joined
+        if task is None:
+            return {"id": tid, "state": "unknown"}
+        out = task.summary(now)
+        if joined:
+            out["id"], out["joined"] = tid, task.id
+            if task.joined[tid][1]:
+                return {**out, "state": CANCELLED}
+        if why and (task.state == QUEUED or task.state == SCHEDULED):
+            out["waiting"], out["why"] = self._waiting(task, now)
+        return out
+
+    def _waiting(self, task: _Task, now: At) -> tuple[str, str]:
+        """Why a queued or scheduled task does not run yet: a short reason
+        and a sentence."""
+        reason = self.flow.waiting(task, now)
+        if reason is not None:
+            return reason
+        if task.state == SCHEDULED:
+            left = f"{max(0.0, task.due_at(now) - now.wall):.1f} s"
+            if task.attempts:
+                return "retry", f"waits {left} of its retry backoff after {task.attempts} failed run(s)"
+            return "scheduled", f"waits {left} for its time"
+        if self.workers.options_of(task.name) is None:
+            return "worker", f"waits for a worker that knows {task.name!r}"
+        higher, mine, others = self.table.queue.ahead_of(task)
+        ahead = higher + mine + others
+        if task.tenant is not None and others and not mine:
+            return "tenant_turn", f"waits for its tenant's turn: {ahead} task(s) go first"
+        if ahead:
+            return "queue", f"behind {ahead} task(s) of higher or equal priority"
+        return "slot", "waits for a free slot on a worker that knows it"
+
+    def running(self) -> int:
+        """Runs a stopping plane waits for (not those of workers that did not
+        come back since a restart)."""
+        return self.table.counts[RUNNING] - self.workers.running_on_ghosts()
+
+    def undelivered(self) -> int:
+        """Clients that have not collected their last word from a closed plane."""
+        return self.waiters.undelivered()
+
+    def queued_ids(self, priority: str | None) -> list[str]:
+        """The ids of the queued tasks, of one priority or of all."""
+        rank = None if priority is None else _RANK[priority]
+        return [t.id for t in self.table.tasks.values() if t.state == QUEUED and (rank is None or t.rank == rank)]
+
+    def stats(self, now: At, shell: dict | None = None) -> dict:
+        """Counts per state and priority, workers, the result cache, flow
+        control, schedules, errors; ``shell``: what only the shell knows
+        ("plane": its facts, "errors": its counts, "abandoned")."""
+        table, workers, figures, zero = self.table, self.workers, self.figures, self.workers.zero
+        c, info, shell = figures.counters, table.cache.info(), shell or {}
+        theirs = shell.get("errors") or {}
+        errors = {
+            k: theirs.get(k, 0) + figures.errors.get(k, 0) for k in ("protocol", "auth", "replay", "internal", "send")
+        }
+        out = {
+            "tasks": {"submitted": table.submitted, **table.counts, "retried": c["retried"]},
+            "queues": dict(zip(PRIORITIES, table.queue.counts, strict=True)),
+            "workers": [w.summary() for w in workers.by_id.values()],
+            "dispatch": {"workers_lost": c["workers_lost"], "workers_left": c["workers_left"],
+                         "requeued": c["requeued"], "handed_back": c["handed_back"], "late_results": c["late"]},
+            "local": {"concurrency": zero.concurrency, "running": len(zero.in_flight), "completed": zero.completed,
+                      "abandoned": shell.get("abandoned", 0)},
+            "cache": {"size": info.size, "max_size": info.max_size, "ttl": info.ttl, "hits": info.hits,
+                      "misses": info.misses, "evictions": info.evictions, "expired": info.expired},
+            "clients": len(self.waiters.clients),
+            "flow": self.flow.summary(),
+            "schedules": self.schedules.summaries(),
+            "errors": errors,
+        }  # fmt: skip
+        if "plane" in shell:
+            out = {"plane": {**shell["plane"], "uptime": round(now.wall - self.started_at, 3)}, **out}
+        return out
+
+    def recent_tasks(self, limit: int, state: str | None, now: At, search: str | None = None) -> list[dict]:
+        """Recent tasks, newest first: unfinished ones, then finished (failed
+        ones are kept apart, so a flood of successes does not hide them).
+        ``search`` is a task's id, or part of its name or of its id.  At most
+        RECENT_SCAN tasks are looked at."""
+        table, figures = self.table, self.figures
+        if search:
+            task = table.tasks.get(search) or table.cache.peek(search, now.mono)
+            if task is not None:
+                return [task.summary(now)] if state is None or task.state == state else []
+        out: list[dict] = []
+        unfinished = () if state in TERMINAL else reversed(table.tasks.values())
+        finished = (() if state in (QUEUED, SCHEDULED, RUNNING)
+                    else reversed(figures.recent_failed if state == FAILED else figures.recent))  # fmt: skip
+        for task in itertools.islice(itertools.chain(unfinished, finished), RECENT_SCAN):
+            if len(out) >= limit:
+                break
+            if (state is None or task.state == state) and (not search or search in task.name or search in task.id):
+                out.append(task.summary(now))
+        return out
+
+    def task_detail(self, tid: str, now: At) -> dict | None:
+        """A task's page: see _Task.detail(); why it waits, if it does."""
+        task = self.table.find(tid, now)
+        if task is None:
+            return None
+        out = task.detail(now, self.log_args)
+        if task.state == QUEUED or task.state == SCHEDULED:
+            out["waiting"], out["why"] = self._waiting(task, now)
+        return out
+
+
+###############################################################################
+# Running tasks ###############################################################
 ###############################################################################
 
 
@@ -3797,7 +4353,7 @@ class _Executor:
 
 
 ###############################################################################
-# NNG transport ################################################################
+# NNG transport ###############################################################
 ###############################################################################
 
 
@@ -3924,62 +4480,6 @@ def _listen(sock: Any, address: str, flag: str) -> None:
         ) from None
 
 
-def _check_address(address: str) -> None:
-    if not isinstance(address, str) or "://" not in address:
-        raise ValueError(f"address {address!r} has no scheme: write it like tcp://127.0.0.1:5555")
-
-
-class TLSFiles(collections.namedtuple("TLSFiles", "cert key ca")):
-    """PEM files for ``tls+tcp://`` addresses: this side's certificate and
-    key, and the CA that signed the other side's.  The plane needs ``cert``
-    and ``key``; given ``ca`` too, it wants a certificate signed by it from
-    every client and worker (mutual TLS).  A client or worker needs ``ca``
-    (to check the plane), and ``cert``/``key`` when the plane wants them."""
-
-    __slots__ = ()
-
-    def config(self, server: bool, address: str = "") -> Any:
-        """A pynng TLSConfig (for the plane's side if ``server``).
-
-        Raises:
-            ValueError: a file is missing or unreadable, or one is lacking.
-        """
-
-        def read(path: str | None, what: str) -> str | None:
-            if path is None:
-                return None
-            try:
-                with open(path) as f:
-                    return f.read()
-            except OSError as e:
-                raise ValueError(f"cannot read the TLS {what} {path}: {e.strerror}") from None
-
-        T = pynng.TLSConfig
-        if server:
-            if not (self.cert and self.key):
-                raise ValueError("a tls+tcp:// address needs --tls-cert and --tls-key")
-            cfg = T(T.MODE_SERVER, own_cert_string=read(self.cert, "certificate"),
-                    own_key_string=read(self.key, "key"), ca_string=read(self.ca, "CA"))  # fmt: skip
-            # AUTH_MODE_NONE given to TLSConfig() is ignored by pynng 0.9.0: set it
-            cfg.set_auth_mode(T.AUTH_MODE_REQUIRED if self.ca else T.AUTH_MODE_NONE)
-            return cfg
-        if not self.ca:
-            raise ValueError("a tls+tcp:// address needs --tls-ca (the CA that signed the plane's certificate)")
-        if bool(self.cert) != bool(self.key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        cfg = T(T.MODE_CLIENT, server_name=_host_of(address), ca_string=read(self.ca, "CA"),
-                own_cert_string=read(self.cert, "certificate"), own_key_string=read(self.key, "key"))  # fmt: skip
-        cfg.set_auth_mode(T.AUTH_MODE_REQUIRED)
-        return cfg
-
-
-def _tls_for(address: str, tls: TLSFiles | None, server: bool) -> Any:
-    """The TLS configuration a socket on ``address`` needs, or None."""
-    if not address.startswith("tls+tcp://"):
-        return None
-    return (tls or TLSFiles(None, None, None)).config(server, address)
-
-
 def _dial(address: str, max_message_size: int, tls: TLSFiles | None = None) -> Any:
     """A REQ socket dialling ``address`` in the background, for a client or
     a worker: it never resends a request (a resent submit would run twice)
@@ -4040,7 +4540,7 @@ def _exchange(
 
 
 ###############################################################################
-# Journal ######################################################################
+# Journal #####################################################################
 ###############################################################################
 #
 # With --journal PATH the plane keeps a write-ahead journal in one SQLite
@@ -4054,19 +4554,19 @@ def _exchange(
 # whoever arrives meanwhile waits for the next one.  No timers.
 
 _JOURNAL_FORMAT = "fastworker-journal"
-_JOURNAL_VERSION = 1
+_JOURNAL_VERSION = 2  # 2: bodies carry flow options; an ETA's due is negative; auto_vacuum
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _JOURNAL_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE tasks (
     id TEXT PRIMARY KEY,  -- "" is the row of the plane's counters (JSON in body)
-    body TEXT NOT NULL,   -- [name, args, kwargs, rank, retries, timeout, client, submitted]
+    body TEXT NOT NULL,   -- [name, args, kwargs, rank, retries, timeout, client, submitted, flow options]
     seq INTEGER,          -- its place in the queue (none until first queued)
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     runs INTEGER NOT NULL,
-    due REAL,
+    due REAL,             -- a scheduled task's time (epoch seconds; negative: an ETA, on the wall clock)
     started REAL,
     finished REAL,
     worker TEXT,
@@ -4106,10 +4606,8 @@ class _Journal:
         self.sync = sync
         self._fd: int | None = None  # held open: its flock keeps a second plane out
         self._db: Any = None
-        self.perform: Callable[[list], None] = lambda acts: None  # carries out actions (set by the plane)
-        self.collect: Callable[[], bool] = lambda: False  # hands over what waits to be handed over (the plane)
         self._lock = threading.Lock()  # guards the fields below (never held across I/O)
-        self._committed_cv = threading.Condition(self._lock)  # flush(wait=True) waits for the writer
+        self._committed_cv = threading.Condition(self._lock)  # wait_for() waits for the writer
         self._pending: list = []  # records not yet committed, in the core's order
         self._queued: list[list] = []  # the actions of each hand-over, waiting for its records
         self._counters: Any = None  # the core's counters as of the last records
@@ -4189,6 +4687,7 @@ class _Journal:
         import sqlite3
 
         self.accepted = True
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(_JOURNAL_VERSION),))
         if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             try:
                 self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -4230,11 +4729,17 @@ class _Journal:
             )
 
     # -- writing --------------------------------------------------------------------
+    #
+    # The journal only keeps what it is handed and writes it: the plane's shell
+    # hands over, under its lock, each core call's records with the actions
+    # that must wait for them (add), and drives the group commit (take, commit,
+    # done): one writer at a time takes everything handed over, commits it in
+    # one transaction, carries out its actions, and looks again.
 
-    def add(self, records: list, counters: dict, acts: list) -> None:
+    def add(self, records: list, counters: dict | None, acts: list) -> None:
         """Hand over a core call's records and the actions that must wait
         for them (the plane's lock is held, so everything keeps the core's
-        order).  ``flush()`` then commits and performs them."""
+        order)."""
         with self._lock:
             self._pending.extend(records)
             if counters is not None:
@@ -4248,50 +4753,43 @@ class _Journal:
         with self._lock:
             return not self._queued and not self._committing
 
-    def flush(self, wait: bool = False) -> None:
-        """Commit what was handed over and perform its actions, unless a
-        commit is in flight: then its thread does that (it looks again after
-        each commit), and this returns at once, or once everything handed
-        over before has been performed if ``wait``.  So there is one writer
-        at a time, and it commits whatever accumulated while the previous
-        commit was in flight, in one transaction; a lone record commits at
-        once.  No timers.  Before each commit the writer collects what the
-        plane has waiting (the runs its executor finished)."""
-        while True:
-            with self._lock:
-                target = self._added
-                if self._committing:
-                    while wait and self._performed < target and not self.closed:
-                        self._committed_cv.wait(IDLE_WAKE)
-                    return
-                self._committing = True
-            try:
-                self._write_all()
-            finally:
-                with self._lock:
-                    self._committing = False
-                    self._committed_cv.notify_all()
-            if not self.collect():  # nothing came in while this thread was the writer
-                return
+    def take(self) -> tuple | None:
+        """Become the writer and take what was handed over: ``(records,
+        counters, action lists, how many hand-overs that makes)``; None if
+        another thread is the writer (it looks again after its commit) or
+        nothing waits."""
+        with self._lock:
+            if self._committing or not self._queued or self.closed:
+                return None
+            self._committing = True
+            batch = (self._pending, self._counters, self._queued, self._added)
+            self._pending, self._queued = [], []
+            return batch
 
-    def _write_all(self) -> None:
-        """The writer's loop: collect, commit, perform, until nothing waits."""
-        while True:
-            self.collect()
-            with self._lock:
-                if not self._queued or self.closed:
-                    return
-                batch, counters, queued, upto = self._pending, self._counters, self._queued, self._added
-                self._pending, self._queued = [], []
-            while not self._write_batch(batch, counters):
-                time.sleep(JOURNAL_RETRY)  # the plane answers nothing that is not on disk
-                if self.closed:
-                    return
-            for acts in queued:
-                self.perform(acts)
-            with self._lock:
-                self._performed = upto
-                self._committed_cv.notify_all()
+    def commit(self, records: list, counters: Any) -> None:
+        """(The writer.)  Commit a group, trying again until it is written
+        (the plane answers nothing that is not on disk) or the journal closes."""
+        while not self._write_batch(records, counters) and not self.closed:
+            time.sleep(JOURNAL_RETRY)
+
+    def done(self, upto: int) -> None:
+        """(The writer.)  The actions of the first ``upto`` hand-overs are
+        carried out: it is no longer the writer."""
+        with self._lock:
+            self._committing = False
+            self._performed = upto
+            self._committed_cv.notify_all()
+
+    def wait_for(self, target: int) -> None:
+        """Wait until the actions of the first ``target`` hand-overs are
+        carried out (by whichever thread is the writer)."""
+        with self._lock:
+            while self._performed < target and not self.closed:
+                self._committed_cv.wait(IDLE_WAKE)
+
+    @property
+    def added(self) -> int:
+        return self._added
 
     def _write_batch(self, batch: list, counters: Any) -> bool:
         """Commit a group: each task's last word only (a task new in the
@@ -4391,72 +4889,8 @@ class _Journal:
 
 
 ###############################################################################
-# Client #######################################################################
+# Client: the link ############################################################
 ###############################################################################
-#
-# A Client is the user's handle; its _Link is the machinery: the socket, the
-# sender and poller threads and the futures they complete.  The threads and
-# the futures hold the link, never the Client, so a Client the program drops
-# without close() is collected: its link then sends what was submitted,
-# delivers the results still due and closes by itself.  At exit every link
-# still open is closed before the interpreter finalizes (NNG aborts the
-# process if one of its waits is still under way then).
-
-
-class Future(concurrent.futures.Future):
-    """The future result of one task.
-
-    A ``concurrent.futures.Future``: use ``result()``, ``exception()``,
-    ``done()``, ``add_done_callback()``, ``concurrent.futures.wait`` and
-    ``as_completed``, or ``await`` it in asyncio.  A background receiver in
-    the client completes it; nobody polls.  ``task_id`` identifies the task
-    on the plane (``Client.result``/``status``/``cancel`` take it).
-    """
-
-    def __init__(self, link: _Link, task_id: str) -> None:
-        super().__init__()
-        self.task_id = task_id
-        self._link = link
-        self._plane: str | None = None  # id of the plane that accepted it (guarded by the link's lock)
-        self._sent = False  # taken into a batch (guarded by the link's lock)
-        self._dropped = False  # cancelled before it was sent: never send it (guarded by the link's lock)
-        self._joined_to: str | None = None  # it joined this task (by key) (guarded by the link's lock)
-
-    def cancel(self) -> bool:
-        """Cancel this future at once, without waiting for the network.
-
-        The plane is told in the background: a task that has not started yet
-        (queued or scheduled) is cancelled there too; one already running
-        runs to its end, but this future stays cancelled.  Returns False only
-        if the future was already done (with a result or an error).
-        ``Client.cancel(task_id)`` asks the plane and says what it did.
-        """
-        if self.done():
-            return self.cancelled()
-        self._link.forget(self)
-        return self._set_cancelled()
-
-    def _set_cancelled(self) -> bool:
-        if not concurrent.futures.Future.cancel(self):
-            return False
-        self.set_running_or_notify_cancel()
-        return True
-
-    def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
-        try:
-            if exc is None:
-                self.set_result(value)
-            else:
-                self.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass  # cancelled meanwhile: the first outcome stands
-
-    def __await__(self) -> Any:
-        return asyncio.wrap_future(self).__await__()
-
-    def __repr__(self) -> str:
-        return f"<fastworker.Future {self.task_id} {self._state.lower()}>"
-
 
 _LINKS: weakref.WeakSet = weakref.WeakSet()  # links not yet closed (guarded by _LINKS_LOCK)
 _LINKS_LOCK = threading.RLock()  # (re-entrant: a finalizer may take it on a thread that holds it)
@@ -4498,7 +4932,7 @@ class _Link:
         self._session = _Session(secret)
         self.id = os.urandom(8).hex()
         self._ids = itertools.count(1)
-        # Guards _outbox, _sending, _pending, _joined, _unclaimed, _streams,
+        # Guards _outbox, _sending, _pending, _streams,
         # _threads, _poll_chan and the flags; never held across I/O.  Re-entrant:
         # release() may run as a finalizer on a thread that holds it already.
         self._lock = threading.RLock()
@@ -4523,9 +4957,6 @@ class _Link:
         self._live = 0  # the link's threads still running
         self._finished = False  # _finish() has run (or runs)
         self._streams: list[_EventStream] = []  # on_complete's subscriptions, closed with the link
-        self._joined: dict[str, list[Future]] = {}  # task id -> futures of submissions that joined it (by key)
-        self._unclaimed: dict[str, dict] = {}  # results no future took yet (a joined one may be on its way)
-        self._keyed = False  # a submission had a key (then results are looked for in _joined too)
         global _links_at_exit
         with _LINKS_LOCK:
             _LINKS.add(self)
@@ -4538,13 +4969,11 @@ class _Link:
 
     # -- sending ---------------------------------------------------------
 
-    def enqueue(self, fut: Future, data: bytes, keyed: bool) -> None:
+    def enqueue(self, fut: Future, data: bytes) -> None:
         """Send a submission (a TASK item) after everything before it."""
         with self._lock:
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if keyed:
-                self._keyed = True
             if not self._threads:
                 self._start()
             if not self._pending:
@@ -4659,23 +5088,14 @@ class _Link:
 
     def _join(self, joined: list) -> None:
         """Submissions the plane joined to an unfinished task of their key:
-        each future takes that task's id and waits for its outcome."""
-        early = []
+        each future keeps its own id (the plane answers for it with that
+        task's state and outcome) and notes which task it joined."""
         with self._lock:
             for pair in joined:
-                if not (type(pair) is list and len(pair) == 2 and all(type(x) is str for x in pair)):
-                    continue
-                fut = self._pending.pop(pair[0], None)
-                if fut is None:
-                    continue
-                fut.task_id = fut._joined_to = pair[1]
-                r = self._unclaimed.pop(pair[1], None)
-                if r is not None:  # its result overtook the answer to the submission
-                    early.append((fut, r))
-                else:
-                    self._joined.setdefault(pair[1], []).append(fut)
-        for fut, r in early:
-            self._complete(fut, r)
+                if type(pair) is list and len(pair) == 2 and all(type(x) is str for x in pair):
+                    fut = self._pending.get(pair[0])
+                    if fut is not None:
+                        fut._joined_to = pair[1]
 
     def _send_cancels(self, chan: _Chan, ids: list[str]) -> None:
         """Tell the plane about futures cancelled here (best effort: the
@@ -4705,12 +5125,7 @@ class _Link:
         task (by key) only stops waiting, and so does one whose task other
         futures here joined."""
         with self._lock:
-            joined = self._joined.get(fut.task_id)
-            if fut._joined_to is not None:
-                if joined is not None and fut in joined:
-                    joined.remove(fut)
-                return
-            if self._pending.pop(fut.task_id, None) is None or joined:
+            if self._pending.pop(fut.task_id, None) is None:
                 return
             if fut._sent and not self._closing:
                 self._outbox.append(("cancel", fut.task_id, None))
@@ -4724,7 +5139,7 @@ class _Link:
 
     def _waited(self) -> bool:
         """Does a future still wait for a result here (lock held)?"""
-        return bool(self._pending) or any(not f.done() for futs in self._joined.values() for f in futs)
+        return bool(self._pending)
 
     def _idle(self) -> bool:
         """Has the poller nothing to wait for, for good (lock held)?"""
@@ -4807,16 +5222,6 @@ class _Link:
     def _deliver(self, results: list[dict]) -> None:
         with self._lock:
             done = [(self._pending.pop(r["id"], None), r) for r in results]
-            if self._keyed:  # futures that joined a task by key take its result too
-                for r in results:
-                    joined = self._joined.pop(r["id"], None)
-                    if joined:
-                        done += [(f, r) for f in joined]
-                    elif r["id"] not in self._pending and r["state"] in TERMINAL:
-                        # (it may overtake the answer that says a submission joined its task)
-                        self._unclaimed[r["id"]] = r
-                        if len(self._unclaimed) > MAX_UNCLAIMED:
-                            del self._unclaimed[next(iter(self._unclaimed))]
         for fut, r in done:
             if fut is not None:
                 self._complete(fut, r)
@@ -4837,7 +5242,6 @@ class _Link:
         state = dict(lost)
         with self._lock:
             futs = [self._pending.pop(tid) for tid in state if tid in self._pending]
-            futs += [f for tid in state for f in self._joined.pop(tid, ())]
         for fut in futs:
             why = f"the plane at {self.address} stopped before the task finished (it was {state[fut.task_id]})"
             fut._settle(exc=PlaneUnavailable(why))
@@ -4849,7 +5253,6 @@ class _Link:
         journal) are collected, and tasks it no longer knows fail."""
         with self._lock:
             ids = [tid for tid, f in self._pending.items() if f._plane == plane]
-            ids += [tid for tid, futs in self._joined.items() if futs and futs[0]._plane == plane]
         for i in range(0, len(ids), 1000):
             chunk = ids[i : i + 1000]
             msg = _exchange(chan, self._session, "fetch", self.timeout, ids=chunk, wait=0)
@@ -4860,7 +5263,6 @@ class _Link:
             if gone:
                 with self._lock:
                     futs = [self._pending.pop(tid) for tid in gone if tid in self._pending]
-                    futs += [f for tid in gone for f in self._joined.pop(tid, ())]
                 for fut in futs:
                     fut._settle(exc=PlaneUnavailable("the plane no longer knows the task (it restarted without it)"))
 
@@ -4871,9 +5273,6 @@ class _Link:
             lost = [f for f in self._pending.values() if f._plane is not None and f._plane != keep_plane]
             for f in lost:
                 del self._pending[f.task_id]
-            for tid, futs in list(self._joined.items()):
-                if futs and futs[0]._plane != keep_plane:
-                    lost += self._joined.pop(tid)
         for f in lost:
             f._settle(exc=exc)
 
@@ -4993,9 +5392,8 @@ class _Link:
             if self._finished:
                 return
             self._finished = True
-            left = list(self._pending.values()) + [f for futs in self._joined.values() for f in futs]
+            left = list(self._pending.values())
             self._pending.clear()
-            self._joined.clear()
             streams, self._streams = self._streams, []
         for stream in streams:
             stream.close()
@@ -5009,6 +5407,74 @@ class _Link:
         _close_socket(self._sock, [], time.monotonic())
         with _LINKS_LOCK:
             _LINKS.discard(self)
+
+
+###############################################################################
+# Client ######################################################################
+###############################################################################
+#
+# A Client is the user's handle; its _Link is the machinery: the socket, the
+# sender and poller threads and the futures they complete.  The threads and
+# the futures hold the link, never the Client, so a Client the program drops
+# without close() is collected: its link then sends what was submitted,
+# delivers the results still due and closes by itself.  At exit every link
+# still open is closed before the interpreter finalizes (NNG aborts the
+# process if one of its waits is still under way then).
+
+
+class Future(concurrent.futures.Future):
+    """The future result of one task.
+
+    A ``concurrent.futures.Future``: use ``result()``, ``exception()``,
+    ``done()``, ``add_done_callback()``, ``concurrent.futures.wait`` and
+    ``as_completed``, or ``await`` it in asyncio.  A background receiver in
+    the client completes it; nobody polls.  ``task_id`` identifies the task
+    on the plane (``Client.result``/``status``/``cancel`` take it).
+    """
+
+    def __init__(self, link: _Link, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self._link = link
+        self._plane: str | None = None  # id of the plane that accepted it (guarded by the link's lock)
+        self._sent = False  # taken into a batch (guarded by the link's lock)
+        self._dropped = False  # cancelled before it was sent: never send it (guarded by the link's lock)
+        self._joined_to: str | None = None  # the task it joined by its key, if it did (guarded by the link's lock)
+
+    def cancel(self) -> bool:
+        """Cancel this future at once, without waiting for the network.
+
+        The plane is told in the background: a task that has not started yet
+        (queued or scheduled) is cancelled there too; one already running
+        runs to its end, but this future stays cancelled.  Returns False only
+        if the future was already done (with a result or an error).
+        ``Client.cancel(task_id)`` asks the plane and says what it did.
+        """
+        if self.done():
+            return self.cancelled()
+        self._link.forget(self)
+        return self._set_cancelled()
+
+    def _set_cancelled(self) -> bool:
+        if not concurrent.futures.Future.cancel(self):
+            return False
+        self.set_running_or_notify_cancel()
+        return True
+
+    def _settle(self, value: Any = None, exc: BaseException | None = None) -> None:
+        try:
+            if exc is None:
+                self.set_result(value)
+            else:
+                self.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile: the first outcome stands
+
+    def __await__(self) -> Any:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"<fastworker.Future {self.task_id} {self._state.lower()}>"
 
 
 class Client(concurrent.futures.Executor):
@@ -5030,9 +5496,9 @@ class Client(concurrent.futures.Executor):
             ``PlaneUnavailable``.  Waiting for a result has no limit unless
             you give ``result()`` a timeout.
         max_message_size: the largest message it sends or takes, in bytes.
-        tls_ca, tls_cert, tls_key: PEM files for a ``tls+tcp://`` address:
-            the CA that signed the plane's certificate, and this client's
-            certificate and key if the plane wants one (mutual TLS).
+        tls_cert, tls_key, tls_ca: PEM files for a ``tls+tcp://`` address:
+            this client's certificate and key, if the plane wants one (mutual
+            TLS), and the CA that signed the plane's certificate.
     """
 
     def __init__(
@@ -5042,12 +5508,13 @@ class Client(concurrent.futures.Executor):
         secret: str | bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         if not 0 < timeout <= MAX_TIMEOUT:
             raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+        _check_size(max_message_size)
         self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
         self._secret = _secret_bytes(secret)
         self._link = _Link(address, self._secret, timeout, max_message_size, self._tls)
@@ -5094,8 +5561,9 @@ class Client(concurrent.futures.Executor):
         the time limit of one run.
 
         Flow control: while a task with the same ``key`` is unfinished, this
-        submission joins it: the future gets its ``task_id`` and its outcome,
-        and nothing runs twice (the task's ``key=`` function gives a key when
+        submission joins it: the future keeps its own ``task_id``, which
+        answers for that task (``status`` says which: ``"joined"``), gets its
+        outcome, and nothing runs twice (the task's ``key=`` function gives a key when
         none is given).  With ``debounce`` seconds (and a key) the task waits
         that long; a newer submission of the key replaces its arguments and
         restarts the wait, up to ``debounce_max`` (default 10 x debounce)
@@ -5141,7 +5609,7 @@ class Client(concurrent.futures.Executor):
         if len(data) > self.max_message_size - _BATCH_MARGIN:
             raise ValueError(f"task {tid} is {len(data)} bytes, over the message size limit")
         fut = Future(link, tid)
-        link.enqueue(fut, data, key is not None)
+        link.enqueue(fut, data)
         return fut
 
     # -- requests ---------------------------------------------------------
@@ -5361,1237 +5829,7 @@ class _EventStream:
 
 
 ###############################################################################
-# Control plane ################################################################
-###############################################################################
-
-
-def _sibling_address(requested: str, real: str, offset: int, suffix: str) -> str:
-    """Where one of the plane's extra sockets listens: on the host of its
-    main address, at the port ``offset`` above it (so that an operator
-    knows every port before the start), or at any port if the main one was
-    asked for as port 0."""
-    scheme, rest = real.split("://", 1)
-    if scheme in ("tcp", "tls+tcp", "ws"):
-        host, _, port = rest.rpartition(":")
-        wanted = requested.rpartition(":")[2]
-        if wanted == "0" or not port.isdigit() or int(port) + offset > 65535:
-            return f"{scheme}://{host}:0"
-        return f"{scheme}://{host}:{int(port) + offset}"
-    return f"{real}.{suffix}"
-
-
-def _any_port(address: str) -> str:
-    """The same address at any free port."""
-    scheme, rest = address.split("://", 1)
-    return f"{scheme}://{rest.rpartition(':')[0]}:0" if ":" in rest else address
-
-
-class _Freshness:
-    """The plane's side of freshness (see the protocol table): the tickets
-    of this boot and the message numbers each session has used.  A number is
-    taken once, and only within ``window`` of the session's highest.  At
-    most ``sessions`` sessions are kept: the one that came first is forgotten
-    first, and with it every ticket up to its own, so that what it sent can
-    never be taken again."""
-
-    def __init__(self, boot: str, window: int = FRESH_WINDOW, sessions: int = FRESH_SESSIONS) -> None:
-        self._boot = boot + "."
-        self._window = window
-        self._full = (1 << window) - 1
-        self._max = sessions
-        self._lock = threading.Lock()  # guards _seen, _issued and _floor
-        self._seen: dict[str, list] = {}  # session -> [highest n, bits below it, its ticket's K] (oldest first)
-        self._issued = 0  # the last ticket's K
-        self._floor = 0  # tickets up to this K are no longer good
-
-    def ticket(self) -> str:
-        """A new ticket (for a "stale" error)."""
-        with self._lock:
-            self._issued += 1
-            return f"{self._boot}{self._issued}"
-
-    def take(self, session: str, n: int, ticket: Any) -> str:
-        """Take message ``n`` of ``session``: "ok" if it is new and recent
-        enough, under a good ticket; "stale" if the ticket is not (or no
-        longer) good; "replay" if the number was taken or is too old."""
-        if type(ticket) is not str or not ticket.startswith(self._boot):
-            return "stale"
-        k = ticket[len(self._boot) :]
-        if not k.isdigit() or len(k) > 18:
-            return "stale"
-        k = int(k)
-        with self._lock:
-            if not self._floor < k <= self._issued:
-                return "stale"
-            entry = self._seen.get(session)
-            if entry is None:
-                self._seen[session] = [n, 1, k]
-                while len(self._seen) > self._max:  # forget the oldest, and every ticket up to its newest
-                    self._floor = max(self._floor, self._seen.pop(next(iter(self._seen)))[2])
-                return "ok"
-            high, bits = entry[0], entry[1]
-            if n > high:
-                shift = n - high
-                entry[0], entry[1] = n, ((bits << shift) | 1) & self._full if shift < self._window else 1
-            else:
-                bit = 1 << (high - n)
-                if high - n >= self._window or bits & bit:
-                    return "replay"
-                entry[1] = bits | bit
-            if k > entry[2]:  # a new ticket: its place is now at the back
-                entry[2] = k
-                del self._seen[session]
-                self._seen[session] = entry
-            return "ok"
-
-
-class Plane(_Role):
-    """The control plane: queue, dispatch, result cache, dashboard.
-
-    ``Plane(...).start()`` serves in background threads of this process
-    (``stop()`` ends it; it is also a context manager);
-    ``python fastworker.py plane`` runs one as a process.  It runs tasks
-    itself on ``concurrency`` slots when no connected subworker knows them,
-    and dispatches every other task to the least-loaded subworker.
-
-    This class is the I/O shell around ``PlaneCore``: its threads receive
-    and decode messages, call the core under one lock, and send what the
-    core answers.
-
-    Args:
-        listen: address clients and workers connect to (port 0 picks one;
-            ``address`` has the real one after ``start()``).
-        dashboard: ``"host:port"`` for the web dashboard, or None for none.
-        concurrency: slots for the tasks the plane runs itself.
-        result_cache_size, result_cache_ttl: how many finished results are
-            kept, and for how many seconds.
-        heartbeat_timeout: seconds of silence after which a worker is dead.
-        max_message_size: largest message accepted, in bytes.
-        retry_backoff: seconds before the first retry; doubles each time.
-        reap_interval: seconds between sweeps of expired results.
-        secret: shared secret for message tags (default FASTWORKER_SECRET).
-        insecure: allow a non-loopback address without a secret.
-        receivers: threads receiving requests.
-        clock: the plane's one clock, seconds since the epoch (default
-            ``time.time``); every time the core sees comes from it.
-        journal: path of an SQLite file where accepted work, its progress
-            and cached results are kept, so that they survive a crash and a
-            restart of the plane (None: keep nothing on disk).
-        journal_sync: "normal" (survives a crash of the plane process; the
-            last commits may be lost if the machine loses power) or "full"
-            (survives power loss too; slower).
-        event_details: with a secret, completion events carry ids, names,
-            states and timings only; True adds the error texts.
-        tls_cert, tls_key, tls_ca: PEM files for a ``tls+tcp://`` address
-            (and HTTPS for the dashboard): the plane's certificate and key,
-            and a CA whose certificate every client and worker must show
-            (mutual TLS), if given.
-        dashboard_token: what the dashboard asks for (bearer token or basic
-            auth password).  Default: none without a secret; with one, a
-            token derived from it by a one-way function
-            (``derived_dashboard_token``),
-            never the secret itself.
-        log_args: log tasks' arguments (in DEBUG lines and failures) and show
-            them on the dashboard's task pages.  Off by default: arguments
-            often carry what should not be in a log.
-        max_queued: refuse a submission that would make more than this many
-            tasks wait (queued or scheduled): its future fails at once with
-            ``QueueFull`` (None: no limit).
-        events_listen, heartbeat_listen: where the completion events and the
-            workers' heartbeats are received.  Default: the host of
-            ``listen``, its port + 1 and + 2 (any port if ``listen`` asks
-            for port 0).  Clients and workers learn them from the plane.
-    """
-
-    def __init__(
-        self,
-        listen: str = DEFAULT_ADDRESS,
-        *,
-        dashboard: str | None = None,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        result_cache_size: int = DEFAULT_CACHE_SIZE,
-        result_cache_ttl: float = DEFAULT_CACHE_TTL,
-        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
-        reap_interval: float = REAP_INTERVAL,
-        secret: str | bytes | None = None,
-        insecure: bool = False,
-        receivers: int = 2,
-        clock: Callable[[], float] | None = None,
-        journal: str | None = None,
-        journal_sync: str = "normal",
-        event_details: bool = False,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_ca: str | None = None,
-        dashboard_token: str | None = None,
-        log_args: bool = False,
-        max_queued: int | None = None,
-        events_listen: str | None = None,
-        heartbeat_listen: str | None = None,
-    ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
-        for extra in (events_listen, heartbeat_listen):
-            if extra is not None:
-                _check_address(extra)
-        if max_queued is not None and not 0 <= max_queued <= 10**9:
-            raise ValueError(f"max_queued must be a number of tasks >= 0, not {max_queued!r}")
-        if max_message_size < 65536:
-            raise ValueError("max_message_size must be >= 65536")
-        if not (0 < heartbeat_timeout <= MAX_TIMEOUT and 0 <= retry_backoff <= MAX_BACKOFF and reap_interval > 0):
-            raise ValueError("heartbeat_timeout and reap_interval must be > 0, retry_backoff >= 0")
-        _check_address(listen)
-        self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
-        self._secret = _secret_bytes(secret)
-        if dashboard_token is None and self._secret is not None:
-            dashboard_token = derived_dashboard_token(self._secret)
-        self.dashboard_token = dashboard_token or None
-        if listen.startswith("tls+tcp://"):
-            self._tls.config(True)  # refuse missing files now
-        self._journal = _Journal(journal, journal_sync) if journal else None
-        if self._journal is not None:
-            self._journal.perform = self._perform  # it carries out what waited for a commit
-            self._journal.collect = self._collect_finished  # and takes the runs finished meanwhile first
-        self.listen = listen
-        self.dashboard = dashboard
-        self.concurrency = concurrency
-        self.heartbeat_timeout = heartbeat_timeout
-        self.max_message_size = max_message_size
-        self.insecure = insecure
-        self.id = os.urandom(8).hex()  # kept across restarts with a journal
-        self.boot = os.urandom(4).hex()  # new for every start: clients learn that they may have missed results
-        self.address: str | None = None  # the real addresses, set by start()
-        self.dashboard_url: str | None = None
-        self.events_address: str | None = None
-        self.heartbeat_address: str | None = None
-        self.events_listen, self.heartbeat_listen = events_listen, heartbeat_listen
-        self._clock = clock or time.time
-        self._receivers = receivers
-        self.core = PlaneCore(
-            self.id,
-            _registry,
-            self._clock(),
-            concurrency=concurrency,
-            result_cache_size=result_cache_size,
-            result_cache_ttl=result_cache_ttl,
-            heartbeat_timeout=heartbeat_timeout,
-            retry_backoff=retry_backoff,
-            reap_interval=reap_interval,
-            journaling=journal is not None,
-            log_args=log_args,
-            max_queued=max_queued,
-        )
-        self._lock = threading.Lock()  # guards the core: every call into it, and nothing else
-        self._tick = threading.Condition(self._lock)  # the housekeeper waits for the core's next deadline
-        self._drained = threading.Condition(self._lock)  # stop() waits for running tasks, then for clients
-        self._no_results = self._no_tasks = b""  # the empty unsigned replies, encoded once by start()
-        self._handlers = {
-            "submit": self._on_submit,
-            "poll": self._on_poll,
-            "fetch": self._on_fetch,
-            "status": self._on_status,
-            "cancel": self._on_cancel,
-            "purge": self._on_purge,
-            "recent": self._on_recent,
-            "stats": self._on_stats,
-            "hello": self._on_hello,
-            "bye": self._on_bye,
-            "pull": self._on_pull,
-        }
-        # Request handles the core knows -> their contexts, until answered.
-        # Single dict operations are atomic, so no lock: a handle is added
-        # before the core can hear of it and popped by the one who answers.
-        self._chans: dict[int, _Chan] = {}
-        self._bound: dict[int, tuple] = {}  # with a secret: request handle -> (s, n), for its reply (same rule)
-        self._freshness = _Freshness(self.boot)
-        self._event_details = event_details or self._secret is None
-        self._event_numbers = itertools.count(1)
-        self._handles = itertools.count(1)
-        self._free: collections.deque = collections.deque()  # idle _Chans (deque ops are atomic)
-        self._gone: queue.SimpleQueue = queue.SimpleQueue()  # ids of pipes that closed
-        self._executor = _Executor(concurrency, self._local_done, max_message_size, prioritized=journal is not None)
-        self._finished: collections.deque = collections.deque()  # runs the executor finished, not yet reported
-        self._reporter = threading.Lock()  # held by the one runner taking _finished to the core (never across I/O)
-        self._stopping = False  # no new work; running tasks may finish
-        self._closed = False  # threads exit
-        self._threads: list[threading.Thread] = []
-        self._sock: Any = None
-        self._pub: Any = None
-        self._hb: Any = None
-        self._http: Any = None  # the dashboard's ThreadingHTTPServer
-
-    # -- lifetime ---------------------------------------------------------
-
-    def start(self) -> Plane:
-        """Bind the sockets and start serving; returns self."""
-        if self._sock is not None:
-            raise RuntimeError("the plane is already started")
-        _require_pynng()
-        _check_exposure(self.listen, self._secret or bool(self._tls.ca), self.insecure, "plane")
-        if self._journal is not None:
-            saved = self._journal.open()  # JournalError: one clear line, nothing touched
-            try:
-                with self._lock:  # handed over before anything can be served: the journal keeps this first
-                    self._hand_over(self.core.restore(saved, self._clock()), always=True)
-                self._journal.accept()
-            except JournalError as e:
-                self._journal.close()
-                raise JournalError(f"journal {self._journal.path} {e}") from None
-            except BaseException:
-                self._journal.close()
-                raise
-            self.id = self.core.id  # a plane keeps its identity across restarts
-        # the empty replies never change: encode them once
-        self._no_results = encode_batch("results", "results", [], None, plane=self.id, boot=self.boot)
-        self._no_tasks = encode_batch("tasks", "tasks", [], None, plane=self.id)
-        tls = _tls_for(self.listen, self._tls, True)  # the same for every socket of the plane
-        sock = pynng.Rep0(recv_max_size=2 * self.max_message_size, tls_config=tls)
-        # NNG calls this on its own thread with a socket lock held: hand the
-        # pipe id over and return at once.
-        sock.add_post_pipe_remove_cb(lambda pipe: self._gone.put(pipe.id))
-        opened = [sock]
-        try:
-            _listen(sock, self.listen, "--listen")
-            self.address = _real_address(sock, self.listen)
-            self._pub = pub = pynng.Pub0(tls_config=tls)
-            opened.append(pub)
-            pub.add_post_pipe_connect_cb(lambda pipe: self._count_subscriber(1))
-            pub.add_post_pipe_remove_cb(lambda pipe: self._count_subscriber(-1))
-            where = self.events_listen or _sibling_address(self.listen, self.address, 1, "events")
-            _listen(pub, where, "--events-listen")
-            self.events_address = _real_address(pub, where)
-            self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=HEARTBEAT_MAX_SIZE, tls_config=tls)
-            opened.append(hb)
-            hb.subscribe(b"")
-            where = self.heartbeat_listen or _sibling_address(self.listen, self.address, 2, "heartbeat")
-            _listen(hb, where, "--heartbeat-listen")
-            self.heartbeat_address = _real_address(hb, where)
-            if self.dashboard:
-                try:
-                    self._http = _start_dashboard(self, self.dashboard, self.insecure)
-                except OSError as e:
-                    if e.errno != errno.EADDRINUSE:
-                        raise
-                    raise AddressInUse(f"dashboard address {self.dashboard} is in use: is another plane running? "
-                                       "Stop it, or pick another with --dashboard HOST:PORT (or off)") from None  # fmt: skip
-                host, port = self._http.server_address[:2]
-                scheme = "https" if self._tls.cert and self._tls.key else "http"
-                self.dashboard_url = f"{scheme}://{host}:{port}/"
-        except BaseException:
-            for s in opened:
-                s.close()
-            if self._journal is not None:
-                self._journal.close()
-            raise
-        with self._lock:
-            self.core.heartbeat_address = self.heartbeat_address
-            self.core.max_message_size = self.max_message_size
-        self._sock = sock
-        spawn = [(self._serve, "receiver")] * self._receivers
-        spawn += [(self._housekeep, "housekeeper"), (self._heartbeats, "heartbeats"), (self._watch_pipes, "pipes")]
-        if self._http is not None:
-            spawn.append((self._http.serve_forever, "dashboard"))
-        for target, name in spawn:
-            t = threading.Thread(target=target, name=f"fastworker-plane-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        self._executor.start("fastworker-plane")
-        if self._journal is not None:
-            self._journal.flush(wait=True)  # what the restore changed, then its runs
-        logger.info(
-            "plane %s listening on %s (events %s, heartbeats %s); tasks it runs itself: %s",
-            self.id,
-            self.address,
-            self.events_address,
-            self.heartbeat_address,
-            ", ".join(sorted(_registry)),
-        )
-        if self.dashboard_url:
-            derived = self._secret is not None and self.dashboard_token == derived_dashboard_token(self._secret)
-            logger.info(
-                "dashboard on %s%s",
-                self.dashboard_url,
-                f" (token derived from the secret: {self.dashboard_token})" if derived else "",
-            )
-        return self
-
-    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop taking work, give running tasks ``grace`` seconds to finish
-        and deliver their results, then close everything."""
-        with self._lock:
-            if self._stopping or self._sock is None:
-                return
-            self._stopping = True
-            acts = self.core.stop(self._clock())
-            later = self._hand_over(acts)
-        self._carry_out(acts, later)
-        deadline = time.monotonic() + grace
-        with self._lock:
-            while self.core.counts[RUNNING] - self.core.running_on_ghosts() and time.monotonic() < deadline:
-                self._drained.wait(deadline - time.monotonic())
-            acts = self.core.close(self._clock())
-            later = self._hand_over(acts)
-        self._carry_out(acts, later)
-        if self._journal is not None:
-            self._journal.flush(wait=True)  # the last results are out before the plane lingers
-        linger = time.monotonic() + LINGER  # clients between polls come back for their last word
-        with self._lock:
-            while self.core.undelivered() and time.monotonic() < linger:
-                self._drained.wait(linger - time.monotonic())
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        with self._lock:
-            self._closed = True
-            self._tick.notify_all()
-        self._gone.put(None)
-        self._executor.stop(time.monotonic() + 1.0)  # (its last replies still go out)
-        users = [t for t in self._threads if not t.name.endswith("heartbeats")]  # (who may answer a request)
-        _close_socket(self._sock, users, time.monotonic() + grace)  # with the requests too late to answer
-        for s in (self._pub, self._hb):
-            s.close()  # wakes the heartbeat receiver
-        _join(self._threads, time.monotonic() + grace)
-        self._drain_free()
-        self._chans.clear()
-        self._bound.clear()
-        if self._journal is not None:
-            self._journal.close()
-        logger.info("plane %s stopped", self.id)
-
-    # -- calling the core and performing its actions ------------------------
-
-    def _call(self, event: Callable[..., list], *args: Any) -> None:
-        """Call the core with the clock's time, under the lock, and carry out
-        what it answers."""
-        self._carry_out(*self._event(event, *args))
-
-    def _event(self, event: Callable[..., list], *args: Any) -> tuple[list, bool]:
-        """The core call of ``_call``: its actions, and whether the journal
-        took them to carry out after their commit."""
-        with self._lock:
-            core = self.core
-            acts = event(*args, self._clock())
-            if core.timers_changed:
-                core.timers_changed = False
-                self._tick.notify()
-            if self._stopping:
-                self._drained.notify_all()
-            return acts, self._hand_over(acts)
-
-    def _hand_over(self, acts: list, always: bool = False) -> bool:
-        """With a journal, give it a core call's records together with the
-        actions that must wait for them (the lock is held, the same hold as
-        the core call, so the journal gets everything in the core's order).
-        Actions with no records of their own wait too while anything handed
-        over earlier is not carried out yet: a result another thread's call
-        produced a moment ago does not get out before it is on disk.
-        Returns whether the journal took the actions."""
-        journal = self._journal
-        if journal is None or not acts:
-            return False
-        if type(acts[0]) is Journal:
-            journal.add(acts[0].records, acts[0].counters, acts)
-            return True
-        if always or not journal.idle():
-            journal.add([], None, acts)
-            return True
-        return False
-
-    def _carry_out(self, acts: list, later: bool) -> None:
-        if later:
-            self._journal.flush()  # this thread commits and performs, or the one committing now will
-        else:
-            self._perform(acts)
-
-    def _perform(self, acts: list) -> None:
-        """Carry out the core's actions, in order, with no lock held."""
-        for act in acts:
-            kind = type(act)
-            if kind is Reply:
-                chan = self._chans.pop(act.req, None)
-                if chan is not None:
-                    self._send(chan, self._encode_reply(act))
-            elif kind is Run:
-                put = self._executor.put
-                for job in act.jobs:
-                    put(job)
-            elif kind is Publish:
-                events = act.events
-                if not self._event_details:  # ids, names, states and timings only
-                    events = [{k: v for k, v in e.items() if k != "error"} for e in events]
-                data = encode("events", self._secret, events=events, b=self.boot, n=next(self._event_numbers))
-                try:
-                    self._pub.send(data)
-                except pynng.NNGException:
-                    pass  # events are best effort
-            elif kind is Close:
-                _close_pipe(act.conn)
-            elif kind is Log:
-                logger.log(act.level, act.msg, *act.args)
-
-    def _encode_reply(self, r: Reply) -> bytes:
-        secret = self._secret
-        if secret is not None:  # bound to its request, and fresh
-            bound = self._bound.pop(r.req, None)
-            extra = {"b": self.boot} if bound is None else {"re": list(bound), "b": self.boot}
-            fields = {**extra, **r.fields}  # a "stale" error's b is a ticket
-            if r.items is None:
-                return encode(r.op, secret, plane=self.id, **fields)
-            return encode_batch(r.op, r.op, r.items, secret, plane=self.id, boot=self.boot, **fields)
-        if r.items is None:
-            return encode(r.op, None, plane=self.id, **r.fields)
-        if not r.items and not r.fields:
-            return self._no_results if r.op == "results" else self._no_tasks
-        if r.op == "results":
-            return encode_batch(r.op, r.op, r.items, None, plane=self.id, boot=self.boot, **r.fields)
-        return encode_batch(r.op, r.op, r.items, None, plane=self.id, **r.fields)
-
-    def _send(self, chan: _Chan, data: bytes) -> None:
-        """Answer a request (from any thread) and recycle its context."""
-        try:
-            chan.send(data, 1.0 if self._stopping else 5.0)
-        except pynng.NNGException:
-            self._count_error("send")
-            chan.close()
-            return
-        self._recycle(chan)
-
-    def _recycle(self, chan: _Chan) -> None:
-        """Keep an idle context for the next request; once the plane closes,
-        close it instead (never leave one to be collected after its socket)."""
-        if len(self._free) >= 64 or self._closed:
-            return chan.close()
-        self._free.append(chan)
-        if self._closed:  # stop() may have emptied the pool just before
-            self._drain_free()
-
-    def _drain_free(self) -> None:
-        while True:
-            try:
-                self._free.pop().close()
-            except IndexError:
-                return
-
-    def _count_error(self, kind: str) -> None:
-        with self._lock:
-            self.core.errors[kind] += 1
-
-    def _count_subscriber(self, delta: int) -> None:
-        with self._lock:
-            self.core.subscribers += delta
-
-    # -- receiving requests -------------------------------------------------
-
-    def _serve(self) -> None:
-        """Receive requests on contexts; each is answered by whoever the core
-        tells to (at once, or later if it parks it)."""
-        free, chans = self._free, self._chans
-        chan = None
-        try:
-            while not self._closed:
-                try:
-                    chan = free.pop()
-                except IndexError:
-                    chan = _Chan(self._sock)
-                try:
-                    data, pipe = chan.recv(1.0)
-                except pynng.Timeout:
-                    self._recycle(chan)
-                    chan = None
-                    continue
-                except pynng.Closed:
-                    raise
-                except pynng.NNGException as e:  # whatever arrived, the receiver goes on
-                    if self._closed:
-                        raise pynng.Closed("closed", 0) from None
-                    self._count_error("protocol")
-                    logger.debug("plane receiver: %s", e)
-                    chan.close()
-                    chan = None
-                    continue
-                h = next(self._handles)
-                chans[h] = chan
-                chan = None
-                self._handle(h, data, pipe)
-        except pynng.Closed:
-            pass
-        finally:
-            if chan is not None:
-                chan.close()
-
-    def _handle(self, h: int, data: bytes, pipe: int) -> None:
-        """One request: decode it, give it to the core, perform the outcome;
-        a bad one gets an error reply and is counted."""
-        try:
-            if len(data) > self.max_message_size:
-                raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_size}")
-            msg = decode(data, self._secret)
-            if self._secret is not None and not self._fresh(h, msg):
-                return
-            handler = self._handlers.get(msg["op"])
-            if handler is None:
-                raise ProtocolError(f"op {msg['op']!r} is not a request the plane serves")
-            handler(h, msg, pipe)
-        except AuthenticationError as e:  # answered without a tag: whoever sent it can read why
-            self._count_error("auth")
-            chan = self._chans.pop(h, None)
-            if chan is not None:
-                self._send(chan, encode("error", None, error=_error("auth", "AuthenticationError", str(e))))
-            return
-        except ProtocolError as e:
-            kind, err = "protocol", _error("protocol", "ProtocolError", str(e))
-            if e.stamp is not None:
-                self._bound[h] = e.stamp
-        except Exception as e:
-            logger.exception("internal error while serving a request")
-            kind, err = "internal", _error("internal", type(e).__name__, str(e))
-        else:
-            return
-        self._count_error(kind)
-        self._perform([Reply(h, "error", {"error": err}, None)])
-
-    def _fresh(self, h: int, msg: dict) -> bool:
-        """With a secret: is this request fresh?  Its reply is bound to it
-        whatever the answer; a stale or replayed one is answered with an
-        error here."""
-        s, n = msg.get("s"), msg.get("n")
-        if s is None or n is None:
-            raise ProtocolError("a signed request must carry its session and number ('s', 'n')")
-        self._bound[h] = (s, n)
-        verdict = self._freshness.take(s, n, msg.get("b"))
-        if verdict == "ok":
-            return True
-        if verdict == "stale":  # it has no ticket of this boot yet (or an old message is sent again): here is one
-            err = _error("stale", "StaleBoot", "send again with this ticket of the plane's boot")
-            fields = {"error": err, "b": self._freshness.ticket()}
-        else:
-            self._count_error("replay")
-            fields = {"error": _error("protocol", "ProtocolError", "a message already taken, or too old: dropped")}
-        self._perform([Reply(h, "error", fields, None)])
-        return False
-
-    def _on_submit(self, h: int, msg: dict, pipe: int) -> None:
-        self._call(self.core.submit, h, msg["client"], msg["tasks"])
-
-    def _on_poll(self, h: int, msg: dict, pipe: int) -> None:
-        self._call(self.core.poll, h, pipe, msg["client"], msg["wait"])
-
-    def _on_fetch(self, h: int, msg: dict, pipe: int) -> None:
-        ids = msg["ids"]
-        if len(ids) <= QUERY_CHUNK:
-            return self._call(self.core.fetch, h, pipe, ids, msg["wait"])
-        items = self._in_pieces(self.core.fetch_items, ids)  # a long one is answered at once
-        self._call(self.core.answer, h, "results", _NOTHING, items)
-
-    def _on_status(self, h: int, msg: dict, pipe: int) -> None:
-        ids = msg["ids"]
-        if len(ids) <= QUERY_CHUNK:
-            return self._call(self.core.status, h, ids)
-        self._call(self.core.answer, h, "statuses", {"statuses": self._in_pieces(self.core.statuses, ids)}, None)
-
-    def _in_pieces(self, query: Callable[[list, float], list], ids: list) -> list:
-        """A read-only query of the core over many ids, QUERY_CHUNK at a time
-        under the lock, so that others get it in between."""
-        out: list = []
-        for i in range(0, len(ids), QUERY_CHUNK):
-            with self._lock:
-                out += query(ids[i : i + QUERY_CHUNK], self._clock())
-        return out
-
-    def _on_cancel(self, h: int, msg: dict, pipe: int) -> None:
-        ids = msg["ids"]
-        if len(ids) <= CANCEL_CHUNK:
-            return self._call(self.core.cancel, h, ids)
-        cancelled: list = []
-        for i in range(0, len(ids), CANCEL_CHUNK):
-            self._call(self.core.cancel_some, ids[i : i + CANCEL_CHUNK], cancelled)
-        self._call(self.core.answer, h, "cancelled", {"ids": cancelled}, None)
-
-    def _on_purge(self, h: int, msg: dict, pipe: int) -> None:
-        with self._lock:
-            ids = self.core.queued_ids(msg.get("priority"))
-        cancelled: list = []
-        for i in range(0, len(ids), CANCEL_CHUNK):
-            self._call(self.core.purge_some, ids[i : i + CANCEL_CHUNK], cancelled)
-        self._call(self.core.answer, h, "purged", {"count": len(cancelled)}, None)
-
-    def _on_recent(self, h: int, msg: dict, pipe: int) -> None:
-        statuses = self.tasks(msg["limit"], msg.get("state"), msg.get("search"))
-        self._perform([Reply(h, "statuses", {"statuses": statuses}, None)])
-
-    def _on_bye(self, h: int, msg: dict, pipe: int) -> None:
-        self._call(self.core.bye, h, msg["client"])
-
-    def _on_pull(self, h: int, msg: dict, pipe: int) -> None:
-        returned = msg.get("returned") or []
-        event = functools.partial(self.core.pull, leaving=True) if msg.get("leaving") else self.core.pull
-        info = msg.get("info")
-        if info is not None:  # it registers: where does it connect from (host names often match)?
-            info["address"] = self._remote_address(pipe)
-        self._call(event, h, pipe, msg["worker"], msg["credit"], msg["results"], returned, info)
-
-    def _remote_address(self, pipe_id: int) -> str | None:
-        """The IP address a connection comes from (shown with its worker)."""
-        try:
-            for p in self._sock.pipes:
-                if p.id == pipe_id:
-                    return str(p.remote_address).rpartition(":")[0].strip("[]")
-        except (pynng.NNGException, AttributeError, ValueError):
-            pass
-        return None
-
-    def _on_stats(self, h: int, msg: dict, pipe: int) -> None:
-        self._perform([Reply(h, "report", {"stats": self.stats()}, None)])
-
-    def _on_hello(self, h: int, msg: dict, pipe: int) -> None:
-        with self._lock:
-            names = self.core.task_names()
-        fields = {"version": __version__, "events": self.events_address, "heartbeats": self.heartbeat_address,
-                  "tasks": names}  # fmt: skip
-        self._perform([Reply(h, "welcome", fields, None)])
-
-    # -- the other threads ---------------------------------------------------
-
-    def _local_done(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
-        """The plane's own executor finished a run (on a runner thread).
-        Runners do not queue up for the lock one by one: whoever finds the
-        reporter's token free takes everything finished so far to the core
-        in one call, and the others leave their outcome for it.  With a
-        journal, the journal's writer takes them, once per commit."""
-        finished = self._finished
-        finished.append((job.id, job.run, state, item, error))
-        if self._journal is not None:
-            return self._journal.flush()
-        while finished:
-            if not self._reporter.acquire(blocking=False):
-                return  # the reporter will find ours: it looks again after it lets go
-            try:
-                batch = []
-                while finished:
-                    batch.append(finished.popleft())
-                acts, later = self._event(self.core.local_done, batch)
-            finally:
-                self._reporter.release()
-            self._carry_out(acts, later)
-
-    def _collect_finished(self) -> bool:
-        """(The journal's writer, before each commit.)  Give the core every
-        run the executor finished since; True if there were any."""
-        finished = self._finished
-        if not finished:
-            return False
-        batch = []
-        while finished:
-            batch.append(finished.popleft())
-        self._event(self.core.local_done, batch)  # its actions are the journal's now
-        return True
-
-    def _watch_pipes(self) -> None:
-        """Drop a worker the moment its connection closes."""
-        while (pipe_id := self._gone.get()) is not None:
-            self._call(self.core.conn_closed, pipe_id)
-
-    def _heartbeats(self) -> None:
-        """Receive workers' heartbeats (PUB/SUB): proof of life for workers
-        whose connection stays up while they hang."""
-        while not self._closed:
-            try:
-                data = self._hb.recv()
-            except pynng.Timeout:
-                continue
-            except pynng.Closed:
-                return
-            except Exception:  # pynng raises RuntimeError on an empty message
-                self._count_error("protocol")
-                continue
-            try:
-                msg = decode(data, self._secret)
-                if msg["op"] != "heartbeat":
-                    raise ProtocolError("not a heartbeat")
-            except FastworkerError as e:
-                self._count_error("auth" if isinstance(e, AuthenticationError) else "protocol")
-                continue
-            if self._secret is not None:  # fresh, for this boot: a recorded heartbeat keeps no one alive
-                s, n = msg.get("s"), msg.get("n")
-                if s is None or n is None or self._freshness.take(s, n, msg.get("b")) != "ok":
-                    self._count_error("replay")
-                    continue
-            self._call(self.core.heartbeat, msg["worker"]["id"])
-
-    def _housekeep(self) -> None:
-        """Tick the core at its next deadline: due timers, expired parked
-        requests, silent workers, the cache's sweep."""
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                now = self._clock()
-                acts = self.core.tick(now)
-                if not acts:
-                    self.core.timers_changed = False
-                    self._tick.wait(min(max(0.0, self.core.next_deadline() - now), MAX_SLEEP))
-                    continue
-                later = self._hand_over(acts)
-            self._carry_out(acts, later)
-
-    # -- observing ------------------------------------------------------------
-
-    def stats(self) -> dict:
-        """Counts per state and priority, workers and the result cache."""
-        with self._lock:
-            now = self._clock()
-            core = self.core.stats(now)
-        plane = {
-            "id": self.id,
-            "version": __version__,
-            "address": self.address,
-            "pid": os.getpid(),
-            "uptime": round(now - self.core.started_at, 3),
-            "rss_mb": _memory()[0],
-        }
-        core["local"]["abandoned"] = self._executor.abandoned
-        if self._journal is not None:
-            j = self._journal
-            plane["journal"] = {"path": j.path, "sync": j.sync, "commits": j.commits, "error": j.error}
-        return {"plane": plane, **core}
-
-    def tasks(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[dict]:
-        """Recent tasks, newest first: unfinished ones, then finished;
-        ``search`` is an id, or part of a name or an id."""
-        with self._lock:
-            return self.core.recent_tasks(limit, state, self._clock(), search)
-
-    def task(self, task_id: str) -> dict | None:
-        """One task's status with each of its runs (worker, times, error,
-        traceback), or None if the plane does not know it."""
-        with self._lock:
-            return self.core.task_detail(task_id, self._clock())
-
-    def worker(self, worker_id: str) -> dict | None:
-        """One worker ("plane": the plane's own slots) and the tasks it runs."""
-        with self._lock:
-            return self.core.worker_detail(worker_id, self._clock())
-
-    def names(self) -> list[dict]:
-        """Figures per task name (count, failure rate, p50/p95, last failure)."""
-        with self._lock:
-            return self.core.name_figures()
-
-    def throughput(self) -> list[list]:
-        """Tasks finished per 10 s over the last 10 minutes."""
-        with self._lock:
-            return self.core.throughput_chart(self._clock())
-
-
-###############################################################################
-# Subworker ####################################################################
-###############################################################################
-
-
-class Worker(_Role):
-    """A subworker: runs tasks the plane sends it, to add capacity.
-
-    ``Worker(...).start()`` runs in threads of this process (``stop()`` ends
-    it; it is also a context manager); ``python fastworker.py worker`` runs
-    one as a process.  It pulls work: the plane answers its requests with at
-    most ``concurrency`` tasks in flight, results travel back on the next
-    request, and heartbeats go out on PUB/SUB.  A worker whose plane goes
-    away keeps trying and resumes when a plane answers at the same address.
-
-    Args:
-        plane: the plane's address.
-        concurrency: tasks run at once: threads for plain functions, an event
-            loop for ``async def`` tasks.
-        name: shown in stats and the dashboard (default host-pid).
-        secret: shared secret for message tags (default FASTWORKER_SECRET).
-        overrun_margin: a task still running this many seconds after its time
-            limit (already reported as TaskTimeout) sets ``replace``: its
-            thread cannot be killed, so the process should be replaced
-            (``python fastworker.py worker`` re-executes itself).
-        tls_ca, tls_cert, tls_key: PEM files for a ``tls+tcp://`` plane (see
-            ``Client``).
-        log_args: put tasks' arguments in its log lines (off by default).
-    """
-
-    def __init__(
-        self,
-        plane: str = DEFAULT_ADDRESS,
-        *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        name: str | None = None,
-        secret: str | bytes | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        overrun_margin: float = 1.0,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        log_args: bool = False,
-    ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
-        _check_address(plane)
-        self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
-        self.plane = plane
-        self.concurrency = concurrency
-        self.host = socket.gethostname()
-        self.name = name or f"{self.host}-{os.getpid()}"
-        self.id = os.urandom(8).hex()
-        self.timeout = timeout
-        self.max_message_size = max_message_size
-        self.registered = threading.Event()  # set once a plane has accepted this worker
-        self.log_args = log_args
-        self._log_tasks = False  # a DEBUG line per start and finish (decided by start())
-        self.replace = threading.Event()  # set when a task overran its limit by the margin
-        self._secret = _secret_bytes(secret)
-        self._session = _Session(self._secret)
-        self._lock = threading.Lock()  # guards the job lists, counters, flags and the dialer below
-        self._wake = threading.Condition(self._lock)  # lanes wait for something to send
-        self._idle = threading.Condition(self._lock)  # stop() waits for running jobs
-        self._beat = threading.Condition(self._lock)  # the heartbeat thread waits for its next beat
-        self._running: dict[str, _Job] = {}
-        self._held: set[str] = set()  # ids of the tasks taken from the plane and not reported or handed back
-        self._done: list[bytes] = []  # RESULT items not yet sent
-        self._returned: list[str] = []  # ids of tasks handed back, not yet sent
-        self._pulls = 0  # requests for work in flight (at most two)
-        self._announce = False  # the credit changed: tell the plane
-        self._plane_id: str | None = None
-        self._registered = False
-        self._draining = False  # take no more work
-        self._stopped = False
-        self._refused = False  # the plane refused our messages (told once, at ERROR)
-        self._backoff = RETRY_PAUSE  # pause before retrying a plane that failed us; doubles
-        self._hb_address: str | None = None
-        self._hb_interval = HEARTBEAT_INTERVAL
-        self._limit = max_message_size  # the largest request it sends (the plane's limit, once it says)
-        self._sock: Any = None
-        self._dialer: Any = None
-        self._threads: list[threading.Thread] = []
-        self._executor = _Executor(
-            concurrency, self._report, max_message_size, self._begin, on_overrun=self._overrun, margin=overrun_margin
-        )
-        self._inbox = self._executor.inbox  # received, not started
-
-    def start(self) -> Worker:
-        """Connect to the plane (in the background) and start working."""
-        if self._sock is not None:
-            raise RuntimeError("the worker is already started")
-        sock = _dial(self.plane, self.max_message_size, self._tls)
-        self._dialer = sock.dialers[-1]
-        self._sock = sock
-        self._log_tasks = logger.isEnabledFor(logging.DEBUG)
-        logger.info(
-            "worker %s (%d slots) connecting to %s; tasks: %s",
-            self.name,
-            self.concurrency,
-            self.plane,
-            ", ".join(sorted(_registry)),
-        )
-        for target, name in ((self._lane, "lane"), (self._lane, "lane"), (self._heartbeat, "heartbeat")):
-            t = threading.Thread(target=target, name=f"fastworker-worker-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        self._executor.start("fastworker-worker")
-        return self
-
-    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop taking work, give running tasks ``grace`` seconds to finish,
-        hand the rest back to the plane, and close."""
-        with self._lock:
-            if self._draining or self._sock is None:
-                return
-            self._draining = self._announce = True
-            self._wake.notify_all()
-            deadline = time.monotonic() + grace
-            while self._running and time.monotonic() < deadline:
-                self._idle.wait(deadline - time.monotonic())
-            self._stopped = True
-            self._wake.notify_all()
-            self._beat.notify_all()
-        # Idle runners exit at once; one still busy past the grace is left
-        # behind (its task is handed back below, its result will be dropped).
-        self._executor.stop(time.monotonic() + 0.2)
-        with self._lock:
-            returned = self._returned + [job.id for job in self._drain_inbox()] + list(self._running)
-            results, registered = self._done, self._registered
-            self._running.clear()
-            self._done, self._returned = [], []
-        if registered:  # hand back what is left and say goodbye, briefly
-            wait = self.timeout if results or returned else min(self.timeout, 1.0)
-            try:
-                chan = _Chan(self._sock)
-                try:
-                    fields = {"worker": self.id, "credit": 0, "returned": returned, "leaving": True}
-                    _exchange(chan, self._session, "pull", wait, key="results", items=results, **fields)
-                finally:
-                    chan.close()
-            except (pynng.NNGException, FastworkerError):
-                if results or returned:
-                    logger.warning("could not hand %d task(s) back to the plane", len(returned))
-        lanes = [t for t in self._threads if t.name.endswith("lane")]
-        _close_socket(self._sock, lanes, time.monotonic() + 2.0)
-        _join(self._threads, time.monotonic() + 2.0)
-        logger.info("worker %s stopped", self.name)
-
-    def _info(self) -> dict:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "host": self.host,
-            "pid": os.getpid(),
-            "concurrency": self.concurrency,
-            "version": __version__,
-            "max_message_size": self.max_message_size,
-            "tasks": {name: spec.options for name, spec in _registry.items()},
-            "holding": sorted(self._held),
-        }
-
-    # -- talking to the plane ---------------------------------------------------
-
-    def _should_pull(self) -> bool:
-        """Keep one request parked at the plane while there is room for work;
-        send a second one when results or news wait (lock held)."""
-        news = bool(self._done or self._returned or self._announce)
-        if self._pulls == 0:
-            return news or not self._draining
-        return self._pulls == 1 and news
-
-    def _lane(self) -> None:
-        """Send a request for work carrying finished results; take the tasks
-        the reply brings."""
-        chan = _Chan(self._sock)
-        try:
-            while True:
-                with self._lock:
-                    while not self._stopped and not self._should_pull():
-                        self._wake.wait(1.0)
-                    if self._stopped:
-                        return
-                    results, returned = self._take_done(), self._returned
-                    self._returned = []
-                    self._announce = False
-                    self._pulls += 1
-                    # slots still busy with runs for a plane that is gone (it restarted) are not offered
-                    orphans = sum(1 for job in self._running.values() if job.plane != self._plane_id)
-                    credit = 0 if self._draining else max(0, self.concurrency - orphans)
-                    fields: dict[str, Any] = {"worker": self.id, "credit": credit}
-                    if not self._registered:
-                        fields["info"] = self._info()
-                    if returned:
-                        fields["returned"] = returned
-                reply = None
-                hung = False
-                try:
-                    reply = _exchange(
-                        chan, self._session, "pull", self.timeout, PULL_WAIT, key="results", items=results, **fields
-                    )
-                except pynng.Timeout:  # not connected, or the plane holds our request and says nothing
-                    hung = True
-                except pynng.Closed:
-                    return
-                except AuthenticationError as e:
-                    self._refuse(f"the plane at {self.plane} refused this worker ({e})")
-                except ProtocolError as e:  # damaged on its way: register again, so the plane learns what we hold
-                    logger.warning("dropped an answer from the plane at %s: %s", self.plane, e)
-                except (pynng.NNGException, FastworkerError) as e:
-                    logger.debug("request for work failed: %s", e)
-                if reply is not None and reply["op"] == "error":
-                    self._refuse(f"the plane at {self.plane} refused this worker: {reply['error'].get('message')}")
-                if hung:  # the plane holds our request and says nothing: start afresh
-                    self._redial()
-                first = False
-                with self._lock:
-                    self._pulls -= 1
-                    if reply is not None and reply["op"] == "tasks":
-                        self._backoff = RETRY_PAUSE
-                        first = self._accept(reply)
-                        if self._draining:
-                            self._idle.notify_all()
-                    else:  # not delivered, or delivered to a plane that is gone: keep it for the next one
-                        self._done[:0] = results
-                        self._returned[:0] = returned
-                        self._registered = False
-                        if not self._stopped:  # pause, longer each time: do not hammer a plane that is away
-                            self._wake.wait(self._backoff)
-                            self._backoff = min(2 * self._backoff, MAX_RETRY_PAUSE)
-                    self._wake.notify()
-                if first:  # (logged with no lock held)
-                    logger.info("worker %s registered with plane %s at %s", self.name, reply["plane"], self.plane)
-        finally:
-            chan.close()
-
-    def _take_done(self) -> list[bytes]:
-        """As many finished results as one request may carry: within this
-        worker's message limit and the plane's (lock held)."""
-        done, limit, size = self._done, self._limit - _BATCH_MARGIN, 0
-        for n, item in enumerate(done):
-            size += len(item) + 1
-            if size > limit and n:
-                self._done = done[n:]
-                return done[:n]
-        self._done = []
-        return done
-
-    def _refuse(self, why: str) -> None:
-        """The plane cannot read us or we cannot read it: a configuration
-        error (most likely the secret).  Say so at ERROR, once."""
-        if not self._refused:
-            self._refused = True
-            logger.error("%s; check that --secret (or FASTWORKER_SECRET) matches the plane's", why)
-
-    def _redial(self) -> None:
-        """Close the connection and dial again, so the plane sees this worker
-        go (and requeues what it had sent it) and then register anew.  When
-        both lanes find the plane hung, one of them redials."""
-        with self._lock:
-            old, self._dialer = self._dialer, None
-        if old is None:
-            return
-        logger.warning("the plane at %s stopped answering; reconnecting", self.plane)
-        new = None
-        try:
-            old.close()
-            new = self._sock.dial(self.plane, block=False)
-        except pynng.NNGException as e:
-            logger.warning("could not redial %s: %s", self.plane, e)
-        with self._lock:
-            self._dialer = new or old
-
-    def _accept(self, reply: dict) -> bool:
-        """Take a plane's reply (lock held); True if it registered this
-        worker for the first time."""
-        plane = reply["plane"]
-        if plane != self._plane_id:
-            if self._plane_id is not None:
-                dropped = self._drain_inbox()
-                self._held.clear()
-                logger.warning(
-                    "the plane changed (%s -> %s): dropped %d queued job(s)", self._plane_id, plane, len(dropped)
-                )
-            self._plane_id = plane
-        if reply.get("register"):
-            self._registered = False
-            return False
-        first = False
-        if "heartbeat" in reply:
-            self._registered = True
-            self._hb_address = reply["heartbeat"]
-            size = reply.get("max_message_size")
-            if type(size) is int and size > 0:  # what the plane takes: a request stays within it too
-                self._limit = min(self.max_message_size, size)
-            interval = reply.get("heartbeat_interval")
-            if _typed(interval, _NUM) and interval > 0:
-                self._hb_interval = min(HEARTBEAT_INTERVAL, interval)
-            self._beat.notify_all()  # announce ourselves on the new address now
-            first = not self.registered.is_set()
-            self.registered.set()
-        for t in reply["tasks"]:
-            job = _Job(t["id"], t["name"], t["args"], t["kwargs"], t.get("timeout"), t.get("run"), plane)
-            if self._draining:
-                self._returned.append(job.id)  # hand it straight back
-            else:
-                self._held.add(job.id)
-                self._inbox.put(job)
-        return first
-
-    def _heartbeat(self) -> None:
-        """Publish this worker's state every interval (PUB/SUB, may be lost)."""
-        pub, address = None, None
-        try:
-            while True:
-                with self._lock:
-                    if self._stopped:
-                        return
-                    want, interval = self._hb_address, self._hb_interval
-                    info = {"id": self.id, "name": self.name, "in_flight": len(self._running) + self._inbox.qsize()}
-                if want != address:
-                    if pub is not None:
-                        pub.close()
-                    pub, address = None, want
-                    try:
-                        pub = pynng.Pub0(tls_config=_tls_for(want, self._tls, False))
-                        pub.dial(address, block=False)
-                    except (pynng.NNGException, ValueError) as e:  # (a damaged address: the plane drops us, and
-                        logger.warning("cannot send heartbeats to %r: %s", want, e)  # we register afresh)
-                        if pub is not None:
-                            pub.close()
-                        pub = None
-                if pub is not None:
-                    try:
-                        pub.send(encode("heartbeat", self._secret, worker=info, **self._session.stamp()))
-                    except pynng.NNGException:
-                        pass
-                with self._lock:
-                    if not self._stopped:
-                        self._beat.wait(interval)
-        finally:
-            if pub is not None:
-                pub.close()
-
-    # -- running tasks ------------------------------------------------------------
-
-    def _begin(self, job: _Job) -> bool:
-        """A runner is about to start a job: too late if we are draining."""
-        with self._lock:
-            if self._draining:
-                self._returned.append(job.id)  # hand it back
-                self._held.discard(job.id)
-                self._wake.notify()
-                return False
-            self._running[job.id] = job
-        job.started = time.monotonic()
-        if self._log_tasks:
-            args = f" args={job.args!r} kwargs={job.kwargs!r}" if self.log_args else ""
-            logger.debug("task %s %s started on %s (run %s)%s", job.id, job.name, self.name, job.run, args)
-        return True
-
-    def _drain_inbox(self) -> list[_Job]:
-        """Take every job not yet started (lock held)."""
-        jobs = []
-        while True:
-            try:
-                job = self._inbox.get_nowait()
-            except queue.Empty:
-                return jobs
-            if job is not None:
-                jobs.append(job)
-
-    def _report(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
-        took = time.monotonic() - job.started
-        if error is not None:
-            args = f" args={job.args!r} kwargs={job.kwargs!r}" if self.log_args else ""
-            logger.warning("task %s %s failed on %s after %.3f s (run %s): %s: %s%s", job.id, job.name, self.name,
-                           took, job.run, error.get("type"), error.get("message"), args)  # fmt: skip
-        elif self._log_tasks:
-            logger.debug("task %s %s %s on %s in %.6f s", job.id, job.name, state, self.name, took)
-        with self._lock:
-            if self._running.pop(job.id, None) is None:
-                return  # handed back: nobody wants it
-            if job.plane != self._plane_id:  # its plane is gone: nobody wants it, but its slot is free again
-                self._announce = True
-                self._wake.notify()
-                return
-            self._held.discard(job.id)
-            self._done.append(item)
-            self._wake.notify()  # a lane sends it
-            if self._draining:
-                self._idle.notify_all()
-
-    def _overrun(self, job: _Job) -> None:
-        logger.error(
-            "task %s (%s) is still running %.1f s past its %g s limit; this worker process must be replaced",
-            job.id,
-            job.name,
-            self._executor.margin,
-            job.timeout,
-        )
-        self.replace.set()
-
-
-###############################################################################
-# Dashboard ####################################################################
+# Dashboard ###################################################################
 ###############################################################################
 
 _PAGE = """<!doctype html>
@@ -6974,21 +6212,6 @@ def _dashboard_handler() -> type:
     return _DashboardHandler
 
 
-def derived_dashboard_token(secret: str | bytes) -> str:
-    """The dashboard token a plane with this secret asks for when it is not
-    given one: derived by a one-way function (HMAC-SHA256), so that knowing
-    it (the dashboard may travel over plain HTTP) does not give the secret."""
-    return _tag(_secret_bytes(secret) or b"", b"fastworker dashboard token").hex()[:32]
-
-
-def _host_name(header: str) -> str:
-    """The name part of a Host header ("[::1]:8080" -> "::1")."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:].partition("]")[0]
-    return header.partition(":")[0]
-
-
 def _start_dashboard(plane: Plane, bind: str, insecure: bool) -> Any:
     import ipaddress
     import ssl
@@ -7058,7 +6281,1162 @@ def _start_dashboard(plane: Plane, bind: str, insecure: bool) -> Any:
 
 
 ###############################################################################
-# Built-in tasks ###############################################################
+# Control plane: the shell ####################################################
+###############################################################################
+
+
+class _PlaneShell(_Role):
+    """The control plane's I/O shell: its threads receive requests (and
+    closed connections, heartbeats, finished runs, the time), turn each into
+    an event for the core, and carry out the core's actions; with a journal,
+    they hand the actions over and commit.  ``Plane`` (below) configures it
+    (its ``__init__`` makes every attribute used here) and starts and stops
+    it."""
+
+    # -- calling the core and carrying out its actions ---------------------
+    #
+    # Two verbs: _call gives the core an event (under the lock) and carries
+    # out what it answers; _carry_out does the actions, with no lock held.
+    # With a journal, actions that depend on what is not yet on disk are
+    # handed over to it instead, and carried out by whichever thread commits
+    # (_commit): one writer at a time, grouping what accumulated meanwhile.
+
+    def _now(self) -> At:
+        return At(self._clock(), self._monotonic())
+
+    def _call(self, event: Any) -> None:
+        """Give the core an event, and carry out what it answers."""
+        acts, later = self._give(event)
+        if later:
+            self._commit()
+        else:
+            self._carry_out(acts)
+
+    def _give(self, event: Any) -> tuple[list, bool]:
+        """The core call of _call, under the lock: its actions, and whether
+        the journal took them (to carry out once committed)."""
+        with self._lock:
+            acts = self.core.handle(event, self._now())
+            if acts and type(acts[-1]) is Wake:
+                self._tick.notify()  # the housekeeper: the core's next deadline came sooner
+            if self._stopping:
+                self._drained.notify_all()
+            return acts, self._hand_over(acts)
+
+    def _hand_over(self, acts: list, always: bool = False) -> bool:
+        """With a journal, give it a core call's records together with the
+        actions that must wait for them (the lock is held, the same hold as
+        the core call, so the journal gets everything in the core's order).
+        Actions with no records of their own wait too while anything handed
+        over earlier is not carried out yet: a result another thread's call
+        produced a moment ago does not get out before it is on disk.
+        Returns whether the journal took the actions."""
+        journal = self._journal
+        if journal is None or not acts:
+            return False
+        if type(acts[0]) is Journal:
+            journal.add(acts[0].records, acts[0].counters, acts)
+            return True
+        if always or not journal.idle():
+            journal.add([], None, acts)
+            return True
+        return False
+
+    def _commit(self, wait: bool = False) -> None:
+        """Commit what the journal holds and carry out what waited for it,
+        unless another thread is committing: then that one does (it looks
+        again after each commit); with ``wait``, until everything handed
+        over before is carried out.  Before each commit, the runs the
+        plane's executor finished meanwhile go to the core, so their results
+        ride in the same commit."""
+        journal = self._journal
+        target = journal.added
+        while True:
+            self._report_finished(committing=True)
+            batch = journal.take()
+            if batch is None:
+                break
+            records, counters, queued, upto = batch
+            try:
+                journal.commit(records, counters)
+                for acts in queued:
+                    self._carry_out(acts)
+            finally:
+                journal.done(upto)
+        if wait:
+            journal.wait_for(target)
+
+    def _carry_out(self, acts: list) -> None:
+        """Carry out the core's actions, in order, with no lock held."""
+        for act in acts:
+            kind = type(act)
+            if kind is Reply:
+                chan = self._chans.pop(act.req, None)
+                if chan is not None:
+                    self._send(chan, self._encode_reply(act))
+            elif kind is Run:
+                put = self._executor.put
+                for job in act.jobs:
+                    put(job)
+            elif kind is Publish:
+                events = act.events
+                if not self._event_details:  # ids, names, states and timings only
+                    events = [{k: v for k, v in e.items() if k != "error"} for e in events]
+                data = encode("events", self._secret, events=events, b=self.boot, n=next(self._event_numbers))
+                try:
+                    self._pub.send(data)
+                except pynng.NNGException:
+                    pass  # events are best effort
+            elif kind is Cut:
+                _close_pipe(act.conn)
+            elif kind is Log:
+                logger.log(act.level, act.msg, *act.args)
+
+    def _encode_reply(self, r: Reply) -> bytes:
+        secret = self._secret
+        if secret is not None:  # bound to its request, and fresh
+            bound = self._bound.pop(r.req, None)
+            extra = {"b": self.boot} if bound is None else {"re": list(bound), "b": self.boot}
+            fields = {**extra, **r.fields}  # a "stale" error's b is a ticket
+            if r.items is None:
+                return encode(r.op, secret, plane=self.id, **fields)
+            return encode_batch(r.op, r.op, r.items, secret, plane=self.id, boot=self.boot, **fields)
+        if r.items is None:
+            return encode(r.op, None, plane=self.id, **r.fields)
+        if not r.items and not r.fields:
+            return self._no_results if r.op == "results" else self._no_tasks
+        if r.op == "results":
+            return encode_batch(r.op, r.op, r.items, None, plane=self.id, boot=self.boot, **r.fields)
+        return encode_batch(r.op, r.op, r.items, None, plane=self.id, **r.fields)
+
+    def _send(self, chan: _Chan, data: bytes) -> None:
+        """Answer a request (from any thread) and recycle its context."""
+        try:
+            chan.send(data, 1.0 if self._stopping else 5.0)
+        except pynng.NNGException:
+            self._count_error("send")
+            chan.close()
+            return
+        self._recycle(chan)
+
+    def _recycle(self, chan: _Chan) -> None:
+        """Keep an idle context for the next request; once the plane closes,
+        close it instead (never leave one to be collected after its socket)."""
+        if len(self._free) >= 64 or self._closed:
+            return chan.close()
+        self._free.append(chan)
+        if self._closed:  # stop() may have emptied the pool just before
+            self._drain_free()
+
+    def _drain_free(self) -> None:
+        while True:
+            try:
+                self._free.pop().close()
+            except IndexError:
+                return
+
+    def _count_error(self, kind: str) -> None:
+        with self._lock:
+            self._errors[kind] += 1
+
+    # -- receiving requests -------------------------------------------------
+
+    def _serve(self) -> None:
+        """Receive requests on contexts; each is answered by whoever the core
+        tells to (at once, or later if it parks it)."""
+        free, chans = self._free, self._chans
+        chan = None
+        try:
+            while not self._closed:
+                try:
+                    chan = free.pop()
+                except IndexError:
+                    chan = _Chan(self._sock)
+                try:
+                    data, pipe = chan.recv(1.0)
+                except pynng.Timeout:
+                    self._recycle(chan)
+                    chan = None
+                    continue
+                except pynng.Closed:
+                    raise
+                except pynng.NNGException as e:  # whatever arrived, the receiver goes on
+                    if self._closed:
+                        raise pynng.Closed("closed", 0) from None
+                    self._count_error("protocol")
+                    logger.debug("plane receiver: %s", e)
+                    chan.close()
+                    chan = None
+                    continue
+                h = next(self._handles)
+                chans[h] = chan
+                chan = None
+                self._handle(h, data, pipe)
+        except pynng.Closed:
+            pass
+        finally:
+            if chan is not None:
+                chan.close()
+
+    def _handle(self, h: int, data: bytes, pipe: int) -> None:
+        """One request: decode it, give it to the core, perform the outcome;
+        a bad one gets an error reply and is counted."""
+        try:
+            if len(data) > self.max_message_size:
+                raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_size}")
+            msg = decode(data, self._secret)
+            if self._secret is not None and not self._fresh(h, msg):
+                return
+            self._request(request_event(msg, h, pipe))
+        except AuthenticationError as e:  # answered without a tag: whoever sent it can read why
+            self._count_error("auth")
+            chan = self._chans.pop(h, None)
+            if chan is not None:
+                self._send(chan, encode("error", None, error=_error("auth", "AuthenticationError", str(e))))
+            return
+        except ProtocolError as e:
+            kind, err = "protocol", _error("protocol", "ProtocolError", str(e))
+            if e.stamp is not None:
+                self._bound[h] = e.stamp
+        except Exception as e:
+            logger.exception("internal error while serving a request")
+            kind, err = "internal", _error("internal", type(e).__name__, str(e))
+        else:
+            return
+        self._count_error(kind)
+        self._carry_out([Reply(h, "error", {"error": err}, None)])
+
+    def _fresh(self, h: int, msg: dict) -> bool:
+        """With a secret: is this request fresh?  Its reply is bound to it
+        whatever the answer; a stale or replayed one is answered with an
+        error here."""
+        s, n = msg.get("s"), msg.get("n")
+        if s is None or n is None:
+            raise ProtocolError("a signed request must carry its session and number ('s', 'n')")
+        self._bound[h] = (s, n)
+        verdict = self._freshness.take(s, n, msg.get("b"))
+        if verdict == "ok":
+            return True
+        if verdict == "stale":  # it has no ticket of this boot yet (or an old message is sent again): here is one
+            err = _error("stale", "StaleBoot", "send again with this ticket of the plane's boot")
+            fields = {"error": err, "b": self._freshness.ticket()}
+        else:
+            self._count_error("replay")
+            fields = {"error": _error("protocol", "ProtocolError", "a message already taken, or too old: dropped")}
+        self._carry_out([Reply(h, "error", fields, None)])
+        return False
+
+    def _request(self, ev: Any) -> None:
+        """A request for the core.  A long status, fetch or cancel, and a
+        purge, go to the core a piece at a time (others get the lock in
+        between); stats and hello get what only the shell knows."""
+        kind = type(ev)
+        if kind is Status and len(ev.ids) > QUERY_CHUNK:
+            statuses = self._in_pieces(self.core.statuses, ev.ids)
+            return self._call(Answer(ev.req, "statuses", {"statuses": statuses}, None))
+        if kind is Fetch and len(ev.ids) > QUERY_CHUNK:  # (answered at once)
+            return self._call(Answer(ev.req, "results", _NOTHING, self._in_pieces(self.core.fetch_items, ev.ids)))
+        if kind is Cancel and len(ev.ids) > CANCEL_CHUNK:
+            cancelled = self._cancel_in_pieces(ev.ids, False)
+            return self._call(Answer(ev.req, "cancelled", {"ids": cancelled}, None))
+        if kind is Purge:
+            with self._lock:
+                ids = self.core.queued_ids(ev.priority)
+            return self._call(Answer(ev.req, "purged", {"count": len(self._cancel_in_pieces(ids, True))}, None))
+        if kind is Stats:
+            ev = ev._replace(shell=self._shell_facts())
+        elif kind is Hello:
+            ev = ev._replace(fields={"version": __version__, "events": self.events_address,
+                                     "heartbeats": self.heartbeat_address})  # fmt: skip
+        elif kind is Pull and ev.info is not None:  # it registers: where does it connect from?
+            ev.info["address"] = self._remote_address(ev.conn)
+        self._call(ev)
+
+    def _in_pieces(self, query: Callable[[list, At], list], ids: list) -> list:
+        """A read-only query of the core over many ids, QUERY_CHUNK at a time
+        under the lock, so that others get it in between."""
+        out: list = []
+        for i in range(0, len(ids), QUERY_CHUNK):
+            with self._lock:
+                out += query(ids[i : i + QUERY_CHUNK], self._now())
+        return out
+
+    def _cancel_in_pieces(self, ids: list, only_queued: bool) -> list:
+        cancelled: list = []
+        for i in range(0, len(ids), CANCEL_CHUNK):
+            self._call(Cancel(None, ids[i : i + CANCEL_CHUNK], cancelled, only_queued))
+        return cancelled
+
+    def _remote_address(self, pipe_id: int) -> str | None:
+        """The IP address a connection comes from (shown with its worker)."""
+        try:
+            for p in self._sock.pipes:
+                if p.id == pipe_id:
+                    return str(p.remote_address).rpartition(":")[0].strip("[]")
+        except (pynng.NNGException, AttributeError, ValueError):
+            pass
+        return None
+
+    # -- the other threads ---------------------------------------------------
+
+    def _local_done(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
+        """The plane's own executor finished a run (on a runner thread).
+        Runners do not queue up for the lock one by one: whoever finds the
+        reporter's token free takes everything finished so far to the core
+        in one call, and the others leave their outcome for it.  With a
+        journal, the writer takes them, once per commit."""
+        self._finished.append((job.id, job.run, state, item, error))
+        if self._journal is not None:
+            return self._commit()
+        while self._finished:
+            if not self._reporter.acquire(blocking=False):
+                return  # the reporter will find ours: it looks again after it lets go
+            try:
+                self._report_finished()
+            finally:
+                self._reporter.release()
+
+    def _report_finished(self, committing: bool = False) -> None:
+        """Give the core every run the executor finished since (with a
+        journal their actions are the journal's: the thread that commits
+        carries them out, and ``committing`` says it is this one)."""
+        finished, batch = self._finished, []
+        while finished:
+            batch.append(finished.popleft())
+        if batch:
+            acts, later = self._give(LocalDone(batch))
+            if not later:
+                self._carry_out(acts)
+            elif not committing:
+                self._commit()
+
+    def _watch_pipes(self) -> None:
+        """Drop a worker the moment its connection closes."""
+        while (pipe_id := self._gone.get()) is not None:
+            self._call(ConnClosed(pipe_id))
+
+    def _heartbeats(self) -> None:
+        """Receive workers' heartbeats (PUB/SUB): proof of life for workers
+        whose connection stays up while they hang."""
+        while not self._closed:
+            try:
+                data = self._hb.recv()
+            except pynng.Timeout:
+                continue
+            except pynng.Closed:
+                return
+            except Exception:  # pynng raises RuntimeError on an empty message
+                self._count_error("protocol")
+                continue
+            try:
+                msg = decode(data, self._secret)
+                if msg["op"] != "heartbeat":
+                    raise ProtocolError("not a heartbeat")
+            except FastworkerError as e:
+                self._count_error("auth" if isinstance(e, AuthenticationError) else "protocol")
+                continue
+            if self._secret is not None:  # fresh, for this boot: a recorded heartbeat keeps no one alive
+                s, n = msg.get("s"), msg.get("n")
+                if s is None or n is None or self._freshness.take(s, n, msg.get("b")) != "ok":
+                    self._count_error("replay")
+                    continue
+            self._call(Heartbeat(msg["worker"]["id"]))
+
+    def _housekeep(self) -> None:
+        """Tick the core at its next deadline: due timers, expired parked
+        requests, silent workers, the cache's sweep.  (It wakes at least
+        every MAX_SLEEP seconds, so a step of the wall clock is seen.)"""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = self._now()
+                acts = self.core.handle(TICK, now)
+                if not acts or acts == [_WAKE]:
+                    self._tick.wait(min(self.core.next_deadline(now), MAX_SLEEP))
+                    continue
+                later = self._hand_over(acts)
+            if later:
+                self._commit()
+            else:
+                self._carry_out(acts)
+
+    # -- observing ------------------------------------------------------------
+
+    def _shell_facts(self) -> dict:
+        """What the statistics hold that only the shell knows."""
+        plane = {"id": self.id, "version": __version__, "address": self.address, "pid": os.getpid(),
+                 "rss_mb": _memory()[0]}  # fmt: skip
+        if self._journal is not None:
+            j = self._journal
+            plane["journal"] = {"path": j.path, "sync": j.sync, "commits": j.commits, "error": j.error}
+        with self._lock:
+            errors = dict(self._errors)
+        return {"plane": plane, "errors": errors, "abandoned": self._executor.abandoned}
+
+
+###############################################################################
+# Control plane ###############################################################
+###############################################################################
+
+
+class Plane(_PlaneShell):
+    """The control plane: queue, dispatch, result cache, dashboard.
+
+    ``Plane(...).start()`` serves in background threads of this process
+    (``stop()`` ends it; it is also a context manager);
+    ``python fastworker.py plane`` runs one as a process.  It runs tasks
+    itself on ``concurrency`` slots when no connected subworker knows them,
+    and dispatches every other task to the least-loaded subworker.
+
+    This class is the I/O shell around ``PlaneCore``: its threads receive
+    and decode messages, call the core under one lock, and send what the
+    core answers.
+
+    Args:
+        listen: address clients and workers connect to (port 0 picks one;
+            ``address`` has the real one after ``start()``).
+        dashboard: ``"host:port"`` for the web dashboard, or None for none.
+        concurrency: slots for the tasks the plane runs itself.
+        result_cache_size, result_cache_ttl: how many finished results are
+            kept, and for how many seconds.
+        heartbeat_timeout: seconds of silence after which a worker is dead.
+        max_message_size: largest message accepted, in bytes.
+        retry_backoff: seconds before the first retry; doubles each time.
+        reap_interval: seconds between sweeps of expired results.
+        secret: shared secret for message tags (default FASTWORKER_SECRET).
+        insecure: allow a non-loopback address without a secret.
+        receivers: threads receiving requests.
+        clock: the wall clock, seconds since the epoch (default
+            ``time.time``): it decides what belongs to the calendar (ETAs,
+            periodic tasks) and the times a status shows.
+        monotonic: the clock of every deadline (heartbeats, parked
+            requests, delays, retries, debounce, rates, the cache's TTL;
+            default ``time.monotonic``), so that a step of the wall clock
+            moves nothing but the calendar.
+        journal: path of an SQLite file where accepted work, its progress
+            and cached results are kept, so that they survive a crash and a
+            restart of the plane (None: keep nothing on disk).
+        journal_sync: "normal" (survives a crash of the plane process; the
+            last commits may be lost if the machine loses power) or "full"
+            (survives power loss too; slower).
+        event_details: with a secret, completion events carry ids, names,
+            states and timings only; True adds the error texts.
+        tls_cert, tls_key, tls_ca: PEM files for a ``tls+tcp://`` address
+            (and HTTPS for the dashboard): the plane's certificate and key,
+            and a CA whose certificate every client and worker must show
+            (mutual TLS), if given.
+        dashboard_token: what the dashboard asks for (bearer token or basic
+            auth password).  Default: none without a secret; with one, a
+            token derived from it by a one-way function
+            (``derived_dashboard_token``),
+            never the secret itself.
+        log_args: log tasks' arguments (in DEBUG lines and failures) and show
+            them on the dashboard's task pages.  Off by default: arguments
+            often carry what should not be in a log.
+        max_queued: refuse a submission that would make more than this many
+            tasks wait (queued or scheduled): its future fails at once with
+            ``QueueFull`` (None: no limit).
+        events_listen, heartbeat_listen: where the completion events and the
+            workers' heartbeats are received.  Default: the host of
+            ``listen``, its port + 1 and + 2 (any port if ``listen`` asks
+            for port 0).  Clients and workers learn them from the plane.
+    """
+
+    def __init__(
+        self,
+        listen: str = DEFAULT_ADDRESS,
+        *,
+        dashboard: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        result_cache_size: int = DEFAULT_CACHE_SIZE,
+        result_cache_ttl: float = DEFAULT_CACHE_TTL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+        reap_interval: float = REAP_INTERVAL,
+        secret: str | bytes | None = None,
+        insecure: bool = False,
+        receivers: int = 2,
+        clock: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] | None = None,
+        journal: str | None = None,
+        journal_sync: str = "normal",
+        event_details: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        dashboard_token: str | None = None,
+        log_args: bool = False,
+        max_queued: int | None = None,
+        events_listen: str | None = None,
+        heartbeat_listen: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        for extra in (events_listen, heartbeat_listen):
+            if extra is not None:
+                _check_address(extra)
+        if max_queued is not None and not 0 <= max_queued <= 10**9:
+            raise ValueError(f"max_queued must be a number of tasks >= 0, not {max_queued!r}")
+        _check_size(max_message_size)
+        if not (0 < heartbeat_timeout <= MAX_TIMEOUT and 0 <= retry_backoff <= MAX_BACKOFF and reap_interval > 0):
+            raise ValueError("heartbeat_timeout and reap_interval must be > 0, retry_backoff >= 0")
+        _check_address(listen)
+        self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
+        self._secret = _secret_bytes(secret)
+        if dashboard_token is None and self._secret is not None:
+            dashboard_token = derived_dashboard_token(self._secret)
+        self.dashboard_token = dashboard_token or None
+        if listen.startswith("tls+tcp://"):
+            self._tls.config(True)  # refuse missing files now
+        self._journal = _Journal(journal, journal_sync) if journal else None
+        self.listen = listen
+        self.dashboard = dashboard
+        self.concurrency = concurrency
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_message_size = max_message_size
+        self.insecure = insecure
+        self.id = os.urandom(8).hex()  # kept across restarts with a journal
+        self.boot = os.urandom(4).hex()  # new for every start: clients learn that they may have missed results
+        self.address: str | None = None  # the real addresses, set by start()
+        self.dashboard_url: str | None = None
+        self.events_address: str | None = None
+        self.heartbeat_address: str | None = None
+        self.events_listen, self.heartbeat_listen = events_listen, heartbeat_listen
+        self._clock = clock or time.time
+        self._monotonic = monotonic or time.monotonic
+        self._receivers = receivers
+        self.core = PlaneCore(
+            self.id,
+            _registry,
+            self._now(),
+            concurrency=concurrency,
+            result_cache_size=result_cache_size,
+            result_cache_ttl=result_cache_ttl,
+            heartbeat_timeout=heartbeat_timeout,
+            retry_backoff=retry_backoff,
+            reap_interval=reap_interval,
+            journaling=journal is not None,
+            log_args=log_args,
+            max_queued=max_queued,
+        )
+        self._lock = threading.Lock()  # guards the core: every call into it, and nothing else
+        self._tick = threading.Condition(self._lock)  # the housekeeper waits for the core's next deadline
+        self._drained = threading.Condition(self._lock)  # stop() waits for running tasks, then for clients
+        self._no_results = self._no_tasks = b""  # the empty unsigned replies, encoded once by start()
+        self._errors = {"protocol": 0, "auth": 0, "replay": 0, "send": 0}  # requests the shell refused (the lock)
+        # Request handles the core knows -> their contexts, until answered.
+        # Single dict operations are atomic, so no lock: a handle is added
+        # before the core can hear of it and popped by the one who answers.
+        self._chans: dict[int, _Chan] = {}
+        self._bound: dict[int, tuple] = {}  # with a secret: request handle -> (s, n), for its reply (same rule)
+        self._freshness = _Freshness(self.boot)
+        self._event_details = event_details or self._secret is None
+        self._event_numbers = itertools.count(1)
+        self._handles = itertools.count(1)
+        self._free: collections.deque = collections.deque()  # idle _Chans (deque ops are atomic)
+        self._gone: queue.SimpleQueue = queue.SimpleQueue()  # ids of pipes that closed
+        self._executor = _Executor(concurrency, self._local_done, max_message_size, prioritized=journal is not None)
+        self._finished: collections.deque = collections.deque()  # runs the executor finished, not yet reported
+        self._reporter = threading.Lock()  # held by the one runner taking _finished to the core (never across I/O)
+        self._stopping = False  # no new work; running tasks may finish
+        self._closed = False  # threads exit
+        self._threads: list[threading.Thread] = []
+        self._sock: Any = None
+        self._pub: Any = None
+        self._hb: Any = None
+        self._http: Any = None  # the dashboard's ThreadingHTTPServer
+
+    # -- lifetime ---------------------------------------------------------
+
+    def start(self) -> Plane:
+        """Bind the sockets and start serving; returns self."""
+        if self._sock is not None:
+            raise RuntimeError("the plane is already started")
+        _require_pynng()
+        _check_exposure(self.listen, self._secret or bool(self._tls.ca), self.insecure, "plane")
+        if self._journal is not None:
+            saved = self._journal.open()  # JournalError: one clear line, nothing touched
+            try:
+                with self._lock:  # handed over before anything can be served: the journal keeps this first
+                    self._hand_over(self.core.handle(Restore(saved), self._now()), always=True)
+                self._journal.accept()
+            except JournalError as e:
+                self._journal.close()
+                raise JournalError(f"journal {self._journal.path} {e}") from None
+            except BaseException:
+                self._journal.close()
+                raise
+            self.id = self.core.id  # a plane keeps its identity across restarts
+        # the empty replies never change: encode them once
+        self._no_results = encode_batch("results", "results", [], None, plane=self.id, boot=self.boot)
+        self._no_tasks = encode_batch("tasks", "tasks", [], None, plane=self.id)
+        tls = _tls_for(self.listen, self._tls, True)  # the same for every socket of the plane
+        sock = pynng.Rep0(recv_max_size=2 * self.max_message_size, tls_config=tls)
+        # NNG calls this on its own thread with a socket lock held: hand the
+        # pipe id over and return at once.
+        sock.add_post_pipe_remove_cb(lambda pipe: self._gone.put(pipe.id))
+        opened = [sock]
+        try:
+            _listen(sock, self.listen, "--listen")
+            self.address = _real_address(sock, self.listen)
+            self._pub = pub = pynng.Pub0(tls_config=tls)
+            opened.append(pub)
+            pub.add_post_pipe_connect_cb(lambda pipe: self._call(Subscribed(1)))
+            pub.add_post_pipe_remove_cb(lambda pipe: self._call(Subscribed(-1)))
+            where = self.events_listen or _sibling_address(self.listen, self.address, 1, "events")
+            _listen(pub, where, "--events-listen")
+            self.events_address = _real_address(pub, where)
+            self._hb = hb = pynng.Sub0(recv_timeout=1000, recv_max_size=HEARTBEAT_MAX_SIZE, tls_config=tls)
+            opened.append(hb)
+            hb.subscribe(b"")
+            where = self.heartbeat_listen or _sibling_address(self.listen, self.address, 2, "heartbeat")
+            _listen(hb, where, "--heartbeat-listen")
+            self.heartbeat_address = _real_address(hb, where)
+            if self.dashboard:
+                try:
+                    self._http = _start_dashboard(self, self.dashboard, self.insecure)
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise
+                    raise AddressInUse(f"dashboard address {self.dashboard} is in use: is another plane running? "
+                                       "Stop it, or pick another with --dashboard HOST:PORT (or off)") from None  # fmt: skip
+                host, port = self._http.server_address[:2]
+                scheme = "https" if self._tls.cert and self._tls.key else "http"
+                self.dashboard_url = f"{scheme}://{host}:{port}/"
+        except BaseException:
+            for s in opened:
+                s.close()
+            if self._journal is not None:
+                self._journal.close()
+            raise
+        self._call(Listening(self.heartbeat_address, self.max_message_size))
+        self._sock = sock
+        spawn = [(self._serve, "receiver")] * self._receivers
+        spawn += [(self._housekeep, "housekeeper"), (self._heartbeats, "heartbeats"), (self._watch_pipes, "pipes")]
+        if self._http is not None:
+            spawn.append((self._http.serve_forever, "dashboard"))
+        for target, name in spawn:
+            t = threading.Thread(target=target, name=f"fastworker-plane-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._executor.start("fastworker-plane")
+        if self._journal is not None:
+            self._commit(wait=True)  # what the restore changed, then its runs
+        logger.info(
+            "plane %s listening on %s (events %s, heartbeats %s); tasks it runs itself: %s",
+            self.id,
+            self.address,
+            self.events_address,
+            self.heartbeat_address,
+            ", ".join(sorted(_registry)),
+        )
+        if self.dashboard_url:
+            derived = self._secret is not None and self.dashboard_token == derived_dashboard_token(self._secret)
+            logger.info(
+                "dashboard on %s%s",
+                self.dashboard_url,
+                f" (token derived from the secret: {self.dashboard_token})" if derived else "",
+            )
+        return self
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop taking work, give running tasks ``grace`` seconds to finish
+        and deliver their results, then close everything."""
+        with self._lock:
+            if self._stopping or self._sock is None:
+                return
+            self._stopping = True
+        self._call(Stop())
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while self.core.running() and time.monotonic() < deadline:
+                self._drained.wait(deadline - time.monotonic())
+        self._call(Close())
+        if self._journal is not None:
+            self._commit(wait=True)  # the last results are out before the plane lingers
+        linger = time.monotonic() + LINGER  # clients between polls come back for their last word
+        with self._lock:
+            while self.core.undelivered() and time.monotonic() < linger:
+                self._drained.wait(linger - time.monotonic())
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        with self._lock:
+            self._closed = True
+            self._tick.notify_all()
+        self._gone.put(None)
+        self._executor.stop(time.monotonic() + 1.0)  # (its last replies still go out)
+        users = [t for t in self._threads if not t.name.endswith("heartbeats")]  # (who may answer a request)
+        _close_socket(self._sock, users, time.monotonic() + grace)  # with the requests too late to answer
+        for s in (self._pub, self._hb):
+            s.close()  # wakes the heartbeat receiver
+        _join(self._threads, time.monotonic() + grace)
+        self._drain_free()
+        self._chans.clear()
+        self._bound.clear()
+        if self._journal is not None:
+            self._journal.close()
+        logger.info("plane %s stopped", self.id)
+
+    def stats(self) -> dict:
+        """Counts per state and priority, workers and the result cache."""
+        shell = self._shell_facts()
+        with self._lock:
+            return self.core.stats(self._now(), shell)
+
+    def tasks(self, limit: int = 50, state: str | None = None, search: str | None = None) -> list[dict]:
+        """Recent tasks, newest first: unfinished ones, then finished;
+        ``search`` is an id, or part of a name or an id."""
+        with self._lock:
+            return self.core.recent_tasks(limit, state, self._now(), search)
+
+    def task(self, task_id: str) -> dict | None:
+        """One task's status with each of its runs (worker, times, error,
+        traceback), or None if the plane does not know it."""
+        with self._lock:
+            return self.core.task_detail(task_id, self._now())
+
+    def worker(self, worker_id: str) -> dict | None:
+        """One worker ("plane": the plane's own slots) and the tasks it runs."""
+        with self._lock:
+            return self.core.workers.detail(worker_id, self._now())
+
+    def names(self) -> list[dict]:
+        """Figures per task name (count, failure rate, p50/p95, last failure)."""
+        with self._lock:
+            return self.core.figures.summaries()
+
+    def throughput(self) -> list[list]:
+        """Tasks finished per 10 s over the last 10 minutes."""
+        with self._lock:
+            return self.core.figures.chart(self._now())
+
+
+###############################################################################
+# Subworker ###################################################################
+###############################################################################
+
+
+class Worker(_Role):
+    """A subworker: runs tasks the plane sends it, to add capacity.
+
+    ``Worker(...).start()`` runs in threads of this process (``stop()`` ends
+    it; it is also a context manager); ``python fastworker.py worker`` runs
+    one as a process.  It pulls work: the plane answers its requests with at
+    most ``concurrency`` tasks in flight, results travel back on the next
+    request, and heartbeats go out on PUB/SUB.  A worker whose plane goes
+    away keeps trying and resumes when a plane answers at the same address.
+
+    Args:
+        address: the plane's address (``plane=``, its old name, works too).
+        concurrency: tasks run at once: threads for plain functions, an event
+            loop for ``async def`` tasks.
+        name: shown in stats and the dashboard (default host-pid).
+        secret: shared secret for message tags (default FASTWORKER_SECRET).
+        overrun_margin: a task still running this many seconds after its time
+            limit (already reported as TaskTimeout) sets ``replace``: its
+            thread cannot be killed, so the process should be replaced
+            (``python fastworker.py worker`` re-executes itself).
+        tls_cert, tls_key, tls_ca: PEM files for a ``tls+tcp://`` plane (see
+            ``Client``).
+        log_args: put tasks' arguments in its log lines (off by default).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        name: str | None = None,
+        secret: str | bytes | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        overrun_margin: float = 1.0,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        log_args: bool = False,
+        plane: str | None = None,
+    ) -> None:
+        if plane is not None:  # (its name before 0.2: every role now calls the plane's address "address")
+            address = plane
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+        _check_address(address)
+        _check_size(max_message_size)
+        self._tls = TLSFiles(tls_cert, tls_key, tls_ca)
+        self.address = address
+        self.concurrency = concurrency
+        self.host = socket.gethostname()
+        self.name = name or f"{self.host}-{os.getpid()}"
+        self.id = os.urandom(8).hex()
+        self.timeout = timeout
+        self.max_message_size = max_message_size
+        self.registered = threading.Event()  # set once a plane has accepted this worker
+        self.log_args = log_args
+        self._log_tasks = False  # a DEBUG line per start and finish (decided by start())
+        self.replace = threading.Event()  # set when a task overran its limit by the margin
+        self._secret = _secret_bytes(secret)
+        self._session = _Session(self._secret)
+        self._lock = threading.Lock()  # guards the job lists, counters, flags and the dialer below
+        self._wake = threading.Condition(self._lock)  # lanes wait for something to send
+        self._idle = threading.Condition(self._lock)  # stop() waits for running jobs
+        self._beat = threading.Condition(self._lock)  # the heartbeat thread waits for its next beat
+        self._running: dict[str, _Job] = {}
+        self._held: set[str] = set()  # ids of the tasks taken from the plane and not reported or handed back
+        self._done: list[bytes] = []  # RESULT items not yet sent
+        self._returned: list[str] = []  # ids of tasks handed back, not yet sent
+        self._pulls = 0  # requests for work in flight (at most two)
+        self._announce = False  # the credit changed: tell the plane
+        self._plane_id: str | None = None
+        self._registered = False
+        self._draining = False  # take no more work
+        self._stopped = False
+        self._refused = False  # the plane refused our messages (told once, at ERROR)
+        self._backoff = RETRY_PAUSE  # pause before retrying a plane that failed us; doubles
+        self._hb_address: str | None = None
+        self._hb_interval = HEARTBEAT_INTERVAL
+        self._limit = max_message_size  # the largest request it sends (the plane's limit, once it says)
+        self._sock: Any = None
+        self._dialer: Any = None
+        self._threads: list[threading.Thread] = []
+        self._executor = _Executor(
+            concurrency, self._report, max_message_size, self._begin, on_overrun=self._overrun, margin=overrun_margin
+        )
+        self._inbox = self._executor.inbox  # received, not started
+
+    def start(self) -> Worker:
+        """Connect to the plane (in the background) and start working."""
+        if self._sock is not None:
+            raise RuntimeError("the worker is already started")
+        sock = _dial(self.address, self.max_message_size, self._tls)
+        self._dialer = sock.dialers[-1]
+        self._sock = sock
+        self._log_tasks = logger.isEnabledFor(logging.DEBUG)
+        logger.info(
+            "worker %s (%d slots) connecting to %s; tasks: %s",
+            self.name,
+            self.concurrency,
+            self.address,
+            ", ".join(sorted(_registry)),
+        )
+        for target, name in ((self._lane, "lane"), (self._lane, "lane"), (self._heartbeat, "heartbeat")):
+            t = threading.Thread(target=target, name=f"fastworker-worker-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._executor.start("fastworker-worker")
+        return self
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop taking work, give running tasks ``grace`` seconds to finish,
+        hand the rest back to the plane, and close."""
+        with self._lock:
+            if self._draining or self._sock is None:
+                return
+            self._draining = self._announce = True
+            self._wake.notify_all()
+            deadline = time.monotonic() + grace
+            while self._running and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+            self._stopped = True
+            self._wake.notify_all()
+            self._beat.notify_all()
+        # The jobs not started go back first, then every runner gets its stop
+        # token: an idle one exits at once; one still busy past the grace
+        # finds its token when its task ends (its task is handed back below,
+        # its result will be dropped).
+        with self._lock:
+            waiting = self._drain_inbox()
+        self._executor.stop(time.monotonic() + 0.2)
+        with self._lock:
+            returned = self._returned + [job.id for job in waiting + self._drain_inbox()] + list(self._running)
+            results, registered = self._done, self._registered
+            self._running.clear()
+            self._done, self._returned = [], []
+        if registered:  # hand back what is left and say goodbye, briefly
+            wait = self.timeout if results or returned else min(self.timeout, 1.0)
+            try:
+                chan = _Chan(self._sock)
+                try:
+                    fields = {"worker": self.id, "credit": 0, "returned": returned, "leaving": True}
+                    _exchange(chan, self._session, "pull", wait, key="results", items=results, **fields)
+                finally:
+                    chan.close()
+            except (pynng.NNGException, FastworkerError):
+                if results or returned:
+                    logger.warning("could not hand %d task(s) back to the plane", len(returned))
+        lanes = [t for t in self._threads if t.name.endswith("lane")]
+        _close_socket(self._sock, lanes, time.monotonic() + 2.0)
+        _join(self._threads, time.monotonic() + 2.0)
+        logger.info("worker %s stopped", self.name)
+
+    def _info(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "host": self.host,
+            "pid": os.getpid(),
+            "concurrency": self.concurrency,
+            "version": __version__,
+            "max_message_size": self.max_message_size,
+            "tasks": {name: spec.options for name, spec in _registry.items()},
+            "holding": sorted(self._held),
+        }
+
+    # -- talking to the plane ---------------------------------------------------
+
+    def _should_pull(self) -> bool:
+        """Keep one request parked at the plane while there is room for work;
+        send a second one when results or news wait (lock held)."""
+        news = bool(self._done or self._returned or self._announce)
+        if self._pulls == 0:
+            return news or not self._draining
+        return self._pulls == 1 and news
+
+    def _lane(self) -> None:
+        """Send a request for work carrying finished results; take the tasks
+        the reply brings."""
+        chan = _Chan(self._sock)
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and not self._should_pull():
+                        self._wake.wait(1.0)
+                    if self._stopped:
+                        return
+                    results, returned = self._take_done(), self._returned
+                    self._returned = []
+                    self._announce = False
+                    self._pulls += 1
+                    # slots still busy with runs for a plane that is gone (it restarted) are not offered
+                    orphans = sum(1 for job in self._running.values() if job.plane != self._plane_id)
+                    credit = 0 if self._draining else max(0, self.concurrency - orphans)
+                    fields: dict[str, Any] = {"worker": self.id, "credit": credit}
+                    if not self._registered:
+                        fields["info"] = self._info()
+                    if returned:
+                        fields["returned"] = returned
+                reply = None
+                hung = False
+                try:
+                    reply = _exchange(
+                        chan, self._session, "pull", self.timeout, PULL_WAIT, key="results", items=results, **fields
+                    )
+                except pynng.Timeout:  # not connected, or the plane holds our request and says nothing
+                    hung = True
+                except pynng.Closed:
+                    return
+                except AuthenticationError as e:
+                    self._refuse(f"the plane at {self.address} refused this worker ({e})")
+                except ProtocolError as e:  # damaged on its way: register again, so the plane learns what we hold
+                    logger.warning("dropped an answer from the plane at %s: %s", self.address, e)
+                except (pynng.NNGException, FastworkerError) as e:
+                    logger.debug("request for work failed: %s", e)
+                if reply is not None and reply["op"] == "error":
+                    self._refuse(f"the plane at {self.address} refused this worker: {reply['error'].get('message')}")
+                if hung:  # the plane holds our request and says nothing: start afresh
+                    self._redial()
+                first = False
+                with self._lock:
+                    self._pulls -= 1
+                    if reply is not None and reply["op"] == "tasks":
+                        self._backoff = RETRY_PAUSE
+                        first = self._accept(reply)
+                        if self._draining:
+                            self._idle.notify_all()
+                    else:  # not delivered, or delivered to a plane that is gone: keep it for the next one
+                        self._done[:0] = results
+                        self._returned[:0] = returned
+                        self._registered = False
+                        if not self._stopped:  # pause, longer each time: do not hammer a plane that is away
+                            self._wake.wait(self._backoff)
+                            self._backoff = min(2 * self._backoff, MAX_RETRY_PAUSE)
+                    self._wake.notify()
+                if first:  # (logged with no lock held)
+                    logger.info("worker %s registered with plane %s at %s", self.name, reply["plane"], self.address)
+        finally:
+            chan.close()
+
+    def _take_done(self) -> list[bytes]:
+        """As many finished results as one request may carry: within this
+        worker's message limit and the plane's (lock held)."""
+        done, limit, size = self._done, self._limit - _BATCH_MARGIN, 0
+        for n, item in enumerate(done):
+            size += len(item) + 1
+            if size > limit and n:
+                self._done = done[n:]
+                return done[:n]
+        self._done = []
+        return done
+
+    def _refuse(self, why: str) -> None:
+        """The plane cannot read us or we cannot read it: a configuration
+        error (most likely the secret).  Say so at ERROR, once."""
+        if not self._refused:
+            self._refused = True
+            logger.error("%s; check that --secret (or FASTWORKER_SECRET) matches the plane's", why)
+
+    def _redial(self) -> None:
+        """Close the connection and dial again, so the plane sees this worker
+        go (and requeues what it had sent it) and then register anew.  When
+        both lanes find the plane hung, one of them redials."""
+        with self._lock:
+            old, self._dialer = self._dialer, None
+        if old is None:
+            return
+        logger.warning("the plane at %s stopped answering; reconnecting", self.address)
+        new = None
+        try:
+            old.close()
+            new = self._sock.dial(self.address, block=False)
+        except pynng.NNGException as e:
+            logger.warning("could not redial %s: %s", self.address, e)
+        with self._lock:
+            self._dialer = new or old
+
+    def _accept(self, reply: dict) -> bool:
+        """Take a plane's reply (lock held); True if it registered this
+        worker for the first time."""
+        plane = reply["plane"]
+        if plane != self._plane_id:
+            if self._plane_id is not None:
+                dropped = self._drain_inbox()
+                self._held.clear()
+                logger.warning(
+                    "the plane changed (%s -> %s): dropped %d queued job(s)", self._plane_id, plane, len(dropped)
+                )
+            self._plane_id = plane
+        if reply.get("register"):
+            self._registered = False
+            return False
+        first = False
+        if "heartbeat" in reply:
+            self._registered = True
+            self._hb_address = reply["heartbeat"]
+            size = reply.get("max_message_size")
+            if type(size) is int and size > 0:  # what the plane takes: a request stays within it too
+                self._limit = min(self.max_message_size, size)
+            interval = reply.get("heartbeat_interval")
+            if _typed(interval, _NUM) and interval > 0:
+                self._hb_interval = min(HEARTBEAT_INTERVAL, interval)
+            self._beat.notify_all()  # announce ourselves on the new address now
+            first = not self.registered.is_set()
+            self.registered.set()
+        for t in reply["tasks"]:
+            job = _Job(t["id"], t["name"], t["args"], t["kwargs"], t.get("timeout"), t.get("run"), plane)
+            if self._draining:
+                self._returned.append(job.id)  # hand it straight back
+            else:
+                self._held.add(job.id)
+                self._inbox.put(job)
+        return first
+
+    def _heartbeat(self) -> None:
+        """Publish this worker's state every interval (PUB/SUB, may be lost)."""
+        pub, address = None, None
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped:
+                        return
+                    want, interval = self._hb_address, self._hb_interval
+                    info = {"id": self.id, "name": self.name, "in_flight": len(self._running) + self._inbox.qsize()}
+                if want != address:
+                    if pub is not None:
+                        pub.close()
+                    pub, address = None, want
+                    try:
+                        pub = pynng.Pub0(tls_config=_tls_for(want, self._tls, False))
+                        pub.dial(address, block=False)
+                    except (pynng.NNGException, ValueError) as e:  # (a damaged address: the plane drops us, and
+                        logger.warning("cannot send heartbeats to %r: %s", want, e)  # we register afresh)
+                        if pub is not None:
+                            pub.close()
+                        pub = None
+                if pub is not None:
+                    try:
+                        pub.send(encode("heartbeat", self._secret, worker=info, **self._session.stamp()))
+                    except pynng.NNGException:
+                        pass
+                with self._lock:
+                    if not self._stopped:
+                        self._beat.wait(interval)
+        finally:
+            if pub is not None:
+                pub.close()
+
+    # -- running tasks ------------------------------------------------------------
+
+    def _begin(self, job: _Job) -> bool:
+        """A runner is about to start a job: too late if we are draining."""
+        with self._lock:
+            if self._draining:
+                self._returned.append(job.id)  # hand it back
+                self._held.discard(job.id)
+                self._wake.notify()
+                return False
+            self._running[job.id] = job
+        job.started = time.monotonic()
+        if self._log_tasks:
+            args = f" args={job.args!r} kwargs={job.kwargs!r}" if self.log_args else ""
+            logger.debug("task %s %s started on %s (run %s)%s", job.id, job.name, self.name, job.run, args)
+        return True
+
+    def _drain_inbox(self) -> list[_Job]:
+        """Take every job not yet started (lock held); a runner's stop token
+        stays for it."""
+        jobs, tokens = [], 0
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                tokens += 1
+            else:
+                jobs.append(job)
+        for _ in range(tokens):
+            self._inbox.put(None)
+        return jobs
+
+    def _report(self, job: _Job, state: str, item: bytes, error: dict | None) -> None:
+        took = time.monotonic() - job.started
+        if error is not None:
+            args = f" args={job.args!r} kwargs={job.kwargs!r}" if self.log_args else ""
+            logger.warning("task %s %s failed on %s after %.3f s (run %s): %s: %s%s", job.id, job.name, self.name,
+                           took, job.run, error.get("type"), error.get("message"), args)  # fmt: skip
+        elif self._log_tasks:
+            logger.debug("task %s %s %s on %s in %.6f s", job.id, job.name, state, self.name, took)
+        with self._lock:
+            if self._running.pop(job.id, None) is None:
+                return  # handed back: nobody wants it
+            if job.plane != self._plane_id:  # its plane is gone: nobody wants it, but its slot is free again
+                self._announce = True
+                self._wake.notify()
+                return
+            self._held.discard(job.id)
+            self._done.append(item)
+            self._wake.notify()  # a lane sends it
+            if self._draining:
+                self._idle.notify_all()
+
+    def _overrun(self, job: _Job) -> None:
+        logger.error(
+            "task %s (%s) is still running %.1f s past its %g s limit; this worker process must be replaced",
+            job.id,
+            job.name,
+            self._executor.margin,
+            job.timeout,
+        )
+        self.replace.set()
+
+
+###############################################################################
+# Built-in tasks ##############################################################
 ###############################################################################
 
 
@@ -7105,7 +7483,7 @@ def _demo_tasks() -> None:
 
 
 ###############################################################################
-# Benchmark ####################################################################
+# Benchmark ###################################################################
 ###############################################################################
 
 
@@ -7395,9 +7773,8 @@ def bench(
 
 
 ###############################################################################
-# Command line #################################################################
+# Command line: the roles #####################################################
 ###############################################################################
-
 
 _GRACE_HELP = "on SIGTERM/Ctrl-C, seconds running tasks get to finish"
 _LOG_ARGS_HELP = "put tasks' arguments in the log and on the dashboard's task pages (off: they may be secret)"
@@ -7549,6 +7926,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0
+
+
+###############################################################################
+# Command line: the operator's commands #######################################
+###############################################################################
 
 
 def _parse_arg(text: str) -> Any:
@@ -7845,6 +8227,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+###############################################################################
+# Command line: the parser and the script #####################################
+###############################################################################
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog="fastworker", description="A brokerless distributed task queue in one file.")
     parser.add_argument("--version", action="version", version=f"fastworker {__version__}")
@@ -8114,9 +8501,10 @@ _LAUNCH = (
 
 
 def _run_role(argv: list[str]) -> None:
-    """Run a long-running command on the main thread and exit with its
-    status once every other exit handler (the task modules' ``atexit``
-    handlers, logging's) has run."""
+    """Run a command on the main thread and exit with its status once every
+    other exit handler (the task modules' ``atexit`` handlers, logging's,
+    the clients' close) has run, without the interpreter's teardown, which
+    NNG's threads must not see."""
     status: list = [1]
 
     def finish() -> None:  # registered first, so it runs last
@@ -8151,9 +8539,7 @@ def _script() -> None:
         except OSError as e:  # cannot re-execute: run here, syntax tree and all
             logger.debug("could not re-execute %s: %s", sys.executable, e)
     sys.modules.setdefault("fastworker", sys.modules["__main__"])
-    if len(sys.argv) > 1 and sys.argv[1] in _ROLES:
-        _run_role(sys.argv[1:])
-    sys.exit(main())
+    _run_role(sys.argv[1:])
 
 
 if __name__ == "__main__":
